@@ -1,0 +1,260 @@
+"""One typed run configuration; YAML files in ``configs/`` override its defaults.
+
+Batch sizes are declared once (``train.prompts_per_step`` × ``train.samples_per_prompt``) and
+everything else is derived. An unknown key, a wrong type or an impossible combination fails
+before any worker starts, with a message naming the key and the file.
+
+    cfg = load_config("configs/grpo_demo.yaml", overrides=["train.steps=4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = "smollm2"
+    """A Hugging Face model folder, or ``smollm2`` for the embedded SmolLM2-135M-Instruct."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    freeze_embeddings: bool = False
+    """Keep the (tied) embedding / LM-head matrix fixed: 28 M of SmolLM2's 135 M parameters."""
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    num_workers: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    max_new_tokens: int = Field(48, gt=0)
+    threads: int = Field(2, ge=1)
+    """torch threads inside each rollout worker."""
+    overlap: bool = False
+    """Generate step k+1 while learning on step k (one-step off-policy; staleness is recorded)."""
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    threads: int = Field(2, ge=1)
+    """torch threads inside each learner rank."""
+    micro_batch_size: int = Field(16, gt=0)
+    """Sequences per forward/backward on one rank."""
+    chunk_size: int = Field(1024, gt=0)
+    """Tokens per chunk in the fused log-prob pass."""
+    lr: float = Field(5e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    updates_per_step: int = Field(1, ge=1)
+    """Optimizer steps per batch of rollouts (PPO mini-batches); 1 = strictly on-policy."""
+    lora: LoraConfig = LoraConfig()
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling cap for the sampler/learner gap (None: off)."""
+
+
+class AlgorithmSection(Section):
+    name: str = "grpo"
+    args: dict[str, Any] = {}
+    """Overrides of the algorithm's own config dataclass (validated against it)."""
+
+
+class TrainConfig(Section):
+    steps: int = Field(20, ge=0)
+    prompts_per_step: int = Field(8, gt=0)
+    samples_per_prompt: int = Field(8, gt=0)
+    seed: int = 0
+    max_minutes: Optional[float] = None
+    """Stop after the first step that ends past this much training wall time."""
+
+
+class EvalConfig(Section):
+    every_steps: int = Field(0, ge=0)
+    """0: evaluate only before and after training."""
+    num_problems: int = Field(200, ge=0)
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(50, gt=0)
+    at_start: bool = True
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0)
+    """0: only at the end."""
+    keep: int = Field(2, ge=1)
+
+
+class RunConfig(Section):
+    run_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    data: dict[str, Any] = {"kind": "arithmetic"}
+    """Fields of :class:`rlkit.data.DataSpec`."""
+    rewards: dict[str, Any] = {"rewards": [{"name": "math"}]}
+    """Fields of :class:`rlkit.rewards.RewardConfig`."""
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    algorithm: AlgorithmSection = AlgorithmSection()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    ray_address: Optional[str] = None
+    """None: start a local Ray cluster; "auto" or an address: join that cluster."""
+    tensorboard: bool = True
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "RunConfig":
+        per_step = self.train.prompts_per_step * self.train.samples_per_prompt
+        ranks = self.learner.num_ranks
+        if per_step % ranks:
+            raise ValueError(
+                f"train.prompts_per_step × train.samples_per_prompt = {per_step} sequences per step "
+                f"is not divisible by learner.num_ranks = {ranks}"
+            )
+        if self.learner.lora.enabled and self.learner.zero_stage == 3:
+            raise ValueError("learner.lora.enabled with learner.zero_stage 3 is not supported: use stage 0-2")
+        return self
+
+    # Derived quantities: declared once above, computed here.
+    @property
+    def sequences_per_step(self) -> int:
+        return self.train.prompts_per_step * self.train.samples_per_prompt
+
+    @property
+    def sequences_per_rank(self) -> int:
+        return self.sequences_per_step // self.learner.num_ranks
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key and source file in its message."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"command line: override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"].replace("Value error, ", "")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: key '{key}': {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults ← YAML file ← ``key.sub=value`` overrides, validated as one :class:`RunConfig`."""
+    tree: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        tree = loaded
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        _set_dotted(tree, key, value, "command line")
+    src = source + (" + command line" if overrides else "")
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, src)) from None
+    validate_components(cfg, src)
+    return cfg
+
+
+def validate_components(cfg: RunConfig, source: str) -> None:
+    """Check the sections owned by other modules (algorithm, data, rewards) against their types."""
+    from rlkit import algorithms
+
+    try:
+        algo = algorithms.get(cfg.algorithm.name)
+    except KeyError as e:
+        raise ConfigError(f"{source}: key 'algorithm.name': {e.args[0]}") from None
+    try:
+        algo.make_config(cfg.algorithm.args, source=f"{source}: key 'algorithm.args'")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    from rlkit import data as data_mod
+
+    _build(data_mod.DataSpec, cfg.data, f"{source}: key 'data'")
+    from rlkit.rewards import RewardConfig
+
+    _build(RewardConfig, cfg.rewards, f"{source}: key 'rewards'")
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    """Construct a pydantic model or dataclass from a dict, naming ``where`` on any failure."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    try:
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            return cls.model_validate(values)
+        if dataclasses.is_dataclass(cls):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: {sorted(names)}")
+        return cls(**values)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, where)) from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def build_data_spec(cfg: RunConfig):
+    from rlkit import data as data_mod
+
+    return _build(data_mod.DataSpec, cfg.data, "key 'data'")
+
+
+def build_reward_config(cfg: RunConfig):
+    from rlkit.rewards import RewardConfig
+
+    return _build(RewardConfig, cfg.rewards, "key 'rewards'")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

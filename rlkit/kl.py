@@ -1,0 +1,609 @@
+"""The one KL kernel of rlkit: every KL quantity of every algorithm goes through this module.
+
+Spec: ALGORITHMS.md §1.3 (directions), §2 (estimators, contract §2.8) and §13 (entropy).
+
+Three layers, smallest first:
+
+* ``kl_estimate`` — per-token sample estimators on log-probs ``[B, T]`` (k1/k2/k3/abs, the
+  straight-through "+" forms, forward k1/k3, the RPG family), plus ``importance_weight`` and
+  ``tempered_logp``.
+* ``full_kl`` / ``entropy_from_logits`` — exact per-position quantities over the vocabulary from
+  full ``[..., V]`` tensors, chunked over positions.
+* ``fused_token_logprobs`` / ``fused_token_loss`` —
+  hidden states ``[N, D]`` and the LM head ``[V, D]`` to token log-probs, entropy and exact KL,
+  chunk by chunk, never building ``[N, V]``.
+
+Sign conventions (spec §2.1): Δ = logp − ref_logp, ρ = exp(−Δ) = q/π_θ, w = exp(Δ) = π_θ/q.
+The module imports with torch only; Triton is imported lazily by the CUDA path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Chunk of positions for the exact full-vocabulary helpers: bounds the temporaries to chunk × V.
+DEFAULT_CHUNK = 1024
+
+_BASE_KINDS = ("k1", "k2", "k3", "abs")
+KINDS: tuple[str, ...] = (
+    *_BASE_KINDS,
+    "k1+", "k2+", "k3+", "abs+",
+    "forward_k1", "forward_k3",
+    "rpg_fkl", "rpg_rkl", "rpg_ufkl", "rpg_urkl",
+)
+# Kinds whose value goes through an exp of the log-ratio: these take the log-ratio clamp before
+# the exp and the value clamp after it (verl clamps only k3, RAPO's forward k3 clamps like verl,
+# the RPG code value-clamps rkl/ufkl/urkl). k1, k2, abs and rpg_fkl are never clamped, matching
+# verl and the RPG code.
+_EXP_KINDS = frozenset({"k3", "forward_k1", "forward_k3", "rpg_rkl", "rpg_ufkl", "rpg_urkl"})
+IS_MODES: tuple[str, ...] = ("none", "detached", "differentiable")
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def _base_value(delta: Tensor, kind: str) -> Tensor:
+    """Value of one base estimator from the (already clamped) log-ratio Δ = logp − ref_logp."""
+    if kind == "k1":
+        return delta
+    if kind == "abs":
+        return delta.abs()
+    if kind == "k2":
+        return 0.5 * delta.square()
+    if kind == "k3":  # ρ − 1 − log ρ with ρ = e^{−Δ}
+        return torch.expm1(-delta) + delta
+    if kind == "forward_k1":  # ρ·log ρ = −ρΔ
+        return -torch.exp(-delta) * delta
+    if kind == "forward_k3":  # ρ·log ρ − ρ + 1
+        rho = torch.exp(-delta)
+        return -rho * delta - torch.expm1(-delta)
+    if kind == "rpg_fkl":  # −log w
+        return -delta
+    if kind == "rpg_rkl":  # w·log w
+        return torch.exp(delta) * delta
+    if kind == "rpg_ufkl":  # w − log w − 1
+        return torch.expm1(delta) - delta
+    if kind == "rpg_urkl":  # w·(log w − 1) + 1
+        return torch.exp(delta) * (delta - 1.0) + 1.0
+    raise ValueError(f"unknown KL kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+def kl_estimate(
+    logp: Tensor,
+    ref_logp: Tensor,
+    kind: str,
+    *,
+    mask: Tensor | None = None,
+    log_ratio_clamp: float | None = 20.0,
+    value_clamp: float | None = 10.0,
+) -> Tensor:
+    """Per-token KL estimate from log-probs of the same tokens, Δ = logp − ref_logp (spec §2.2–§2.8).
+
+    Estimators (Schulman 2020, "Approximating KL Divergence"; Tang & Munos, arXiv 2506.09477; RPG,
+    arXiv 2505.17508 Table 1/4). Matches verl ``kl_penalty`` (k1/k2/k3/abs and "+", verl ≥ 0.8.0)
+    and the RPG repo's ``kl_penalty`` ``rpg_*`` types.
+
+    ==============  =====================  =====================================================
+    kind            value                  gradient when used directly as a loss term
+    ==============  =====================  =====================================================
+    k1              Δ                      E_π[∇k1] = 0: pure noise; put k1 in the *reward*
+                                           (detached), where E[SG(k1)∇ℓ] = ∇KL(π‖q)
+    k2              ½Δ²                    E_π[∇k2] = ∇KL(π‖q) (per token, on-policy)
+    k3              e^{−Δ} + Δ − 1         E_π[∇k3] = ∇KL(q‖π): the *forward*-KL gradient,
+                                           although its value estimates KL(π‖q)
+    abs             |Δ|                    sign(Δ)∇ℓ; not a KL estimate (KL-Cov's penalty)
+    k1+ k2+ k3+     value of the base,     k2 − SG(k2) + SG(base): the k2 gradient, so
+    abs+            gradient of ½Δ²        ∇KL(π‖q) on-policy (verl's straight-through fix)
+    forward_k1      ρ·log ρ = −ρΔ          estimates KL(q‖π) from samples of π (RAPO)
+    forward_k3      ρ·log ρ − ρ + 1        estimates KL(q‖π), ≥ 0; gradient −ρ log ρ ∇ℓ
+    rpg_fkl         −log w                 samples of q: E_q[∇] = ∇KL(q‖π)
+    rpg_rkl         w·log w                samples of q: E_q[∇] = ∇KL(π‖q)
+    rpg_ufkl        w − log w − 1          samples of q: E_q[∇] = ∇KL(q‖π)
+    rpg_urkl        w(log w − 1) + 1       samples of q: E_q[∇] = ∇KL(π‖q)
+    ==============  =====================  =====================================================
+
+    (ρ = e^{−Δ} = q/π, w = e^{Δ} = π/q; for the RPG kinds q is π_old, "iterative reference".)
+
+    Off-policy (samples from π_old, spec §2.3): multiply by ``importance_weight(logp, old_logp,
+    mode)``. ``"differentiable"`` s·k3 gives exactly ∇KL(π‖q) (TRL ``use_bias_correction_kl``,
+    DeepSeek-V3.2); ``"detached"`` SG(s)·k2 gives ∇KL(π‖q); SG(s)·k3 stays biased.
+    Sequences (§2.6): summing per-token k2/k3+ gives the per-token *partial* gradient, as verl and
+    TRL do; the full sequence gradient would use k1 as reward-to-go. Kept on purpose for parity.
+
+    Clamps (§2.7): for the kinds that exponentiate the log-ratio (k3, forward k1/k3, rpg_rkl,
+    rpg_ufkl, rpg_urkl) Δ is clamped to ±``log_ratio_clamp`` before the exp and the value to
+    ±``value_clamp`` after; the gradient is 0 where a clamp is active. k1, k2, abs and rpg_fkl are
+    never clamped (verl and RPG don't). ``None`` switches a clamp off. Parity: verl = defaults;
+    TRL = both ``None``; RPG = ``log_ratio_clamp=None`` (we default to clamping, a documented
+    divergence from the RPG code, which can overflow, spec §5.8). The straight-through gradient
+    (½Δ²) is never clamped, as in verl.
+
+    Masking: positions with ``mask == 0`` are exactly 0 in value and gradient, whatever garbage
+    (NaN, ±inf) the inputs hold there (inputs are sanitized with ``torch.where`` before any op).
+
+    Shapes: logp, ref_logp, mask: [B, T] (any matching shape works); returns [B, T].
+    """
+    _check_choice("KL kind", kind, KINDS)
+    if mask is not None:
+        keep = mask.bool()
+        logp = torch.where(keep, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+        ref_logp = torch.where(keep, ref_logp, torch.zeros((), dtype=ref_logp.dtype, device=ref_logp.device))
+    delta = logp - ref_logp
+    base = kind.rstrip("+")
+    clamped = base in _EXP_KINDS
+    d = delta.clamp(-log_ratio_clamp, log_ratio_clamp) if clamped and log_ratio_clamp is not None else delta
+    value = _base_value(d, base)
+    if clamped and value_clamp is not None:
+        value = value.clamp(-value_clamp, value_clamp)
+    if kind.endswith("+"):
+        surrogate = 0.5 * delta.square()  # k2's gradient, Δ·∇ℓ; the value is the base's
+        value = surrogate - surrogate.detach() + value.detach()
+    if mask is not None:
+        value = torch.where(mask.bool(), value, torch.zeros((), dtype=value.dtype, device=value.device))
+    return value
+
+
+def importance_weight(
+    logp: Tensor, old_logp: Tensor, mode: str, *, log_ratio_clamp: float | None = 20.0
+) -> Tensor:
+    """Importance ratio s = exp(logp − old_logp) = π_θ/π_old per token (spec §2.3, §2.8).
+
+    ``"none"`` → ones; ``"detached"`` → SG(s); ``"differentiable"`` → s with its gradient
+    s·∇ℓ (the TRL ≥ 1.10 default ``use_bias_correction_kl``; with k3 it is the unbiased
+    off-policy reverse-KL gradient). The log-ratio is clamped to ±``log_ratio_clamp`` before the
+    exp (verl's ±20 on λ, spec §3.4), so s never overflows. Shapes: [B, T] → [B, T].
+    """
+    _check_choice("importance-weight mode", mode, IS_MODES)
+    if mode == "none":
+        return torch.ones_like(logp)
+    lam = logp - old_logp
+    if log_ratio_clamp is not None:
+        lam = lam.clamp(-log_ratio_clamp, log_ratio_clamp)
+    s = torch.exp(lam)
+    return s.detach() if mode == "detached" else s
+
+
+def tempered_logp(
+    ref_logp: Tensor,
+    phi: float,
+    *,
+    ref_logits: Tensor | None = None,
+    normalized: bool = True,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """log q_φ(y) of the tempered comparison q_φ = softmax(φ·log q) at the given tokens (spec §2.5).
+
+    Exact: φ·log q(y) − logsumexp_v(φ·log q(v)); with log q = z − lse(z) for the reference
+    logits z this is φ·log q(y) − lse(φz) + φ·lse(z), computed in chunks of positions. Cheap
+    (``normalized=False``): φ·log q(y), dropping the normalizer, which overstates q_φ for φ < 1.
+    RAPO (arXiv 2510.03865) has no public code; the default is exact, as spec §15.1 asks.
+    The result carries no gradient (q is a fixed comparison distribution).
+
+    Shapes: ref_logp [B, T]; ref_logits [B, T, V] (temperature already applied); returns [B, T].
+    """
+    if not 0.0 <= phi <= 1.0:
+        raise ValueError(f"tempering exponent phi must be in [0, 1], got {phi}")
+    ref_logp = ref_logp.detach()
+    if not normalized:
+        return phi * ref_logp
+    if ref_logits is None:
+        raise ValueError("tempered_logp(normalized=True) needs ref_logits [B, T, V]; "
+                         "pass normalized=False for the cheap φ·log q variant")
+    z = ref_logits.detach().reshape(-1, ref_logits.shape[-1])
+    log_norm = torch.empty(z.shape[0], dtype=torch.float32 if z.dtype != torch.float64 else z.dtype,
+                           device=z.device)
+    for s in range(0, z.shape[0], chunk_size):
+        zc = z[s:s + chunk_size].to(log_norm.dtype)
+        log_norm[s:s + chunk_size] = torch.logsumexp(phi * zc, -1) - phi * torch.logsumexp(zc, -1)
+    return phi * ref_logp - log_norm.reshape(ref_logp.shape).to(ref_logp.dtype)
+
+
+def _xlogy_diff(logp_a: Tensor, logp_b: Tensor) -> Tensor:
+    """Σ_v a_v (log a_v − log b_v) over the last dim from log-probs, with 0·log 0 = 0.
+
+    Where a_v = 0 (log a_v = −inf) the term is 0 and, because the inputs are replaced before any
+    op, so is its gradient (no 0·inf NaN). Where b_v = 0 < a_v the result is +inf, as it should be.
+    """
+    dead = torch.isneginf(logp_a)
+    a = torch.where(dead, torch.zeros((), dtype=logp_a.dtype, device=logp_a.device), logp_a)
+    b = torch.where(dead, torch.zeros((), dtype=logp_b.dtype, device=logp_b.device), logp_b)
+    return (torch.exp(a) * (a - b)).masked_fill(dead, 0.0).sum(-1)
+
+
+def full_kl(
+    logp_full: Tensor,
+    ref_logp_full: Tensor,
+    direction: str,
+    *,
+    mask: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """Exact per-position KL over the vocabulary from two log-softmaxes (spec §2.2 "full", §12).
+
+    ``"reverse"``: KL(π‖q) = Σ_v π(v)(log π(v) − log q(v)).
+    ``"forward"``: KL(q‖π) = Σ_v q(v)(log q(v) − log π(v)) — TDPO's sequential-KL term.
+    Inputs must be log-probs (``log_softmax`` outputs), never ``log(softmax)``, which gives NaN
+    where a probability underflows. 0·log 0 is taken as 0 (xlogy), so −inf entries are safe.
+    Differentiable in both inputs (detach the reference yourself). verl raises on "full"; this is
+    the formula, computed in chunks of ``chunk_size`` positions to bound temporaries.
+
+    Shapes: logp_full, ref_logp_full [B, T, V] (or [N, V]); mask [B, T]; returns [B, T].
+    """
+    _check_choice("KL direction", direction, ("reverse", "forward"))
+    lead = logp_full.shape[:-1]
+    a = logp_full.reshape(-1, logp_full.shape[-1])
+    b = ref_logp_full.reshape(-1, ref_logp_full.shape[-1])
+    if direction == "forward":
+        a, b = b, a
+    pieces = [_xlogy_diff(a[s:s + chunk_size], b[s:s + chunk_size]) for s in range(0, a.shape[0], chunk_size)]
+    out = (torch.cat(pieces) if pieces else a.new_zeros(0)).reshape(lead)
+    if mask is not None:
+        out = torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
+
+
+def _entropy_rows(z: Tensor) -> Tensor:
+    """H = logsumexp(z) − Σ_v softmax(z)_v·z_v per row, with −inf logits contributing 0."""
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    dead = torch.isneginf(z)
+    z_safe = torch.where(dead, torch.zeros((), dtype=z.dtype, device=z.device), z)
+    p = torch.exp(z_safe - lse).masked_fill(dead, 0.0)
+    return lse.squeeze(-1) - (p * z_safe).sum(-1)
+
+
+def entropy_from_logits(logits: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+    """Entropy of softmax(logits) per position, H = logsumexp(z) − Σ_v p_v z_v = −Σ_v p_v log p_v.
+
+    Spec §13.1; matches verl ``verl.utils.torch_functional.entropy_from_logits`` and TRL
+    ``trl.trainer.utils.entropy_from_logits`` (chunks of rows). Pass temperature-scaled logits.
+    Differentiable; computed in fp32 for bf16/fp16 inputs; −inf logits (masked vocabulary) are
+    handled without NaN. Shapes: logits [..., V] → [...].
+    """
+    lead = logits.shape[:-1]
+    z = logits.reshape(-1, logits.shape[-1])
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    pieces = [_entropy_rows(z[s:s + chunk_size]) for s in range(0, z.shape[0], chunk_size)]
+    return (torch.cat(pieces) if pieces else z.new_zeros(0)).reshape(lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused chunked pass: hidden states and LM head → token log-probs, entropy, exact KL.
+# ---------------------------------------------------------------------------------------------
+
+KL_DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
+# Auto chunk: rows per chunk so one fp32 [chunk, V] buffer is about 32 MB (128 rows at V = 49152).
+# Measured on 2 CPU cores (bench/kl_bench.py): 128–512 rows cost the same time; smaller chunks keep
+# the peak (a few such buffers) far below the full-logits path.
+_CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass
+class FusedOut:
+    """Per-token outputs of the fused pass, shape [N]. None for quantities not asked for.
+
+    logp_N: log π(y_n | s_n) at temperature; entropy_N: H(π(·|s_n)); kl_N: exact per-position KL
+    against the reference distribution in the requested direction.
+    """
+
+    logp_N: Tensor
+    entropy_N: Tensor | None = None
+    kl_N: Tensor | None = None
+
+
+@dataclass
+class _Ref:
+    """The reference distribution of the fused pass: its own hidden+head, or its logits."""
+
+    hidden_N_D: Tensor | None
+    weight_V_D: Tensor | None
+    logits_N_V: Tensor | None
+    direction: str
+
+    def log_probs(self, rows: slice, temperature: float, dtype: torch.dtype) -> Tensor:
+        """log q for a chunk of rows [C, V], at the same temperature as the policy, no gradient."""
+        if self.logits_N_V is not None:
+            z = self.logits_N_V[rows].detach().to(dtype)
+        else:
+            z = self.hidden_N_D[rows].detach().to(dtype) @ self.weight_V_D.t()
+        if temperature != 1.0:
+            z = z / temperature
+        return torch.log_softmax(z, -1)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """fp32 accumulation for half/bf16 inputs, fp64 stays fp64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(n: int, v: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        chunk_size = max(16, min(4096, _CHUNK_BYTES // (4 * max(v, 1))))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return chunk_size
+
+
+def _row_stats(z: Tensor, y: Tensor, r: Tensor | None, direction: str, want_entropy: bool):
+    """Per-row softmax statistics of scaled logits z [C, V] (may hold −inf) at labels y [C].
+
+    Returns (p [C,V], lse, logp, ez = Σ p·z or None, kl or None). All reductions treat p = 0 or
+    q = 0 terms as 0 (xlogy), so masked vocabulary entries never give NaN. The CUDA twin of this
+    function is ``rlkit.kl_triton.row_stats``.
+    """
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    lse = torch.logsumexp(z, -1)
+    p = torch.exp(z - lse[:, None])
+    logp = z.gather(1, y[:, None]).squeeze(1) - lse
+    ez = torch.where(p > 0, p * z, zero).sum(-1) if want_entropy else None
+    kl = None
+    if r is not None and direction == "forward":  # Σ q (log q − log π)
+        q = torch.exp(r)
+        kl = torch.where(q > 0, q * (r - z + lse[:, None]), zero).sum(-1)
+    elif r is not None:  # Σ π (log π − log q)
+        kl = torch.where(p > 0, p * (z - lse[:, None] - r), zero).sum(-1)
+    return p, lse, logp, ez, kl
+
+
+def _row_dlogits(z, p, y, lse, ez, kl, r, direction, c_logp, c_ent, c_kl) -> Tensor:
+    """G = Σ_k c_k ∂out_k/∂z for one chunk, [C, V]; overwrites p. c_* are per-row [C] or None.
+
+    ∂logp/∂z = onehot(y) − p;  ∂H/∂z = p ⊙ (E_p[z] − z);  forward ∂KL(q‖π)/∂z = p − q;
+    reverse ∂KL(π‖q)/∂z = p ⊙ (log p − log q − KL).
+    """
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    coef = -c_logp[:, None]  # the p-proportional part, [C, 1] or [C, V]
+    if c_ent is not None:
+        coef = coef + c_ent[:, None] * (ez[:, None] - z)
+    if c_kl is not None and direction == "forward":
+        coef = coef + c_kl[:, None]
+    elif c_kl is not None:
+        coef = coef + c_kl[:, None] * (z - lse[:, None] - r - kl[:, None])
+    if coef.shape[1] == 1:
+        g = p.mul_(coef)  # logp-only: no [C, V] temporary beyond p itself
+    else:
+        g = torch.where(p > 0, p * coef, zero)
+    if c_kl is not None and direction == "forward":
+        g.sub_(c_kl[:, None] * torch.exp(r))
+    return g.scatter_add_(1, y[:, None], c_logp[:, None].to(g.dtype))
+
+
+def _chunk_backend(device: torch.device):
+    """(row_stats, row_dlogits) for the device: Triton kernels on CUDA when importable."""
+    if device.type == "cuda":
+        try:
+            from rlkit import kl_triton
+            if kl_triton.available():
+                return kl_triton.row_stats, kl_triton.row_dlogits
+        except ImportError:
+            pass
+    return _row_stats, _row_dlogits
+
+
+def _sweep(h, W, b, y, ref: _Ref | None, temperature, chunk, want_entropy, coef_fn=None, need=(True, True)):
+    """One pass over token chunks: per-token stats and, when ``coef_fn`` is given, the gradients.
+
+    Per chunk: z = (h_c Wᵀ + b)/T in fp32 (fp64 stays fp64); the reference log-probs of the
+    chunk; row statistics; then, with per-token upstream coefficients from ``coef_fn``, the
+    logits gradient G and its contractions dh_c = G W / T, dW += Gᵀ h_c / T, db += Σ G / T.
+    Nothing of size N × V ever exists. Returns (logp, entropy, kl, dh, dW, db); absent → None.
+    """
+    n, v = h.shape[0], W.shape[0]
+    acc = _acc_dtype(h)
+    Wa = W.detach().to(acc)
+    ba = None if b is None else b.detach().to(acc)
+    row_stats, row_dlogits = _chunk_backend(h.device)
+    direction = ref.direction if ref is not None else "forward"
+    logp = torch.empty(n, dtype=acc, device=h.device)
+    ent = torch.empty_like(logp) if want_entropy else None
+    kl = torch.empty_like(logp) if ref is not None else None
+    dh = dW = db = None
+    if coef_fn is not None:
+        dh = torch.empty(n, h.shape[1], dtype=acc, device=h.device) if need[0] else None
+        dW = torch.zeros(v, h.shape[1], dtype=acc, device=h.device) if need[1] else None
+        db = torch.zeros(v, dtype=acc, device=h.device) if (b is not None and need[1]) else None
+    for s in range(0, n, chunk):
+        rows = slice(s, min(s + chunk, n))
+        hc = h[rows].detach().to(acc)
+        z = hc @ Wa.t() if ba is None else torch.addmm(ba, hc, Wa.t())
+        if temperature != 1.0:
+            z.div_(temperature)
+        r = ref.log_probs(rows, temperature, acc) if ref is not None else None
+        p, lse, lp, ez, k = row_stats(z, y[rows], r, direction, want_entropy)
+        logp[rows] = lp
+        h_c = None if ez is None else lse - ez
+        if ent is not None:
+            ent[rows] = h_c
+        if kl is not None:
+            kl[rows] = k
+        if coef_fn is None:
+            continue
+        c_lp, c_ent, c_kl = coef_fn(rows, lp, h_c, k)
+        g = row_dlogits(z, p, y[rows], lse, ez, k, r, direction, c_lp, c_ent, c_kl)
+        del z, p, r
+        if temperature != 1.0:
+            g.div_(temperature)
+        if dh is not None:
+            torch.mm(g, Wa, out=dh[rows])
+        if dW is not None:
+            dW.addmm_(g.t(), hc)
+        if db is not None:
+            db.add_(g.sum(0))
+    return logp, ent, kl, dh, dW, db
+
+
+def _grads_as_coefs(g_lp, g_ent, g_kl, n, like):
+    """Upstream gradients of (logp, entropy, kl) as the per-token coefficients of the sweep."""
+    zeros = torch.zeros(n, dtype=like.dtype, device=like.device)
+    g_lp = zeros if g_lp is None else g_lp.to(like.dtype)
+    g_ent = None if g_ent is None else g_ent.to(like.dtype)
+    g_kl = None if g_kl is None else g_kl.to(like.dtype)
+    return lambda rows, *_: (g_lp[rows], None if g_ent is None else g_ent[rows], None if g_kl is None else g_kl[rows])
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    """Autograd wrapper: forward sweep without gradients, backward sweep that recomputes logits."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, y, ref, temperature, chunk, want_entropy):
+        logp, ent, kl, *_ = _sweep(h, W, b, y, ref, temperature, chunk, want_entropy)
+        ctx.save_for_backward(h, W, b, y)
+        ctx.ref, ctx.temperature, ctx.chunk, ctx.want_entropy = ref, temperature, chunk, want_entropy
+        empty = logp.new_empty(0)
+        return logp, (ent if ent is not None else empty), (kl if kl is not None else empty)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_kl):
+        h, W, b, y = ctx.saved_tensors
+        g_ent = g_ent if ctx.want_entropy else None
+        g_kl = g_kl if ctx.ref is not None else None
+        coefs = _grads_as_coefs(g_lp, g_ent, g_kl, h.shape[0], torch.empty(0, dtype=_acc_dtype(h)))
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        *_, dh, dW, db = _sweep(h, W, b, y, ctx.ref, ctx.temperature, ctx.chunk, ctx.want_entropy,
+                                coefs, need)
+        return (None if dh is None else dh.to(h.dtype), None if dW is None else dW.to(W.dtype),
+                None if db is None else db.to(b.dtype), None, None, None, None, None)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Gradient-in-forward: the loss's per-token gradients are contracted inside the forward sweep."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, y, ref, temperature, chunk, want_entropy, token_loss_fn):
+        total = torch.zeros((), dtype=_acc_dtype(h), device=h.device)
+
+        def coef_fn(rows, lp, ent, kl):
+            nonlocal total
+            leaves = [None if t is None else t.detach().requires_grad_() for t in (lp, ent, kl)]
+            with torch.enable_grad():
+                loss_C = token_loss_fn(rows, *leaves)
+                live = [t for t in leaves if t is not None]
+                grads = iter(torch.autograd.grad(loss_C.sum(), live, allow_unused=True))
+            total = total + loss_C.detach().sum().to(total.dtype)
+            g = [None if t is None else next(grads) for t in leaves]
+            return (torch.zeros_like(lp) if g[0] is None else g[0]), g[1], g[2]
+
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        logp, ent, kl, dh, dW, db = _sweep(h, W, b, y, ref, temperature, chunk, want_entropy, coef_fn, need)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh, dW, db)))
+        ctx.dtypes = (h.dtype, W.dtype, None if b is None else b.dtype)
+        ctx.present = (dh is not None, dW is not None, db is not None)
+        empty = logp.new_empty(0)
+        ctx.mark_non_differentiable(logp)
+        outs = (logp, ent if ent is not None else empty, kl if kl is not None else empty)
+        for t in outs[1:]:
+            ctx.mark_non_differentiable(t)
+        return (total, *outs)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        grads = [(t * g_loss).to(dt) if ok else None
+                 for t, dt, ok in zip(ctx.saved_tensors, ctx.dtypes, ctx.present)]
+        return (*grads, None, None, None, None, None, None)
+
+
+def _prepare(hidden_N_D, weight_V_D, labels_N, chunk_size, ref_hidden_N_D, ref_weight_V_D,
+             ref_logits_N_V, kl_direction, temperature):
+    """Validate the fused-pass inputs; returns (labels as int64, chunk rows, reference or None)."""
+    n, d = hidden_N_D.shape
+    v = weight_V_D.shape[0]
+    if weight_V_D.shape[1] != d or labels_N.shape != (n,):
+        raise ValueError(f"shapes: hidden {tuple(hidden_N_D.shape)}, weight {tuple(weight_V_D.shape)}, "
+                         f"labels {tuple(labels_N.shape)}; want [N, D], [V, D], [N]")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_choice("KL direction", kl_direction, KL_DIRECTIONS)
+    ref = None
+    if ref_logits_N_V is not None or ref_hidden_N_D is not None or ref_weight_V_D is not None:
+        by_hidden = ref_hidden_N_D is not None and ref_weight_V_D is not None
+        if by_hidden == (ref_logits_N_V is not None):
+            raise ValueError("give the reference as ref_hidden_N_D + ref_weight_V_D, or as ref_logits_N_V")
+        ref = _Ref(ref_hidden_N_D, ref_weight_V_D, ref_logits_N_V, kl_direction)
+    return labels_N.long(), _chunk_rows(n, v, chunk_size), ref
+
+
+def fused_token_logprobs(
+    hidden_N_D: Tensor,
+    weight_V_D: Tensor,
+    labels_N: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+    ref_hidden_N_D: Tensor | None = None,
+    ref_weight_V_D: Tensor | None = None,
+    ref_logits_N_V: Tensor | None = None,
+    kl_direction: str = "forward",
+    bias_V: Tensor | None = None,
+) -> FusedOut:
+    """log π(y_n) = z_{n,y} − logsumexp(z_n), z = (h Wᵀ + b)/T, chunk by chunk (spec §1.1, §13, §2.2 full).
+
+    Optional entropy H_n = logsumexp(z_n) − Σ_v p z (spec §13.1) and exact KL per position against a
+    reference q (``"forward"`` = KL(q‖π), TDPO's; ``"reverse"`` = KL(π‖q)). The reference is its own
+    hidden states + head (computed per chunk, never stored) or its logits; it gets the same
+    temperature and no gradient. Pattern of Liger-Kernel's fused linear losses; the formulas are
+    those of ``log_softmax → gather`` (TRL ``selective_log_softmax``, verl ``logprobs_from_logits``).
+
+    Memory: a few [chunk, V] buffers, never [N, V]; ``chunk_size=None`` sizes chunks to ~32 MB.
+    Half/bf16 inputs are computed in fp32; outputs are fp32 (fp64 for fp64 inputs). −inf logits
+    (e.g. from ``bias_V`` masking vocabulary) contribute 0 to sums, never NaN.
+
+    Gradients flow to hidden, weight and bias through a custom backward that recomputes each
+    chunk's logits (four LM-head matmuls in all). When the loss is a sum of per-token terms,
+    ``fused_token_loss`` does it in three by contracting gradients inside the forward: prefer it
+    for training; use this function for no-grad passes (old/ref/teacher log-probs) and for losses
+    that are not per-token sums.
+
+    Shapes: hidden_N_D [N, D]; weight_V_D [V, D]; labels_N [N]; ref_hidden_N_D [N, D'];
+    ref_weight_V_D [V, D']; ref_logits_N_V [N, V]; bias_V [V]. Outputs [N].
+    """
+    y, chunk, ref = _prepare(hidden_N_D, weight_V_D, labels_N, chunk_size, ref_hidden_N_D,
+                             ref_weight_V_D, ref_logits_N_V, kl_direction, temperature)
+    logp, ent, kl = _FusedLogprobs.apply(hidden_N_D, weight_V_D, bias_V, y, ref, float(temperature),
+                                         chunk, with_entropy)
+    return FusedOut(logp, ent if with_entropy else None, kl if ref is not None else None)
+
+
+def fused_token_loss(
+    hidden_N_D: Tensor,
+    weight_V_D: Tensor,
+    labels_N: Tensor,
+    token_loss_fn,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+    ref_hidden_N_D: Tensor | None = None,
+    ref_weight_V_D: Tensor | None = None,
+    ref_logits_N_V: Tensor | None = None,
+    kl_direction: str = "forward",
+    bias_V: Tensor | None = None,
+) -> tuple[Tensor, FusedOut]:
+    """L = Σ_n ℓ_n(logp_n, H_n, KL_n) with its gradient computed inside the forward sweep.
+
+    "Gradient in the forward" (DESIGN.md, fused pass; the pattern of Liger-Kernel's
+    FusedLinearCrossEntropy): per chunk, ``token_loss_fn(rows, logp_C, entropy_C, kl_C) -> [C]``
+    gives the chunk's per-token losses; their gradients wrt logp/H/KL (autograd on [C] vectors)
+    are contracted with ∂/∂logits at once into dh and dW, so the backward only scales stored
+    gradients: three LM-head matmuls instead of four, and no logits kept.
+
+    Contract for ``token_loss_fn``: ``rows`` is a slice into [0, N); the arguments are fp32
+    leaves (``entropy_C``/``kl_C`` None unless asked for); it returns the per-token loss, already
+    weighted by any normalizer (e.g. mask / total token count for token-mean), so that the total
+    loss is the sum over all tokens. It may depend on its arguments and on constants only (no other
+    tensors requiring grad). Losses that are not per-token sums (f-DPO, TDPO) use two passes: a
+    no-grad ``fused_token_logprobs`` for the sequence sums, then this with the resulting weights.
+
+    Other arguments and shapes as ``fused_token_logprobs``. Returns (loss scalar, differentiable;
+    FusedOut with detached per-token values for metrics).
+    """
+    y, chunk, ref = _prepare(hidden_N_D, weight_V_D, labels_N, chunk_size, ref_hidden_N_D,
+                             ref_weight_V_D, ref_logits_N_V, kl_direction, temperature)
+    loss, logp, ent, kl = _FusedLoss.apply(hidden_N_D, weight_V_D, bias_V, y, ref, float(temperature),
+                                           chunk, with_entropy, token_loss_fn)
+    return loss, FusedOut(logp, ent if with_entropy else None, kl if ref is not None else None)

@@ -1,0 +1,207 @@
+"""The actor graph of one run: rollout workers, a reward worker and a DeepSpeed learner group.
+
+``Runtime`` starts (or joins) Ray, creates only the actors the algorithm needs, and offers the
+driver one method per stage. Nothing here knows how many nodes the cluster has.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict
+from typing import Any, Optional
+
+import torch
+
+from rlkit.config import RunConfig, build_reward_config
+from rlkit.types import Rollout, TrainBatch
+from rlkit.workers.learner import LearnerSpec
+
+
+class SyncError(RuntimeError):
+    """A rollout engine does not hold the weights the learner just sent."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {"env_vars": {k: os.environ[k] for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR", "HF_HUB_OFFLINE",
+                                                  "RLKIT_CACHE", "TOKENIZERS_PARALLELISM") if k in os.environ}}
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                 object_store_memory=512 * 2**20, runtime_env=env, log_to_driver=True)
+
+
+class Runtime:
+    def __init__(self, cfg: RunConfig, model_dir: str, ref_dir: Optional[str] = None,
+                 teacher_dir: Optional[str] = None):
+        import ray
+
+        from rlkit.workers.learner import LearnerRank
+        from rlkit.workers.reward import make_reward_actor
+        from rlkit.workers.rollout import RolloutWorker
+
+        self.cfg = cfg
+        init_ray(cfg)
+        r, l = cfg.rollout, cfg.learner
+        Rollout_ = ray.remote(num_cpus=0)(RolloutWorker)
+        self.rollout = [
+            Rollout_.remote(model_dir, engine=r.engine, dtype=cfg.model.dtype, threads=r.threads,
+                            seed=cfg.train.seed + i, worker_index=i)
+            for i in range(r.num_workers)
+        ]
+        self.reward = make_reward_actor(build_reward_config(cfg), num_cpus=0)
+        spec = LearnerSpec(
+            model_dir=model_dir, algorithm=cfg.algorithm.name, algorithm_args=cfg.algorithm.args,
+            dtype=cfg.model.dtype, zero_stage=l.zero_stage, threads=l.threads,
+            micro_batch_size=l.micro_batch_size, chunk_size=l.chunk_size, lr=l.lr,
+            weight_decay=l.weight_decay, betas=tuple(l.betas), max_grad_norm=l.max_grad_norm,
+            lr_schedule=l.lr_schedule, warmup_steps=l.warmup_steps, total_steps=max(1, cfg.train.steps),
+            updates_per_step=l.updates_per_step, temperature=r.temperature, tis_cap=l.tis_cap,
+            freeze_embeddings=cfg.model.freeze_embeddings, lora=l.lora.model_dump(),
+            ref_dir=ref_dir, teacher_dir=teacher_dir, seed=cfg.train.seed,
+        )
+        port = _free_port()
+        Learner_ = ray.remote(num_cpus=0)(LearnerRank)
+        addr = "127.0.0.1" if not cfg.ray_address else ray.util.get_node_ip_address()
+        self.learners = [Learner_.remote(rank, l.num_ranks, addr, port, spec) for rank in range(l.num_ranks)]
+        ray.get([w.ready.remote() for w in self.rollout] + [a.ready.remote() for a in self.learners])
+        self.version = 0
+        self._probe_names: list[str] = []
+
+    # ------------------------------------------------------------------ stages
+    def generate_async(self, prompts: list[tuple[int, int, list[int]]], step: int) -> list:
+        """Split a step's prompts over the rollout workers; returns Ray refs."""
+        r = self.cfg.rollout
+        sampling = dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+        n = len(self.rollout)
+        shards = [prompts[i::n] for i in range(n)]
+        return [w.generate.remote(shard, self.cfg.train.samples_per_prompt, sampling,
+                                  seed=self.cfg.train.seed * 1_000_003 + step * 101 + i)
+                for i, (w, shard) in enumerate(zip(self.rollout, shards)) if shard]
+
+    def collect(self, refs: list) -> list[Rollout]:
+        import ray
+
+        out = [r for part in ray.get(refs) for r in part]
+        return sorted(out, key=lambda r: r.group_id)
+
+    def score(self, completions: list[str], prompts: list[str], fields: list[dict], sources: list[str]):
+        import ray
+
+        return ray.get(self.reward.score.remote(completions, prompts, fields, sources))
+
+    def shard(self, batch: TrainBatch) -> list[TrainBatch]:
+        n = len(self.learners)
+        return [batch.select(list(range(i, batch.size, n))) for i in range(n)]
+
+    def side_passes(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """Store each rank's shard on it and run the detached passes (π_old, π_ref, teacher)."""
+        import ray
+
+        shards = self.shard(batch)
+        ray.get([a.set_batch.remote(s) for a, s in zip(self.learners, shards)])
+        parts = ray.get([a.side_passes.remote() for a in self.learners])
+        out = {}
+        for key in parts[0]:
+            out[key] = _unshard([p[key] for p in parts], batch.size, batch.response_mask_B_T.shape[1])
+        return out
+
+    def learn(self, advantages_B_T: Optional[torch.Tensor], controller: dict[str, float]) -> dict[str, float]:
+        import ray
+
+        n = len(self.learners)
+        advs = [None] * n if advantages_B_T is None else [advantages_B_T[i::n] for i in range(n)]
+        results = ray.get([a.train.remote(adv, controller) for a, adv in zip(self.learners, advs)])
+        self.version += 1
+        return {k: sum(r[k] for r in results) / n for k in results[0]}
+
+    def sync(self, bucket_bytes: int = 64 * 2**20, skip: tuple[int, ...] = ()) -> dict[str, float]:
+        """Send rank 0's full weights to every rollout worker, then prove they arrived."""
+        import ray
+
+        t0 = time.perf_counter()
+        buckets = ray.get(self.learners[0].full_state.remote(bucket_bytes))
+        refs = [ray.put(b) for b in buckets]
+        loads = ray.get([w.load_buckets.remote(self.version, refs)
+                         for i, w in enumerate(self.rollout) if i not in skip])
+        seconds = time.perf_counter() - t0
+        nbytes = loads[0]["bytes"] if loads else 0.0
+        if not self._probe_names:
+            self._probe_names = _probe_names([n for b in buckets for n, _ in b])
+        self.verify_sync()
+        return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/bytes_per_s": nbytes / max(seconds, 1e-9)}
+
+    def verify_sync(self) -> None:
+        import ray
+
+        want = ray.get(self.learners[0].checksum.remote(self._probe_names))
+        for i, got in enumerate(ray.get([w.checksum.remote(self._probe_names) for w in self.rollout])):
+            if got["version"] != self.version:
+                raise SyncError(f"rollout worker {i} holds policy version {got['version']}, learner is at {self.version}")
+            for name, value in want.items():
+                if not torch.isclose(torch.tensor(got["sums"][name]), torch.tensor(value), rtol=1e-5, atol=1e-6):
+                    raise SyncError(f"rollout worker {i}: tensor '{name}' checksum {got['sums'][name]} != learner {value}")
+
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
+        import ray
+
+        n = len(self.rollout)
+        parts = ray.get([w.greedy.remote(prompt_ids[i::n], max_new_tokens) for i, w in enumerate(self.rollout)])
+        out: list[Any] = [None] * len(prompt_ids)
+        for i, part in enumerate(parts):
+            for j, g in enumerate(part):
+                out[i + j * n] = g
+        return out
+
+    def save(self, directory: str, client_state: dict) -> None:
+        import ray
+
+        ray.get([a.save.remote(directory, client_state) for a in self.learners])
+
+    def load(self, directory: str) -> dict:
+        import ray
+
+        states = ray.get([a.load.remote(directory) for a in self.learners])
+        return states[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.rollout:
+            try:
+                ray.get(w.close.remote(), timeout=30)
+            except Exception:  # the process is going away anyway; nothing to save here
+                pass
+        try:
+            ray.get(self.reward.close.remote(), timeout=30)
+        except Exception:
+            pass
+        ray.shutdown()
+
+
+def _probe_names(names: list[str]) -> list[str]:
+    """A fixed sample of tensors to checksum after each sync: first, middle and last."""
+    if len(names) <= 3:
+        return list(names)
+    return [names[0], names[len(names) // 2], names[-1]]
+
+
+def _unshard(parts: list[torch.Tensor], B: int, T: int) -> torch.Tensor:
+    n = len(parts)
+    out = torch.zeros(B, T)
+    for i, p in enumerate(parts):
+        out[i::n, : p.shape[1]] = p
+    return out

@@ -1,0 +1,237 @@
+"""The training loop: sample → score → advantages → learn → sync → log → checkpoint.
+
+It asks the algorithm what it needs (``Algorithm.needs``) and never branches on its name.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rlkit import algorithms, checkpoint
+from rlkit.algorithms.base import AdvantageInputs
+from rlkit.config import RunConfig, build_data_spec, dump_config
+from rlkit.kl import kl_estimate
+from rlkit.types import Rollout, collate
+
+
+@dataclass
+class TrainerState:
+    """Everything the driver needs to continue exactly (the learners save their own part)."""
+
+    step: int = 0
+    sampler: dict = field(default_factory=dict)
+    controller: dict = field(default_factory=dict)
+    carry: list = field(default_factory=list)
+    """Dynamic sampling: kept groups not yet trained on, carried to the next step."""
+    eval_base: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        from rlkit.assets import load_tokenizer, smollm2_dir
+        from rlkit.data import PromptSampler, load_prompts
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model_dir = str(smollm2_dir()) if cfg.model.path == "smollm2" else cfg.model.path
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.algo = algorithms.get(cfg.algorithm.name)
+        self.algo_cfg = self.algo.make_config(cfg.algorithm.args)
+        self.needs = self.algo.needs(self.algo_cfg)
+        self.controller = self.algo.make_controller(self.algo_cfg) if self.algo.make_controller else None
+        self.train_rows, self.eval_rows = load_prompts(build_data_spec(cfg), self.tokenizer)
+        self.sampler = PromptSampler(self.train_rows, cfg.train.prompts_per_step, cfg.train.seed)
+        self.state = TrainerState()
+        self.runtime = None
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: Optional[str] = None) -> dict[str, float]:
+        from rlkit.metrics import MetricsLogger, Progress, StageTimer
+        from rlkit.runtime import Runtime
+
+        cfg = self.cfg
+        self.runtime = Runtime(cfg, self.model_dir)
+        ckpt = checkpoint.resolve(resume, self.run_dir)
+        if ckpt is not None:
+            self._restore(ckpt)
+        else:
+            self.runtime.sync()  # engines start from the learner's exact weights (version 0)
+        log = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume=ckpt is not None)
+        if ckpt is not None:
+            log.truncate_after(self.state.step)
+        progress = Progress(cfg.train.steps, initial=self.state.step, enabled=cfg.progress)
+        timer = StageTimer()
+        if self.state.step == 0 and cfg.eval.at_start and cfg.eval.num_problems:
+            log.log(0, self.evaluate(base=True))
+        started = time.perf_counter()
+        last: dict[str, float] = {}
+        while self.state.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            last = self.step(timer)
+            self.state.step += 1
+            last.update(timer.pop())
+            last["time/step"] = time.perf_counter() - t0
+            if cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0:
+                last.update(self.evaluate())
+            log.log(self.state.step, last)
+            progress.update(self.state.step, last)
+            if cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0:
+                self.save()
+            if cfg.train.max_minutes and time.perf_counter() - started > 60 * cfg.train.max_minutes:
+                break
+        progress.close()
+        if cfg.eval.num_problems and not (cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0):
+            final = self.evaluate()
+            log.log(self.state.step, final)
+            last.update(final)
+        self.save()
+        log.close()
+        return last
+
+    def step(self, timer) -> dict[str, float]:
+        """One training step; returns its metrics."""
+        cfg, rt = self.cfg, self.runtime
+        with timer("generate"):
+            groups, reward_metrics = self._collect_groups(timer)
+        rollouts = [r for g in groups for r in g["rollouts"]]
+        rewards = [x for g in groups for x in g["rewards"]]
+        batch = collate(rollouts, rewards, self.tokenizer.pad_token_id, rt.version)
+        with timer("reference"):
+            batch.extras.update(rt.side_passes(batch))
+        advantages, adv_metrics = self._advantages(batch)
+        with timer("learn"):
+            learn_metrics = rt.learn(advantages, self.controller.values() if self.controller else {})
+        with timer("sync"):
+            sync_metrics = rt.sync()
+        metrics = {**reward_metrics, **adv_metrics, **learn_metrics, **sync_metrics,
+                   **self._batch_metrics(batch)}
+        if self.controller is not None:
+            metrics.update({f"controller/{k}": v for k, v in self.controller.update(metrics).items()})
+        return metrics
+
+    # ------------------------------------------------------------------ stages
+    def _collect_groups(self, timer) -> tuple[list[dict], dict[str, float]]:
+        """Sample and score prompt groups; with a group filter (DAPO), resample until full."""
+        cfg = self.cfg
+        want = cfg.train.prompts_per_step
+        kept, metrics, rounds = list(self.state.carry), {}, 0
+        while len(kept) < want and rounds < max(1, getattr(self.algo_cfg, "max_resample_rounds", 1)):
+            rows = self.sampler.next_batch()
+            prompts = [(i, row.index, self._encode(row.prompt_text)) for i, row in enumerate(rows)]
+            rollouts = self.runtime.collect(self.runtime.generate_async(prompts, self.state.step * 16 + rounds))
+            with timer("score"):
+                groups, m = self._score(rows, rollouts)
+            metrics = metrics or m
+            kept.extend(groups)
+            rounds += 1
+        self.state.carry = kept[want:]
+        return kept[:want], metrics
+
+    def _score(self, rows, rollouts: list[Rollout]) -> tuple[list[dict], dict[str, float]]:
+        texts = self.tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
+        row_of = [rows[r.group_id] for r in rollouts]
+        res = self.runtime.score(texts, [row.prompt_text for row in row_of],
+                                 [{**row.fields, "answer": row.answer} for row in row_of],
+                                 [row.data_source for row in row_of])
+        G = self.cfg.train.samples_per_prompt
+        groups = []
+        for g in range(len(rows)):
+            idx = list(range(g * G, (g + 1) * G))
+            status = [res.status[i] for i in idx]
+            if self.cfg.rewards.get("on_error") == "drop_group" and any(s != "ok" for s in status):
+                continue
+            groups.append({"rollouts": [rollouts[i] for i in idx], "rewards": [float(res.scores[i]) for i in idx]})
+        raw = torch.tensor([float(s) for s in res.scores])
+        if self.algo.group_filter is not None and groups:
+            ids = torch.tensor([g for g, grp in enumerate(groups) for _ in grp["rewards"]])
+            keep = self.algo.group_filter(torch.tensor([x for grp in groups for x in grp["rewards"]]), ids, self.algo_cfg)
+            groups = [grp for g, grp in enumerate(groups) if bool(keep[g * G])]
+        metrics = {"reward/mean": float(raw.mean()), "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,
+                   **{f"reward/{k}": float(v) for k, v in res.metrics.items()}}
+        if "math" in res.components:
+            vals = [1.0 if v == 1.0 else 0.0 for v in res.components["math"]]
+            metrics["reward/accuracy"] = sum(vals) / max(1, len(vals))
+        # Renumber groups 0..k-1 in the order kept, so group ids stay unique within a step.
+        for g, grp in enumerate(groups):
+            for r in grp["rollouts"]:
+                r.group_id = g
+        return groups, metrics
+
+    def _advantages(self, batch) -> tuple[Optional[torch.Tensor], dict[str, float]]:
+        if self.algo.advantages is None:
+            return None, {}
+        ex = batch.extras
+        inputs = AdvantageInputs(
+            rewards_B=batch.rewards_B, group_ids_B=batch.group_ids_B, mask_B_T=batch.response_mask_B_T,
+            old_logp_B_T=ex.get("old_logp"), ref_logp_B_T=ex.get("ref_logp"),
+            teacher_logp_B_T=ex.get("teacher_logp"), truncated_B=batch.truncated_B,
+        )
+        adv, m = self.algo.advantages(inputs, self.algo_cfg)
+        return adv, {f"adv/{k}": float(v) for k, v in m.items()}
+
+    def _batch_metrics(self, batch) -> dict[str, float]:
+        mask = batch.response_mask_B_T
+        lengths = mask.sum(-1)
+        out = {"response/length_mean": float(lengths.mean()),
+               "response/truncated_frac": float(batch.truncated_B.float().mean()),
+               "rollout/staleness_mean": float(batch.staleness_B.float().mean()),
+               "rollout/tokens": float(lengths.sum())}
+        if "ref_logp" in batch.extras:
+            k1 = kl_estimate(batch.sampler_logp_B_T, batch.extras["ref_logp"], "k1", mask=mask)
+            out["kl/mean"] = float(k1.sum() / mask.sum().clamp(min=1))
+        return out
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self, base: bool = False) -> dict[str, float]:
+        """Greedy accuracy on the held-out set; ``accuracy_brief`` on problems the base model
+        answered briefly (stopped within 24 tokens), so a gain from shorter answers alone shows."""
+        rows = self.eval_rows[: self.cfg.eval.num_problems]
+        gens = self.runtime.greedy([self._encode(r.prompt_text) for r in rows], self.cfg.eval.max_new_tokens)
+        texts = self.tokenizer.batch_decode([g["completion_ids"] for g in gens], skip_special_tokens=True)
+        res = self.runtime.score(texts, [r.prompt_text for r in rows],
+                                 [{**r.fields, "answer": r.answer} for r in rows], [r.data_source for r in rows])
+        comp = res.components.get("math", res.scores)
+        correct = [1.0 if v == 1.0 else 0.0 for v in comp]
+        lengths = [len(g["completion_ids"]) for g in gens]
+        if base:
+            self.state.eval_base = {"brief": [i for i, g in enumerate(gens)
+                                              if g["finish_reason"] == "stop" and len(g["completion_ids"]) <= 24]}
+        brief = self.state.eval_base.get("brief", [])
+        out = {"eval/accuracy": sum(correct) / max(1, len(correct)),
+               "eval/length_mean": sum(lengths) / max(1, len(lengths)),
+               "eval/truncated_frac": sum(g["finish_reason"] == "length" for g in gens) / max(1, len(gens))}
+        if brief:
+            out["eval/accuracy_brief"] = sum(correct[i] for i in brief) / len(brief)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        tmp = checkpoint.begin(self.run_dir, self.state.step)
+        self.state.sampler = self.sampler.state_dict()
+        self.state.controller = self.controller.state_dict() if self.controller else {}
+        self.runtime.save(str(tmp), {"step": self.state.step})
+        return checkpoint.commit(tmp, self.state.step, self.state.__dict__ | {"version": self.runtime.version},
+                                 dump_config(self.cfg), self.cfg.checkpoint.keep)
+
+    def _restore(self, ckpt: Path) -> None:
+        saved = checkpoint.load_trainer_state(ckpt)
+        self.runtime.load(str(ckpt))
+        self.runtime.version = saved.pop("version")
+        self.state = TrainerState(**saved)
+        self.sampler.load_state_dict(self.state.sampler)
+        if self.controller is not None and self.state.controller:
+            self.controller.load_state_dict(self.state.controller)
+        self.runtime.sync()
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.shutdown()

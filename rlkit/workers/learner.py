@@ -1,0 +1,309 @@
+"""Learner rank: one member of a DeepSpeed ZeRO data-parallel group, as a Ray actor.
+
+gloo on CPU (with a client torch AdamW, so nothing JIT-compiles), NCCL on GPU. Log-probs, entropy
+and KL come from the fused kernel (:mod:`rlkit.logprobs`); the loss comes from the algorithm
+registry. Gradient accumulation keeps the algorithm's global normalization exact: each micro-batch
+loss is normalized by counts over the whole optimizer step (all micro-batches, all ranks), and
+since DeepSpeed *averages* gradients over ranks, the loss is multiplied by the world size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rlkit import algorithms
+from rlkit.algorithms.base import LossInputs, PairLossInputs
+from rlkit.logprobs import token_stats
+from rlkit.types import TrainBatch
+
+
+@dataclass
+class LearnerSpec:
+    model_dir: str
+    algorithm: str
+    algorithm_args: dict
+    dtype: str = "float32"
+    zero_stage: int = 2
+    threads: int = 1
+    micro_batch_size: int = 16
+    chunk_size: int = 1024
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 1
+    updates_per_step: int = 1
+    temperature: float = 1.0
+    tis_cap: Optional[float] = None
+    freeze_embeddings: bool = False
+    lora: dict = field(default_factory=dict)
+    ref_dir: Optional[str] = None
+    teacher_dir: Optional[str] = None
+    seed: int = 0
+
+
+def _patch_deepspeed_shm() -> None:
+    """Skip DeepSpeed's shm-comm JIT build on CPU (70-80 s cold); collectives then go via gloo."""
+    import importlib
+    import sys
+
+    importlib.import_module("deepspeed.comm.torch")
+    # `import deepspeed.comm.torch as m` would give the real torch module (name shadowing).
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _lr_lambda(spec: LearnerSpec):
+    def f(step: int) -> float:
+        if spec.warmup_steps and step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - spec.warmup_steps) / max(1, spec.total_steps - spec.warmup_steps))
+        return 1.0 - frac if spec.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+def load_frozen(model_dir: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    m.eval().requires_grad_(False)
+    return m
+
+
+class LearnerRank:
+    def __init__(self, rank: int, world: int, master_addr: str, master_port: int, spec: LearnerSpec):
+        self.rank, self.world, self.spec = rank, world, spec
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
+        torch.set_num_threads(spec.threads)
+        random.seed(spec.seed + rank)
+        np.random.seed(spec.seed + rank)
+        torch.manual_seed(spec.seed)
+        self.algo = algorithms.get(spec.algorithm)
+        self.algo_cfg = self.algo.make_config(spec.algorithm_args)
+        self.needs = self.algo.needs(self.algo_cfg)
+        self.engine = self._init_engine()
+        self.ref = load_frozen(spec.ref_dir or spec.model_dir, spec.dtype) if (
+            self.needs.ref_logp or self.needs.ref_full_kl or self.needs.ref_temper_phi) else None
+        self.teacher = load_frozen(spec.teacher_dir, spec.dtype) if self.needs.teacher_logp else None
+        self.batch: Optional[TrainBatch] = None
+        self.version = 0
+
+    def _init_engine(self):
+        import deepspeed
+
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        if not torch.cuda.is_available():
+            _patch_deepspeed_shm()
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        from transformers import AutoModelForCausalLM
+
+        s = self.spec
+        model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32)
+        if s.freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        if s.lora.get("enabled"):
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(
+                r=s.lora["r"], lora_alpha=s.lora["alpha"], lora_dropout=s.lora["dropout"],
+                target_modules=s.lora["target_modules"], task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": s.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": s.max_grad_norm,
+            "zero_optimization": {"stage": s.zero_stage},
+            "bf16": {"enabled": s.dtype == "bfloat16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+        return engine
+
+    # ---------------------------------------------------------------- passes
+    def ready(self) -> dict[str, Any]:
+        return {"rank": self.rank, "pid": os.getpid(), "needs": self.needs.__dict__}
+
+    def set_batch(self, batch: TrainBatch) -> int:
+        self.batch = batch
+        return batch.size
+
+    @torch.no_grad()
+    def side_passes(self) -> dict[str, torch.Tensor]:
+        """Detached per-token log-probs of the stored shard under π_old, π_ref, the teacher."""
+        b, s, out = self.batch, self.spec, {}
+        kw = dict(temperature=s.temperature, chunk_size=s.chunk_size)
+        if self.needs.old_logp and s.updates_per_step > 1:
+            out["old_logp"] = self._in_micro_batches(lambda mb: token_stats(self.engine.module, mb, **kw)["logp"])
+        if self.ref is not None and (self.needs.ref_logp or self.needs.ref_temper_phi):
+            out["ref_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw)["logp"])
+        if self.teacher is not None:
+            out["teacher_logp"] = self._in_micro_batches(lambda mb: token_stats(self.teacher, mb, **kw)["logp"])
+        self.batch.extras.update(out)
+        return out
+
+    def _in_micro_batches(self, fn) -> torch.Tensor:
+        n, mb = self.batch.size, self.spec.micro_batch_size
+        parts = [fn(self.batch.select(list(range(i, min(n, i + mb))))) for i in range(0, n, mb)]
+        return torch.cat(parts, 0)
+
+    # ---------------------------------------------------------------- update
+    def train(self, advantages_B_T: Optional[torch.Tensor], controller: dict[str, float]) -> dict[str, float]:
+        """All optimizer steps for the stored shard; returns metrics averaged over micro-batches."""
+        b = self.batch
+        if advantages_B_T is not None:
+            b.advantages_B_T = advantages_B_T
+        t0 = time.perf_counter()
+        order = torch.arange(b.size)
+        minis = torch.tensor_split(order, self.spec.updates_per_step)
+        sums: dict[str, float] = {}
+        self._grad_norms: list[float] = []
+        for mini in minis:
+            self._optimizer_step(b.select(mini), controller, sums)
+        metrics = {k: v / max(1.0, sums.get("_count", 1.0)) for k, v in sums.items() if k != "_count"}
+        if self._grad_norms:
+            metrics["learn/grad_norm"] = float(np.mean(self._grad_norms))
+        metrics["learn/lr"] = float(self.engine.get_lr()[0])
+        metrics["learn/seconds"] = time.perf_counter() - t0
+        self.version += 1
+        return metrics
+
+    def _global_counts(self, mini: TrainBatch) -> tuple[float, float, int]:
+        local = torch.tensor([mini.response_mask_B_T.sum().item(),
+                              float((mini.response_mask_B_T.sum(-1) > 0).sum().item())], dtype=torch.float64)
+        dist.all_reduce(local)
+        n_micro = torch.tensor([math.ceil(mini.size / self.spec.micro_batch_size)], dtype=torch.long)
+        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+        return float(local[0]), float(local[1]), int(n_micro)
+
+    def _optimizer_step(self, mini: TrainBatch, controller: dict, sums: dict) -> None:
+        tokens, seqs, n_micro = self._global_counts(mini)
+        mb = self.spec.micro_batch_size
+        for i in range(n_micro):
+            idx = list(range(i * mb, min(mini.size, (i + 1) * mb)))
+            # A rank with fewer rows still joins every collective: a zero-weight micro-batch.
+            weight = 1.0 if idx else 0.0
+            micro = mini.select(idx or [0])
+            loss, metrics = self._micro_loss(micro, tokens, seqs, controller)
+            self.engine.backward(loss * weight * self.world, scale_wrt_gas=False)
+            if idx:
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                sums["_count"] = sums.get("_count", 0.0) + 1.0
+        self.engine.step()
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            self._grad_norms.append(float(gn))
+
+    def _micro_loss(self, micro: TrainBatch, tokens: float, seqs: float, controller: dict):
+        s = self.spec
+        stats = token_stats(
+            self.engine.module, micro, temperature=s.temperature, chunk_size=s.chunk_size, with_entropy=True,
+            ref_model=self.ref if self.needs.ref_full_kl else None,
+        )
+        logp, mask = stats["logp"], micro.response_mask_B_T
+        old = micro.extras.get("old_logp", logp.detach())
+        adv = micro.advantages_B_T if micro.advantages_B_T is not None else torch.zeros_like(logp)
+        metrics = _gap_metrics(micro.sampler_logp_B_T, old, mask)
+        if s.tis_cap is not None:
+            # Truncated IS for the sampler/learner mismatch. Losses are linear in A where unclipped,
+            # so scaling A by the detached weight w = min(π_old/π_sampler, cap) equals weighting each token.
+            w = torch.exp(old - micro.sampler_logp_B_T).clamp(max=s.tis_cap) * mask
+            adv = adv * w
+        entropy = stats["entropy"] if self.needs.entropy else stats["entropy"].detach()
+        inputs = LossInputs(
+            logp_B_T=logp, mask_B_T=mask, advantages_B_T=adv, num_tokens_global=tokens,
+            num_seqs_global=seqs, old_logp_B_T=old, ref_logp_B_T=micro.extras.get("ref_logp"),
+            teacher_logp_B_T=micro.extras.get("teacher_logp"), entropy_B_T=entropy,
+            ref_full_kl_B_T=stats.get("ref_full_kl"), rewards_B=micro.rewards_B,
+            max_response_len=int(mask.shape[1]), controller=controller,
+        )
+        loss, algo_metrics = self.algo.loss(inputs, self.algo_cfg)
+        ent = float((stats["entropy"].detach() * mask).sum() / mask.sum().clamp(min=1))
+        metrics.update({f"loss/{k}": float(v) for k, v in algo_metrics.items()})
+        metrics.update({"loss/total": float(loss.detach()), "entropy/mean": ent})
+        return loss, metrics
+
+    # ---------------------------------------------------------------- weights
+    @torch.no_grad()
+    def full_state(self, bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+        """Rank 0: full weights in HF names, packed in buckets of about ``bucket_bytes``."""
+        model = self.engine.module
+        if hasattr(model, "merge_and_unload"):
+            named = _merged_lora_state(model)
+        else:
+            named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+        buckets, cur, size = [], [], 0
+        for name, t in named:
+            cur.append((name, t))
+            size += t.numel() * t.element_size()
+            if size >= bucket_bytes:
+                buckets.append(cur)
+                cur, size = [], 0
+        if cur:
+            buckets.append(cur)
+        return buckets
+
+    def checksum(self, names: list[str]) -> dict[str, float]:
+        state = dict(self.engine.module.named_parameters())
+        return {n: float(state[n].detach().double().sum()) for n in names}
+
+    def param_vector(self) -> torch.Tensor:
+        return torch.cat([p.detach().flatten().clone() for p in self.engine.module.parameters()])
+
+    # ---------------------------------------------------------------- checkpoint
+    def save(self, directory: str, client_state: dict) -> None:
+        d = Path(directory)
+        self.engine.save_checkpoint(str(d / "deepspeed"), tag="state", client_state=client_state,
+                                    save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "version": self.version}
+        torch.save(rng, d / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            self.engine.module.save_pretrained(str(d / "hf"), safe_serialization=True)
+        dist.barrier()
+
+    def load(self, directory: str) -> dict:
+        d = Path(directory)
+        _, client = self.engine.load_checkpoint(str(d / "deepspeed"), tag="state")
+        rng = torch.load(d / f"rng_rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.version = rng["version"]
+        return client or {}
+
+
+def _merged_lora_state(peft_model) -> list[tuple[str, torch.Tensor]]:
+    """Base weights with the LoRA deltas folded in, under the base model's HF names."""
+    import copy
+
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    return [(n, p.detach().clone()) for n, p in merged.named_parameters()]
+
+
+def _gap_metrics(sampler_logp: torch.Tensor, learner_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sampler-vs-learner log-prob gap on the same tokens: mean k3 KL and max ratio."""
+    from rlkit.kl import kl_estimate
+
+    k3 = kl_estimate(learner_logp.detach(), sampler_logp, "k3", mask=mask)
+    n = mask.sum().clamp(min=1)
+    ratio = torch.exp((learner_logp.detach() - sampler_logp).clamp(-20, 20)) * mask
+    return {"gap/kl": float(k3.sum() / n), "gap/max_ratio": float(ratio.max()) if mask.any() else 1.0}
