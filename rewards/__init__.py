@@ -1,0 +1,46 @@
+"""Verifiable rewards (``rlkit.rewards``): plain functions ``(completions, prompts, **fields) -> list[float | None]``.
+
+Built-ins (names usable in config): ``math``, ``format_tags``, ``format_boxed``, ``length``,
+``overlong``, ``reasoning_gym``. A user's function is referenced as ``package.module:function`` or
+``path/to/file.py:function``. :class:`rlkit.workers.reward.RewardWorker` runs them in child
+processes with time and memory limits; here they are plain, in-process functions.
+
+The config types and the registry import with the standard library only; the reward functions
+(math-verify, sympy) load on first use.
+"""
+
+from .config import RewardConfig, RewardSpec
+from .registry import BUILTINS, STATUSES, RewardOutputError, RewardSignatureError, check_output, resolve
+
+_LAZY = {
+    "math_answer": "math_answer",
+    "judge": "math_answer",
+    "answers_match": "math_answer",
+    "extract_final_answer": "extract",
+    "format_tags": "format",
+    "format_boxed": "format",
+    "length": "length",
+    "overlong": "length",
+    "reasoning_gym_score": "gym_adapter",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BUILTINS",
+    "STATUSES",
+    "RewardConfig",
+    "RewardOutputError",
+    "RewardSignatureError",
+    "RewardSpec",
+    "check_output",
+    "resolve",
+    *_LAZY,
+]

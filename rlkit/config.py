@@ -215,6 +215,13 @@ def validate_components(cfg: RunConfig, source: str) -> None:
         algo.make_config(cfg.algorithm.args, source=f"{source}: key 'algorithm.args'")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if algo.kind == "preference":
+        if cfg.learner.micro_batch_size % 2:
+            raise ConfigError(f"{source}: key 'learner.micro_batch_size': preference algorithms need an even "
+                              f"micro-batch (whole chosen/rejected pairs), got {cfg.learner.micro_batch_size}")
+        if cfg.learner.updates_per_step != 1:
+            raise ConfigError(f"{source}: key 'learner.updates_per_step': preference algorithms take one "
+                              f"optimizer step per batch of pairs, got {cfg.learner.updates_per_step}")
     from rlkit import data as data_mod
 
     _build(data_mod.DataSpec, cfg.data, f"{source}: key 'data'")

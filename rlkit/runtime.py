@@ -80,6 +80,10 @@ class Runtime:
         ray.get([w.ready.remote() for w in self.rollout] + [a.ready.remote() for a in self.learners])
         self.version = 0
         self._probe_names: list[str] = []
+        from rlkit import algorithms
+
+        algo = algorithms.get(cfg.algorithm.name)
+        self.unit = 2 if algo.needs(algo.make_config(cfg.algorithm.args)).pairs else 1
 
     # ------------------------------------------------------------------ stages
     def generate_async(self, prompts: list[tuple[int, int, list[int]]], step: int) -> list:
@@ -103,9 +107,14 @@ class Runtime:
 
         return ray.get(self.reward.score.remote(completions, prompts, fields, sources))
 
+    def shard_rows(self, size: int) -> list[list[int]]:
+        """Row indices per learner rank: round-robin over units (a unit is one row, or one
+        chosen/rejected pair of adjacent rows for preference algorithms)."""
+        n, u = len(self.learners), self.unit
+        return [[j * u + k for j in range(i, size // u, n) for k in range(u)] for i in range(n)]
+
     def shard(self, batch: TrainBatch) -> list[TrainBatch]:
-        n = len(self.learners)
-        return [batch.select(list(range(i, batch.size, n))) for i in range(n)]
+        return [batch.select(rows) for rows in self.shard_rows(batch.size)]
 
     def side_passes(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Store each rank's shard on it and run the detached passes (π_old, π_ref, teacher)."""
@@ -114,16 +123,20 @@ class Runtime:
         shards = self.shard(batch)
         ray.get([a.set_batch.remote(s) for a, s in zip(self.learners, shards)])
         parts = ray.get([a.side_passes.remote() for a in self.learners])
+        rows = self.shard_rows(batch.size)
         out = {}
         for key in parts[0]:
-            out[key] = _unshard([p[key] for p in parts], batch.size, batch.response_mask_B_T.shape[1])
+            full = torch.zeros(batch.response_mask_B_T.shape)
+            for idx, p in zip(rows, parts):
+                full[idx] = p[key]
+            out[key] = full
         return out
 
     def learn(self, advantages_B_T: Optional[torch.Tensor], controller: dict[str, float]) -> dict[str, float]:
         import ray
 
         n = len(self.learners)
-        advs = [None] * n if advantages_B_T is None else [advantages_B_T[i::n] for i in range(n)]
+        advs = [None] * n if advantages_B_T is None else [advantages_B_T[r] for r in self.shard_rows(len(advantages_B_T))]
         results = ray.get([a.train.remote(adv, controller) for a, adv in zip(self.learners, advs)])
         self.version += 1
         return {k: sum(r[k] for r in results) / n for k in results[0]}
@@ -199,9 +212,3 @@ def _probe_names(names: list[str]) -> list[str]:
     return [names[0], names[len(names) // 2], names[-1]]
 
 
-def _unshard(parts: list[torch.Tensor], B: int, T: int) -> torch.Tensor:
-    n = len(parts)
-    out = torch.zeros(B, T)
-    for i, p in enumerate(parts):
-        out[i::n, : p.shape[1]] = p
-    return out

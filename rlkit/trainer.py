@@ -143,9 +143,8 @@ class Trainer:
         groups = []
         for g in range(len(rows)):
             idx = list(range(g * G, (g + 1) * G))
-            status = [res.status[i] for i in idx]
-            if self.cfg.rewards.get("on_error") == "drop_group" and any(s != "ok" for s in status):
-                continue
+            if res.keep and not all(res.keep[i] for i in idx):
+                continue  # the reward worker's drop_group policy: counted in its metrics
             groups.append({"rollouts": [rollouts[i] for i in idx], "rewards": [float(res.scores[i]) for i in idx]})
         raw = torch.tensor([float(s) for s in res.scores])
         if self.algo.group_filter is not None and groups:

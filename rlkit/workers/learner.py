@@ -97,7 +97,7 @@ class LearnerRank:
         self.needs = self.algo.needs(self.algo_cfg)
         self.engine = self._init_engine()
         self.ref = load_frozen(spec.ref_dir or spec.model_dir, spec.dtype) if (
-            self.needs.ref_logp or self.needs.ref_full_kl or self.needs.ref_temper_phi) else None
+            self.needs.ref_logp or self.needs.ref_full_kl or self.needs.ref_temper_phi or self.needs.pairs) else None
         self.teacher = load_frozen(spec.teacher_dir, spec.dtype) if self.needs.teacher_logp else None
         self.batch: Optional[TrainBatch] = None
         self.version = 0
@@ -152,7 +152,7 @@ class LearnerRank:
         kw = dict(temperature=s.temperature, chunk_size=s.chunk_size)
         if self.needs.old_logp and s.updates_per_step > 1:
             out["old_logp"] = self._in_micro_batches(lambda mb: token_stats(self.engine.module, mb, **kw)["logp"])
-        if self.ref is not None and (self.needs.ref_logp or self.needs.ref_temper_phi):
+        if self.ref is not None and (self.needs.ref_logp or self.needs.ref_temper_phi or self.needs.pairs):
             out["ref_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw)["logp"])
         if self.teacher is not None:
             out["teacher_logp"] = self._in_micro_batches(lambda mb: token_stats(self.teacher, mb, **kw)["logp"])
@@ -213,6 +213,8 @@ class LearnerRank:
             self._grad_norms.append(float(gn))
 
     def _micro_loss(self, micro: TrainBatch, tokens: float, seqs: float, controller: dict):
+        if self.algo.kind == "preference":
+            return self._pair_loss(micro, seqs / 2)
         s = self.spec
         stats = token_stats(
             self.engine.module, micro, temperature=s.temperature, chunk_size=s.chunk_size, with_entropy=True,
@@ -239,6 +241,24 @@ class LearnerRank:
         ent = float((stats["entropy"].detach() * mask).sum() / mask.sum().clamp(min=1))
         metrics.update({f"loss/{k}": float(v) for k, v in algo_metrics.items()})
         metrics.update({"loss/total": float(loss.detach()), "entropy/mean": ent})
+        return loss, metrics
+
+    def _pair_loss(self, micro: TrainBatch, pairs_global: float):
+        """Rows come pair-major: 2p is the chosen response of pair p, 2p+1 the rejected one."""
+        s = self.spec
+        stats = token_stats(self.engine.module, micro, temperature=s.temperature, chunk_size=s.chunk_size,
+                            ref_model=self.ref if self.needs.ref_full_kl else None)
+        logp, mask, ref = stats["logp"], micro.response_mask_B_T, micro.extras["ref_logp"]
+        kl_full = stats.get("ref_full_kl")
+        inputs = PairLossInputs(
+            logp_c_P_T=logp[0::2], logp_r_P_T=logp[1::2], mask_c_P_T=mask[0::2], mask_r_P_T=mask[1::2],
+            ref_logp_c_P_T=ref[0::2], ref_logp_r_P_T=ref[1::2], num_pairs_global=pairs_global,
+            ref_full_kl_c_P_T=None if kl_full is None else kl_full[0::2],
+            ref_full_kl_r_P_T=None if kl_full is None else kl_full[1::2],
+        )
+        loss, algo_metrics = self.algo.loss(inputs, self.algo_cfg)
+        metrics = {f"loss/{k}": float(v) for k, v in algo_metrics.items()}
+        metrics["loss/total"] = float(loss.detach())
         return loss, metrics
 
     # ---------------------------------------------------------------- weights
