@@ -134,6 +134,9 @@ class Algorithm:
     """(raw_rewards_B, group_ids_B, cfg) -> keep_B bool; e.g. DAPO's dynamic sampling."""
     make_controller: Optional[Callable[[Any], Controller]] = None
     critic_loss: Optional[Callable[[LossInputs, Any], tuple[Tensor, Metrics]]] = None
+    """Loss of the critic's values (``Needs.values``); trained beside the policy in the learner."""
+    returns: Optional[Callable[[AdvantageInputs, Any], Tensor]] = None
+    """Value targets R_B_T for the critic (with ``critic_loss``), from the same inputs as the advantage."""
 
     def make_config(self, overrides: Mapping[str, Any] | None = None, source: str = "<config>"):
         """Build this algorithm's config, failing with the key and ``source`` on a bad field."""

@@ -73,6 +73,11 @@ def agg_loss(
     counts (verl with one micro-batch and one rank). Rows are counted only when non-empty (verl ≥
     0.6.1); TRL ``loss_type="grpo"`` would count empty rows too.
 
+    Data parallelism: the contract is "Σ over all micro-batches of all ranks = full-batch loss".
+    DDP/DeepSpeed *average* gradients over the dp ranks, so a learner that backpropagates this value
+    on each rank must multiply it by dp_size (verl's ``* dp_size`` inside ``agg_loss``), and must not
+    let the engine divide again by the accumulation steps.
+
     ``seq-mean-token-sum-norm`` follows verl ≥ 0.7.1 (with the division by S) and takes T_norm =
     ``max_response_len``, a true constant, never the padded width (which changes per batch and would
     break micro-batch invariance; spec §15 item 14). It equals TRL ``dr_grpo`` when no row is empty.

@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
-    AGG_MODES, agg_loss, broadcast_advantages, check_choice, clipped_surrogate, entropy_bonus,
-    group_advantages, to_floats,
+    AGG_MODES,
+    agg_loss,
+    broadcast_advantages,
+    check_choice,
+    clipped_surrogate,
+    entropy_bonus,
+    group_advantages,
+    to_floats,
 )
 
 
@@ -45,9 +50,9 @@ class DAPOConfig:
     """[ε_low] lower clip (verl ``clip_ratio_low``; TRL ``epsilon``)."""
     clip_high: float = 0.28
     """[ε_high] clip-higher upper bound (verl ``clip_ratio_high``; TRL ``epsilon_high``)."""
-    dual_clip_c: Optional[float] = 10.0
+    dual_clip_c: float | None = 10.0
     """[c] dual-clip bound for A < 0 (verl DAPO script ``clip_ratio_c=10``); None = off (TRL)."""
-    log_ratio_clamp: Optional[float] = 20.0
+    log_ratio_clamp: float | None = 20.0
     """Clamp on λ = ℓ − ℓ^old before the exp (verl ≥ 0.4.1); None = off."""
     loss_agg_mode: str = "token-mean"
     """Token-level loss (paper §3.3; verl ``token-mean``; TRL ``loss_type="dapo"``)."""
@@ -150,8 +155,8 @@ def dapo_loss(inp: LossInputs, cfg: DAPOConfig) -> tuple[Tensor, Metrics]:
     """agg_token-mean(clipped surrogate with ε_low/ε_high) − c_H·agg(H); no KL (spec §4.1–§4.2)."""
     if inp.old_logp_B_T is None:
         raise ValueError("DAPO loss needs old log-probs")
-    counts = dict(num_tokens=inp.num_tokens_global, num_seqs=inp.num_seqs_global,
-                  max_response_len=inp.max_response_len or None)
+    counts = {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
+              "max_response_len": inp.max_response_len or None}
     pg_B_T, m = clipped_surrogate(inp.logp_B_T, inp.old_logp_B_T, inp.advantages_B_T, inp.mask_B_T,
                                   clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                   dual_clip_c=cfg.dual_clip_c, log_ratio_clamp=cfg.log_ratio_clamp)

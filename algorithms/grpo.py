@@ -30,17 +30,25 @@ Decisions (spec §15):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
-import torch
 from torch import Tensor
 
 from rlkit.kl import IS_MODES, KINDS
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
-    ADV_SCALES, AGG_MODES, SINGLETON_RULES, agg_loss, broadcast_advantages, check_choice,
-    clipped_surrogate, entropy_bonus, group_advantages, kl_in_reward, kl_loss_term, to_floats,
+    ADV_SCALES,
+    AGG_MODES,
+    SINGLETON_RULES,
+    agg_loss,
+    broadcast_advantages,
+    check_choice,
+    clipped_surrogate,
+    entropy_bonus,
+    group_advantages,
+    kl_in_reward,
+    kl_loss_term,
+    to_floats,
 )
 
 KL_PLACEMENTS = ("loss", "reward")
@@ -58,17 +66,17 @@ class GRPOConfig:
     """"loss" (paper, verl ``use_kl_loss``, TRL) or "reward" (verl ``use_kl_in_reward``; use k1 there)."""
     kl_is_weight: str = "none"
     """Importance weight s on the KL loss term: "none" (paper, verl), "differentiable" (TRL ≥ 1.10)."""
-    kl_log_ratio_clamp: Optional[float] = 20.0
+    kl_log_ratio_clamp: float | None = 20.0
     """Clamp on Δ before the exp in k3 (verl ≥ 0.4.1: 20; TRL: None)."""
-    kl_value_clamp: Optional[float] = 10.0
+    kl_value_clamp: float | None = 10.0
     """Clamp on the KL value (verl: 10; TRL: None). Gradient is 0 where active."""
     clip_low: float = 0.2
     """[ε] lower clip, ratio ≥ 1−ε (verl ``clip_ratio_low``)."""
     clip_high: float = 0.2
     """[ε] upper clip, ratio ≤ 1+ε (verl ``clip_ratio_high``; TRL ``epsilon_high``)."""
-    dual_clip_c: Optional[float] = 3.0
+    dual_clip_c: float | None = 3.0
     """[c] dual-clip bound for A < 0 (Ye et al. 2020; verl ``clip_ratio_c``); None = off (paper, TRL)."""
-    log_ratio_clamp: Optional[float] = 20.0
+    log_ratio_clamp: float | None = 20.0
     """Clamp on λ = ℓ − ℓ^old before exp in the surrogate (verl ≥ 0.4.1); None = off (TRL)."""
     loss_agg_mode: str = "seq-mean-token-mean"
     """agg(·) of spec §3.5; paper: seq-mean-token-mean; verl recipes and TRL ≥ 0.22: token-mean."""
@@ -130,8 +138,8 @@ def grpo_loss(inp: LossInputs, cfg: GRPOConfig) -> tuple[Tensor, Metrics]:
     Global normalization: ``inp.num_tokens_global`` / ``num_seqs_global`` are the counts of the whole
     optimizer step, so micro-batch losses sum to the full-batch loss. Shapes: [B, T] → 0-dim.
     """
-    counts = dict(num_tokens=inp.num_tokens_global, num_seqs=inp.num_seqs_global,
-                  max_response_len=inp.max_response_len or None)
+    counts = {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
+              "max_response_len": inp.max_response_len or None}
     if inp.old_logp_B_T is None:
         raise ValueError("GRPO loss needs old log-probs")
     pg_B_T, m = clipped_surrogate(inp.logp_B_T, inp.old_logp_B_T, inp.advantages_B_T, inp.mask_B_T,
@@ -165,4 +173,4 @@ GRPO = register(Algorithm(
     loss=grpo_loss, advantages=grpo_advantages,
 ))
 
-__all__ = ["GRPO", "GRPOConfig", "grpo_advantages", "grpo_loss", "grpo_needs", "KL_PLACEMENTS"]
+__all__ = ["GRPO", "KL_PLACEMENTS", "GRPOConfig", "grpo_advantages", "grpo_loss", "grpo_needs"]

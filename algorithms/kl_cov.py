@@ -23,6 +23,8 @@ Decisions (spec §15 item 9, §6.7):
     ℓ^old is exactly SG(ℓ) (first mini-batch of an on-policy pass).
   * Clip-Cov uses the global torch RNG (``torch.randperm``), like verl; the trainer seeds it and
     checkpoints it. Zeroed tokens keep counting in the token-mean denominator (verl).
+  * A ratio of 0 disables the selection in both methods; verl skips KL-Cov at 0 but still
+    detaches one token in Clip-Cov (its max(1, ·) applies before the check).
   * Clip-Cov defaults follow the released scripts: ε_low = ε_high = 1 (ordinary clip range [0, 2]),
     ratio 2e-4, bounds (1, 5).
 """
@@ -30,7 +32,6 @@ Decisions (spec §15 item 9, §6.7):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -39,8 +40,15 @@ from rlkit.kl import kl_estimate
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
-    AGG_MODES, agg_loss, broadcast_advantages, check_choice, entropy_bonus, group_advantages, masked,
-    masked_mean, to_floats,
+    AGG_MODES,
+    agg_loss,
+    broadcast_advantages,
+    check_choice,
+    entropy_bonus,
+    group_advantages,
+    masked,
+    masked_mean,
+    to_floats,
 )
 
 
@@ -52,7 +60,7 @@ class KLCovConfig:
     """[k] fraction of valid tokens penalized (verl ``kl_cov_ratio``; original ``k_percent``/100)."""
     ppo_kl_coef: float = 1.0
     """[β] penalty coefficient (paper and verl function: 1.0; verl config default 0.1)."""
-    log_ratio_clamp: Optional[float] = None
+    log_ratio_clamp: float | None = None
     """Optional clamp on λ before exp; None = verl (no clamp)."""
     loss_agg_mode: str = "token-mean"
     """agg(·) of spec §3.5 (scripts: token-mean)."""
@@ -81,7 +89,7 @@ class ClipCovConfig:
     """[ε_low] ordinary PPO lower clip (scripts: 1, i.e. no lower clip)."""
     clip_high: float = 1.0
     """[ε_high] ordinary PPO upper clip (scripts: 1, ratio ≤ 2)."""
-    log_ratio_clamp: Optional[float] = None
+    log_ratio_clamp: float | None = None
     """Optional clamp on λ before exp; None = verl (no clamp)."""
     loss_agg_mode: str = "token-mean"
     """agg(·) of spec §3.5 (scripts: token-mean)."""
@@ -126,7 +134,7 @@ def kl_cov_token_loss(
     masked mean |λ|, ``kl_cov_selected`` = number of penalized tokens, and ``selected_B_T``).
     """
     keep = mask_B_T.bool()
-    lam, ratio = _ratio(logp_B_T, old_logp_B_T, keep, log_ratio_clamp)
+    _, ratio = _ratio(logp_B_T, old_logp_B_T, keep, log_ratio_clamp)
     adv = masked(advantages_B_T.detach(), keep)
     abs_kl = kl_estimate(logp_B_T, old_logp_B_T.detach(), "abs", mask=keep,
                          log_ratio_clamp=log_ratio_clamp, value_clamp=None)
@@ -195,8 +203,8 @@ def _advantages(inp: AdvantageInputs, cfg) -> tuple[Tensor, Metrics]:
 
 
 def _finish(tok: Tensor, m: dict, inp: LossInputs, cfg) -> tuple[Tensor, Metrics]:
-    counts = dict(num_tokens=inp.num_tokens_global, num_seqs=inp.num_seqs_global,
-                  max_response_len=inp.max_response_len or None)
+    counts = {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
+              "max_response_len": inp.max_response_len or None}
     total = agg_loss(tok, inp.mask_B_T, cfg.loss_agg_mode, **counts)
     m = {k: v for k, v in m.items() if k != "selected_B_T"}
     m["pg_loss"] = total.detach()
@@ -237,5 +245,14 @@ KL_COV = register(Algorithm(name="kl_cov", config_cls=KLCovConfig, kind="online"
 CLIP_COV = register(Algorithm(name="clip_cov", config_cls=ClipCovConfig, kind="online", needs=_needs,
                               loss=clip_cov_loss, advantages=_advantages))
 
-__all__ = ["CLIP_COV", "ClipCovConfig", "KL_COV", "KLCovConfig", "clip_cov_loss", "clip_cov_token_loss",
-           "kl_cov_loss", "kl_cov_token_loss", "token_covariance"]
+__all__ = [
+    "CLIP_COV",
+    "KL_COV",
+    "ClipCovConfig",
+    "KLCovConfig",
+    "clip_cov_loss",
+    "clip_cov_token_loss",
+    "kl_cov_loss",
+    "kl_cov_token_loss",
+    "token_covariance",
+]

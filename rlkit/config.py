@@ -24,6 +24,10 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: str = "smollm2"
     """A Hugging Face model folder, or ``smollm2`` for the embedded SmolLM2-135M-Instruct."""
+    ref_path: Optional[str] = None
+    """Frozen reference model folder (None: the initial policy)."""
+    teacher_path: Optional[str] = None
+    """Teacher model folder, for algorithms that declare a teacher (ExOPD / G-OPD)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
     freeze_embeddings: bool = False
@@ -69,6 +73,8 @@ class LearnerConfig(Section):
     updates_per_step: int = Field(1, ge=1)
     """Optimizer steps per batch of rollouts (PPO mini-batches); 1 = strictly on-policy."""
     lora: LoraConfig = LoraConfig()
+    critic_lr: float = Field(1e-5, gt=0.0)
+    """Learning rate of the critic (only for algorithms that declare ``Needs.values``)."""
     tis_cap: Optional[float] = None
     """Truncated importance sampling cap for the sampler/learner gap (None: off)."""
 
@@ -103,6 +109,27 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1)
 
 
+class ResourcesConfig(Section):
+    """Resources per role, turned into Ray placement groups by :mod:`rlkit.placement`.
+
+    CPU counts are Ray scheduling units; the defaults (0) let every role share a small machine,
+    where thread counts (``rollout.threads``, ``learner.threads``) decide the actual use.
+    """
+
+    placement: Literal["colocated", "separate"] = "colocated"
+    """colocated: rollout workers share the learners' bundles/nodes; separate: own bundles."""
+    rollout_cpus: float = Field(0.0, ge=0.0)
+    rollout_gpus: float = Field(0.0, ge=0.0)
+    learner_cpus: float = Field(0.0, ge=0.0)
+    learner_gpus: float = Field(0.0, ge=0.0)
+    reward_cpus: float = Field(0.0, ge=0.0)
+    nodes: Optional[int] = Field(None, ge=1)
+    """Declared cluster size, for ``rlkit plan``; None: whatever Ray reports."""
+    cpus_per_node: Optional[float] = Field(None, gt=0)
+    gpus_per_node: Optional[float] = Field(None, ge=0)
+    memory_gb_per_node: Optional[float] = Field(None, gt=0)
+
+
 class RunConfig(Section):
     run_dir: str = "runs/default"
     model: ModelConfig = ModelConfig()
@@ -116,6 +143,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    resources: ResourcesConfig = ResourcesConfig()
     ray_address: Optional[str] = None
     """None: start a local Ray cluster; "auto" or an address: join that cluster."""
     tensorboard: bool = True
@@ -215,6 +243,9 @@ def validate_components(cfg: RunConfig, source: str) -> None:
         algo.make_config(cfg.algorithm.args, source=f"{source}: key 'algorithm.args'")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    algo_needs = algo.needs(algo.make_config(cfg.algorithm.args))
+    if algo_needs.teacher_logp and not cfg.model.teacher_path:
+        raise ConfigError(f"{source}: key 'model.teacher_path': algorithm '{algo.name}' needs a teacher model")
     if algo.kind == "preference":
         if cfg.learner.micro_batch_size % 2:
             raise ConfigError(f"{source}: key 'learner.micro_batch_size': preference algorithms need an even "

@@ -457,7 +457,11 @@ def _preference_row(record: dict[str, Any], spec: DataSpec, tokenizer: Any, wher
     `maybe_apply_chat_template` renders conversational examples and leaves plain ones as they are
     (TRL does not template plain-text preference data, and neither do we).
     """
-    from trl.data_utils import is_conversational, maybe_apply_chat_template, maybe_extract_prompt
+    from trl.data_utils import (
+        is_conversational,
+        maybe_apply_chat_template,
+        maybe_extract_prompt,
+    )
 
     example = {key: _check_text_or_messages(_field(record, field, where), where, field)
                for key, field in (("chosen", spec.chosen_field), ("rejected", spec.rejected_field))}

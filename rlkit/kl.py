@@ -373,9 +373,9 @@ def _row_dlogits(z, p, y, lse, ez, kl, r, direction, c_logp, c_ent, c_kl) -> Ten
     return g.scatter_add_(1, y[:, None], c_logp[:, None].to(g.dtype))
 
 
-def _chunk_backend(device: torch.device):
-    """(row_stats, row_dlogits) for the device: Triton kernels on CUDA when importable."""
-    if device.type == "cuda":
+def _chunk_backend(device: torch.device, dtype: torch.dtype):
+    """(row_stats, row_dlogits): Triton kernels for fp32 on CUDA when importable, else torch."""
+    if device.type == "cuda" and dtype == torch.float32:
         try:
             from rlkit import kl_triton
             if kl_triton.available():
@@ -397,7 +397,7 @@ def _sweep(h, W, b, y, ref: _Ref | None, temperature, chunk, want_entropy, coef_
     acc = _acc_dtype(h)
     Wa = W.detach().to(acc)
     ba = None if b is None else b.detach().to(acc)
-    row_stats, row_dlogits = _chunk_backend(h.device)
+    row_stats, row_dlogits = _chunk_backend(h.device, acc)
     direction = ref.direction if ref is not None else "forward"
     logp = torch.empty(n, dtype=acc, device=h.device)
     ent = torch.empty_like(logp) if want_entropy else None
@@ -453,6 +453,8 @@ class _FusedLogprobs(torch.autograd.Function):
     def forward(ctx, h, W, b, y, ref, temperature, chunk, want_entropy):
         logp, ent, kl, *_ = _sweep(h, W, b, y, ref, temperature, chunk, want_entropy)
         ctx.save_for_backward(h, W, b, y)
+        ctx.set_materialize_grads(False)  # unused outputs give None: their terms are skipped, so an
+        # infinite reverse KL (π > 0 = q) cannot turn a zero coefficient into NaN
         ctx.ref, ctx.temperature, ctx.chunk, ctx.want_entropy = ref, temperature, chunk, want_entropy
         empty = logp.new_empty(0)
         return logp, (ent if ent is not None else empty), (kl if kl is not None else empty)
@@ -606,4 +608,5 @@ def fused_token_loss(
                              ref_weight_V_D, ref_logits_N_V, kl_direction, temperature)
     loss, logp, ent, kl = _FusedLoss.apply(hidden_N_D, weight_V_D, bias_V, y, ref, float(temperature),
                                            chunk, with_entropy, token_loss_fn)
-    return loss, FusedOut(logp, ent if with_entropy else None, kl if ref is not None else None)
+    return loss, FusedOut(logp.detach(), ent.detach() if with_entropy else None,
+                          kl.detach() if ref is not None else None)

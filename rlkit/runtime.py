@@ -69,8 +69,8 @@ class Runtime:
             micro_batch_size=l.micro_batch_size, chunk_size=l.chunk_size, lr=l.lr,
             weight_decay=l.weight_decay, betas=tuple(l.betas), max_grad_norm=l.max_grad_norm,
             lr_schedule=l.lr_schedule, warmup_steps=l.warmup_steps, total_steps=max(1, cfg.train.steps),
-            updates_per_step=l.updates_per_step, temperature=r.temperature, tis_cap=l.tis_cap,
-            freeze_embeddings=cfg.model.freeze_embeddings, lora=l.lora.model_dump(),
+            updates_per_step=l.updates_per_step, critic_lr=l.critic_lr, max_response_len=r.max_new_tokens, temperature=r.temperature, tis_cap=l.tis_cap,
+            freeze_embeddings=cfg.model.freeze_embeddings, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=l.lora.model_dump(),
             ref_dir=ref_dir, teacher_dir=teacher_dir, seed=cfg.train.seed,
         )
         port = _free_port()
@@ -126,18 +126,20 @@ class Runtime:
         rows = self.shard_rows(batch.size)
         out = {}
         for key in parts[0]:
-            full = torch.zeros(batch.response_mask_B_T.shape)
+            full = torch.zeros(batch.size, *parts[0][key].shape[1:])
             for idx, p in zip(rows, parts):
                 full[idx] = p[key]
             out[key] = full
         return out
 
-    def learn(self, advantages_B_T: Optional[torch.Tensor], controller: dict[str, float]) -> dict[str, float]:
+    def learn(self, advantages_B_T: Optional[torch.Tensor], controller: dict[str, float],
+              returns_B_T: Optional[torch.Tensor] = None) -> dict[str, float]:
         import ray
 
         n = len(self.learners)
-        advs = [None] * n if advantages_B_T is None else [advantages_B_T[r] for r in self.shard_rows(len(advantages_B_T))]
-        results = ray.get([a.train.remote(adv, controller) for a, adv in zip(self.learners, advs)])
+        split = lambda t: [None] * n if t is None else [t[r] for r in self.shard_rows(len(t))]  # noqa: E731
+        results = ray.get([a.train.remote(adv, controller, ret) for a, adv, ret
+                           in zip(self.learners, split(advantages_B_T), split(returns_B_T))])
         self.version += 1
         return {k: sum(r[k] for r in results) / n for k in results[0]}
 

@@ -45,7 +45,17 @@ class Trainer:
         self.algo_cfg = self.algo.make_config(cfg.algorithm.args)
         self.needs = self.algo.needs(self.algo_cfg)
         self.controller = self.algo.make_controller(self.algo_cfg) if self.algo.make_controller else None
-        self.train_rows, self.eval_rows = load_prompts(build_data_spec(cfg), self.tokenizer)
+        spec = build_data_spec(cfg)
+        # Preference algorithms read pairs from a file (TRL's formats) when the data is a file;
+        # otherwise they build pairs on-policy by ranking each group's completions with the verifier.
+        self.pair_file = self.needs.pairs and spec.kind in ("file", "hf_disk")
+        if self.pair_file:
+            from rlkit.data import load_preferences
+
+            self.train_rows, _ = load_preferences(spec, self.tokenizer)
+            self.eval_rows = []
+        else:
+            self.train_rows, self.eval_rows = load_prompts(spec, self.tokenizer)
         self.sampler = PromptSampler(self.train_rows, cfg.train.prompts_per_step, cfg.train.seed)
         self.state = TrainerState()
         self.runtime = None
@@ -56,7 +66,7 @@ class Trainer:
         from rlkit.runtime import Runtime
 
         cfg = self.cfg
-        self.runtime = Runtime(cfg, self.model_dir)
+        self.runtime = Runtime(cfg, self.model_dir, ref_dir=cfg.model.ref_path, teacher_dir=cfg.model.teacher_path)
         ckpt = checkpoint.resolve(resume, self.run_dir)
         if ckpt is not None:
             self._restore(ckpt)
@@ -98,15 +108,23 @@ class Trainer:
         """One training step; returns its metrics."""
         cfg, rt = self.cfg, self.runtime
         with timer("generate"):
-            groups, reward_metrics = self._collect_groups(timer)
+            if self.pair_file:
+                groups, reward_metrics = self._file_pairs(), {}
+            else:
+                groups, reward_metrics = self._collect_groups(timer)
+        if self.needs.pairs and not self.pair_file:
+            groups = _rank_pairs(groups)
+            reward_metrics["pairs/count"] = float(len(groups))
         rollouts = [r for g in groups for r in g["rollouts"]]
         rewards = [x for g in groups for x in g["rewards"]]
+        if not rollouts:
+            raise RuntimeError(f"step {self.state.step}: no trainable samples (every group filtered or tied)")
         batch = collate(rollouts, rewards, self.tokenizer.pad_token_id, rt.version)
         with timer("reference"):
             batch.extras.update(rt.side_passes(batch))
-        advantages, adv_metrics = self._advantages(batch)
+        advantages, returns, adv_metrics = self._advantages(batch)
         with timer("learn"):
-            learn_metrics = rt.learn(advantages, self.controller.values() if self.controller else {})
+            learn_metrics = rt.learn(advantages, self.controller.values() if self.controller else {}, returns)
         with timer("sync"):
             sync_metrics = rt.sync()
         metrics = {**reward_metrics, **adv_metrics, **learn_metrics, **sync_metrics,
@@ -121,7 +139,10 @@ class Trainer:
         cfg = self.cfg
         want = cfg.train.prompts_per_step
         kept, metrics, rounds = list(self.state.carry), {}, 0
-        while len(kept) < want and rounds < max(1, getattr(self.algo_cfg, "max_resample_rounds", 1)):
+        # With a group filter, draw further generation batches (up to the algorithm's
+        # ``max_num_gen_batches``) until enough groups survive; surplus groups carry over.
+        max_rounds = getattr(self.algo_cfg, "max_num_gen_batches", 1) if self.algo.group_filter else 1
+        while len(kept) < want and rounds < max(1, max_rounds):
             rows = self.sampler.next_batch()
             prompts = [(i, row.index, self._encode(row.prompt_text)) for i, row in enumerate(rows)]
             rollouts = self.runtime.collect(self.runtime.generate_async(prompts, self.state.step * 16 + rounds))
@@ -132,6 +153,19 @@ class Trainer:
             rounds += 1
         self.state.carry = kept[want:]
         return kept[:want], metrics
+
+    def _file_pairs(self) -> list[dict]:
+        """A step's preference pairs from the dataset, as (chosen, rejected) rollouts."""
+        eos = self.tokenizer.eos_token_id
+        groups = []
+        for g, row in enumerate(self.sampler.next_batch()):
+            prompt = self._encode(row.prompt_text)
+            pair = []
+            for text in (row.chosen_text, row.rejected_text):
+                ids = self._encode(text) + [eos]
+                pair.append(Rollout(prompt, ids, [0.0] * len(ids), "stop", -1, g, row.index))
+            groups.append({"rollouts": pair, "rewards": [1.0, 0.0]})
+        return groups
 
     def _score(self, rows, rollouts: list[Rollout]) -> tuple[list[dict], dict[str, float]]:
         texts = self.tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
@@ -148,8 +182,14 @@ class Trainer:
             groups.append({"rollouts": [rollouts[i] for i in idx], "rewards": [float(res.scores[i]) for i in idx]})
         raw = torch.tensor([float(s) for s in res.scores])
         if self.algo.group_filter is not None and groups:
-            ids = torch.tensor([g for g, grp in enumerate(groups) for _ in grp["rewards"]])
-            keep = self.algo.group_filter(torch.tensor([x for grp in groups for x in grp["rewards"]]), ids, self.algo_cfg)
+            # The filter sees the raw verifier outcome (the first reward component, unweighted),
+            # not the shaped reward: spread that comes only from length shaping must not count.
+            outcome = next(iter(res.components.values()))
+            pos = {id(r): i for i, r in enumerate(rollouts)}
+            for grp in groups:
+                grp["outcome"] = [float(outcome[pos[id(r)]] or 0.0) for r in grp["rollouts"]]
+            ids = torch.tensor([g for g, grp in enumerate(groups) for _ in grp["outcome"]])
+            keep = self.algo.group_filter(torch.tensor([x for grp in groups for x in grp["outcome"]]), ids, self.algo_cfg)
             groups = [grp for g, grp in enumerate(groups) if bool(keep[g * G])]
         metrics = {"reward/mean": float(raw.mean()), "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,
                    **{f"reward/{k}": float(v) for k, v in res.metrics.items()}}
@@ -162,17 +202,19 @@ class Trainer:
                 r.group_id = g
         return groups, metrics
 
-    def _advantages(self, batch) -> tuple[Optional[torch.Tensor], dict[str, float]]:
+    def _advantages(self, batch) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], dict[str, float]]:
         if self.algo.advantages is None:
-            return None, {}
+            return None, None, {}
         ex = batch.extras
         inputs = AdvantageInputs(
             rewards_B=batch.rewards_B, group_ids_B=batch.group_ids_B, mask_B_T=batch.response_mask_B_T,
             old_logp_B_T=ex.get("old_logp"), ref_logp_B_T=ex.get("ref_logp"),
-            teacher_logp_B_T=ex.get("teacher_logp"), truncated_B=batch.truncated_B,
+            ref_tempered_logp_B_T=ex.get("ref_tempered_logp"),
+            teacher_logp_B_T=ex.get("teacher_logp"), values_B_T=ex.get("values"), truncated_B=batch.truncated_B,
         )
         adv, m = self.algo.advantages(inputs, self.algo_cfg)
-        return adv, {f"adv/{k}": float(v) for k, v in m.items()}
+        returns = self.algo.returns(inputs, self.algo_cfg) if self.algo.returns else None
+        return adv, returns, {f"adv/{k}": float(v) for k, v in m.items()}
 
     def _batch_metrics(self, batch) -> dict[str, float]:
         mask = batch.response_mask_B_T
@@ -234,3 +276,15 @@ class Trainer:
     def close(self) -> None:
         if self.runtime is not None:
             self.runtime.shutdown()
+
+
+def _rank_pairs(groups: list[dict]) -> list[dict]:
+    """On-policy pairs: in each group the best- and worst-scored completions (ties skipped)."""
+    pairs = []
+    for grp in groups:
+        r = grp["rewards"]
+        best, worst = max(range(len(r)), key=r.__getitem__), min(range(len(r)), key=r.__getitem__)
+        if r[best] > r[worst]:
+            pairs.append({"rollouts": [grp["rollouts"][best], grp["rollouts"][worst]],
+                          "rewards": [r[best], r[worst]]})
+    return pairs

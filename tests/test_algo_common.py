@@ -5,10 +5,16 @@ import math
 
 import pytest
 import torch
-
 from rlkit.algorithms.common import (
-    AGG_MODES, agg_loss, broadcast_advantages, clipped_surrogate, entropy_bonus, group_advantages,
-    kl_in_reward, kl_loss_term, mean_baseline_advantages,
+    AGG_MODES,
+    agg_loss,
+    broadcast_advantages,
+    clipped_surrogate,
+    entropy_bonus,
+    group_advantages,
+    kl_in_reward,
+    kl_loss_term,
+    mean_baseline_advantages,
 )
 
 NAN = float("nan")

@@ -3,13 +3,17 @@
 import doctest
 
 import pytest
-import torch
-
 import rlkit.algorithms as algos
 import rlkit.algorithms.dapo as dapo_mod
+import torch
 from rlkit.algorithms.base import AdvantageInputs, LossInputs
 from rlkit.algorithms.dapo import (
-    DAPOConfig, dapo_advantages, dapo_group_filter, dapo_loss, dapo_needs, dynamic_sampling_done,
+    DAPOConfig,
+    dapo_advantages,
+    dapo_group_filter,
+    dapo_loss,
+    dapo_needs,
+    dynamic_sampling_done,
     overlong_penalty,
 )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 
 import pytest
 from pydantic import ValidationError
@@ -295,3 +294,17 @@ def test_sampler_refuses_other_data():
     other[3] = PromptRow(prompt_text="changed", answer="3", fields={}, data_source="t", index=3)
     with pytest.raises(DataError, match="saved for other data"):
         PromptSampler(other, 4).load_state_dict(state)
+
+
+def test_shipped_examples_load(smollm2_tokenizer):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "configs" / "data_examples"
+    train, held = load_prompts(DataSpec(kind="file", path=str(examples / "prompts.jsonl"), num_eval=1),
+                               smollm2_tokenizer)
+    assert len(train) == 3 and len(held) == 1
+    assert sorted(r.answer for r in train + held) == ["-5", "42", "42", "81"]
+    assert all(r.prompt_text.endswith("<|im_start|>assistant\n") for r in train + held)
+    pairs, _ = load_preferences(DataSpec(kind="file", path=str(examples / "preferences.jsonl")), smollm2_tokenizer)
+    assert [p.chosen_text for p in pairs] == [" 2 + 2 = 4.", " Paris.", "3 + 4 = 7<|im_end|>\n", "7<|im_end|>\n"]
+    assert pairs[1].prompt_text == "The capital of France is"

@@ -3,9 +3,8 @@
 import math
 
 import pytest
-import torch
-
 import rlkit.algorithms as algos
+import torch
 from rlkit.algorithms.base import AdvantageInputs, LossInputs
 from rlkit.algorithms.grpo import GRPOConfig, grpo_advantages, grpo_loss, grpo_needs
 

@@ -3,12 +3,16 @@ Clip-Cov's zeroed tokens and denominator."""
 
 import numpy as np
 import pytest
-import torch
-
 import rlkit.algorithms as algos
+import torch
 from rlkit.algorithms.base import LossInputs
 from rlkit.algorithms.kl_cov import (
-    ClipCovConfig, KLCovConfig, clip_cov_loss, clip_cov_token_loss, kl_cov_loss, kl_cov_token_loss,
+    ClipCovConfig,
+    KLCovConfig,
+    clip_cov_loss,
+    clip_cov_token_loss,
+    kl_cov_loss,
+    kl_cov_token_loss,
     token_covariance,
 )
 
@@ -123,7 +127,12 @@ def test_clip_cov_deterministic_selection_zero_loss_and_denominator():
     assert torch.equal(m["selected_B_T"], cand)
     assert (loss[cand] == 0).all()
     loss.sum().backward()
-    assert (lp.grad[cand] == 0).all() and (lp.grad[~cand & ~clipped] != 0).any()
+    assert (lp.grad[cand] == 0).all()
+    lp0 = logp.clone().requires_grad_()
+    loss0, m0 = clip_cov_token_loss(lp0, old, adv, mask, clip_cov_ratio=0.0)  # nothing detached
+    loss0.sum().backward()
+    assert m0["selected_B_T"].sum().item() == 0 and (lp0.grad[cand] != 0).all()
+    torch.testing.assert_close(lp.grad[~cand], lp0.grad[~cand])
     assert m["pg_clipfrac"].item() == pytest.approx(4 / 8)
     # Through the algorithm: token-mean still divides by all 8 valid tokens.
     inp = LossInputs(logp_B_T=logp, mask_B_T=mask, advantages_B_T=adv, num_tokens_global=8.0,

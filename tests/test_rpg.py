@@ -5,12 +5,16 @@ import itertools
 import math
 
 import pytest
-import torch
-
 import rlkit.algorithms as algos
+import torch
 from rlkit.algorithms.base import AdvantageInputs, LossInputs
 from rlkit.algorithms.rpg import (
-    RPGConfig, rpg_advantages, rpg_kl_component, rpg_loss, rpg_needs, rpg_reinforce_token_loss,
+    RPGConfig,
+    rpg_advantages,
+    rpg_kl_component,
+    rpg_loss,
+    rpg_needs,
+    rpg_reinforce_token_loss,
 )
 
 F64 = torch.float64
@@ -106,7 +110,7 @@ def test_rpg_dual_clip_hand_worked():
 def test_rpg_hard_clip_hand_worked():
     # Hard clip: grad −(A·w̄ + C(w̄)) everywhere. A=+1, w=1.5: w̄ = 1.28, C = −0.028 → −1.252.
     # RKL at w = 0.5 with A = −1: w̄ = 0.8, C = −β·0.8(log 0.8 + 1) → grad −(−0.8 + C).
-    logp, _, m = _tok([1.5], [1.0], clip="hard")
+    logp, _, _ = _tok([1.5], [1.0], clip="hard")
     assert logp.grad.item() == pytest.approx(-1.252)
     logp, _, _ = _tok([0.5], [-1.0], kind="rkl", clip="hard")
     c = -0.1 * 0.8 * (math.log(0.8) + 1)

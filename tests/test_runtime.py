@@ -81,3 +81,53 @@ def test_grpo_three_steps_changes_weights_and_syncs(ray_session, tmp_path, tiny_
         rt.sync(skip=(0,))
     for a in rt.learners + rt.rollout + [rt.reward]:
         ray.kill(a)
+
+
+ONLINE = {
+    "dapo": {}, "rpg": {}, "kl_cov": {}, "clip_cov": {}, "pmd_mean": {},
+    "rapo": {}, "safe": {}, "exopd": {},
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_model(tmp_path_factory):
+    from rlkit.assets import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("teacher") / "model", seed=1)
+
+
+def _three_steps(cfg) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    from rlkit.metrics import StageTimer
+    from rlkit.runtime import Runtime
+    from rlkit.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    rt = trainer.runtime = Runtime(cfg, trainer.model_dir, ref_dir=cfg.model.ref_path,
+                                   teacher_dir=cfg.model.teacher_path)
+    try:
+        rt.sync()
+        before = ray.get(rt.learners[0].param_vector.remote())
+        timer = StageTimer()
+        metrics = [trainer.step(timer) for _ in range(3)]
+        after = ray.get(rt.learners[1].param_vector.remote())
+    finally:
+        for a in rt.learners + rt.rollout + [rt.reward]:
+            ray.kill(a)
+    return before, after, metrics
+
+
+@pytest.mark.parametrize("algorithm", sorted(ONLINE))
+def test_online_algorithm_trains_through_actor_graph(ray_session, tmp_path, tiny_model, teacher_model, algorithm):
+    extra = {"model.teacher_path": str(teacher_model)} if algorithm == "exopd" else {}
+    cfg = tiny_config(tmp_path, tiny_model, algorithm, ONLINE[algorithm], **extra)
+    before, after, metrics = _three_steps(cfg)
+    assert not torch.equal(before, after), f"{algorithm}: the learner's parameters did not change"
+    assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in metrics)
+
+
+@pytest.mark.parametrize("algorithm", ["fdpo", "tdpo"])
+def test_preference_algorithm_trains_on_policy_pairs(ray_session, tmp_path, tiny_model, algorithm):
+    cfg = tiny_config(tmp_path, tiny_model, algorithm)
+    before, after, metrics = _three_steps(cfg)
+    assert not torch.equal(before, after)
+    assert all(m["pairs/count"] >= 1 for m in metrics)

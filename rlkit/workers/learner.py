@@ -45,10 +45,13 @@ class LearnerSpec:
     warmup_steps: int = 0
     total_steps: int = 1
     updates_per_step: int = 1
+    max_response_len: int = 1
     temperature: float = 1.0
     tis_cap: Optional[float] = None
     freeze_embeddings: bool = False
+    gradient_checkpointing: bool = False
     lora: dict = field(default_factory=dict)
+    critic_lr: float = 1e-5
     ref_dir: Optional[str] = None
     teacher_dir: Optional[str] = None
     seed: int = 0
@@ -99,6 +102,11 @@ class LearnerRank:
         self.ref = load_frozen(spec.ref_dir or spec.model_dir, spec.dtype) if (
             self.needs.ref_logp or self.needs.ref_full_kl or self.needs.ref_temper_phi or self.needs.pairs) else None
         self.teacher = load_frozen(spec.teacher_dir, spec.dtype) if self.needs.teacher_logp else None
+        self.critic = None
+        if self.needs.values:
+            from rlkit.workers.critic import Critic
+
+            self.critic = Critic(spec.model_dir, lr=spec.critic_lr, max_grad_norm=spec.max_grad_norm, seed=spec.seed)
         self.batch: Optional[TrainBatch] = None
         self.version = 0
 
@@ -113,6 +121,8 @@ class LearnerRank:
 
         s = self.spec
         model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32)
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         if s.freeze_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
         if s.lora.get("enabled"):
@@ -154,6 +164,13 @@ class LearnerRank:
             out["old_logp"] = self._in_micro_batches(lambda mb: token_stats(self.engine.module, mb, **kw)["logp"])
         if self.ref is not None and (self.needs.ref_logp or self.needs.ref_temper_phi or self.needs.pairs):
             out["ref_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw)["logp"])
+        if self.needs.ref_temper_phi:
+            # log q_φ(y) = φ·z_y − logsumexp(φ·z) with z = ref logits / T: the log-softmax at
+            # temperature T/φ, i.e. the exact normalized tempered reference (spec §2.5).
+            kw_phi = dict(kw, temperature=s.temperature / self.needs.ref_temper_phi)
+            out["ref_tempered_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw_phi)["logp"])
+        if self.critic is not None:
+            out["values"] = self._in_micro_batches(self.critic.values)
         if self.teacher is not None:
             out["teacher_logp"] = self._in_micro_batches(lambda mb: token_stats(self.teacher, mb, **kw)["logp"])
         self.batch.extras.update(out)
@@ -165,11 +182,14 @@ class LearnerRank:
         return torch.cat(parts, 0)
 
     # ---------------------------------------------------------------- update
-    def train(self, advantages_B_T: Optional[torch.Tensor], controller: dict[str, float]) -> dict[str, float]:
+    def train(self, advantages_B_T: Optional[torch.Tensor], controller: dict[str, float],
+              returns_B_T: Optional[torch.Tensor] = None) -> dict[str, float]:
         """All optimizer steps for the stored shard; returns metrics averaged over micro-batches."""
         b = self.batch
         if advantages_B_T is not None:
             b.advantages_B_T = advantages_B_T
+        if returns_B_T is not None:
+            b.extras["returns"] = returns_B_T
         t0 = time.perf_counter()
         order = torch.arange(b.size)
         minis = torch.tensor_split(order, self.spec.updates_per_step)
@@ -201,18 +221,20 @@ class LearnerRank:
             # A rank with fewer rows still joins every collective: a zero-weight micro-batch.
             weight = 1.0 if idx else 0.0
             micro = mini.select(idx or [0])
-            loss, metrics = self._micro_loss(micro, tokens, seqs, controller)
+            loss, metrics = self._micro_loss(micro, tokens, seqs, controller, weight)
             self.engine.backward(loss * weight * self.world, scale_wrt_gas=False)
             if idx:
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 sums["_count"] = sums.get("_count", 0.0) + 1.0
         self.engine.step()
+        if self.critic is not None:
+            sums["learn/critic_grad_norm"] = sums.get("learn/critic_grad_norm", 0.0) + self.critic.step()
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             self._grad_norms.append(float(gn))
 
-    def _micro_loss(self, micro: TrainBatch, tokens: float, seqs: float, controller: dict):
+    def _micro_loss(self, micro: TrainBatch, tokens: float, seqs: float, controller: dict, weight: float = 1.0):
         if self.algo.kind == "preference":
             return self._pair_loss(micro, seqs / 2)
         s = self.spec
@@ -233,11 +255,19 @@ class LearnerRank:
         inputs = LossInputs(
             logp_B_T=logp, mask_B_T=mask, advantages_B_T=adv, num_tokens_global=tokens,
             num_seqs_global=seqs, old_logp_B_T=old, ref_logp_B_T=micro.extras.get("ref_logp"),
+            ref_tempered_logp_B_T=micro.extras.get("ref_tempered_logp"),
             teacher_logp_B_T=micro.extras.get("teacher_logp"), entropy_B_T=entropy,
             ref_full_kl_B_T=stats.get("ref_full_kl"), rewards_B=micro.rewards_B,
-            max_response_len=int(mask.shape[1]), controller=controller,
+            max_response_len=s.max_response_len, controller=controller,
         )
         loss, algo_metrics = self.algo.loss(inputs, self.algo_cfg)
+        if self.critic is not None:
+            inputs.values_B_T = self.critic.values(micro)
+            inputs.returns_B_T = micro.extras["returns"]
+            critic_loss, critic_metrics = self.algo.critic_loss(inputs, self.algo_cfg)
+            # The critic is its own graph and optimizer (its gradients are all-reduced in Critic.step).
+            (critic_loss * weight).backward()
+            algo_metrics = {**algo_metrics, **critic_metrics}
         ent = float((stats["entropy"].detach() * mask).sum() / mask.sum().clamp(min=1))
         metrics.update({f"loss/{k}": float(v) for k, v in algo_metrics.items()})
         metrics.update({"loss/total": float(loss.detach()), "entropy/mean": ent})
@@ -296,6 +326,9 @@ class LearnerRank:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "version": self.version}
         torch.save(rng, d / f"rng_rank{self.rank}.pt")
+        if self.critic is not None:
+            torch.save({"model": self.critic.state_dict(), "opt": self.critic.opt.state_dict()},
+                       d / f"critic_rank{self.rank}.pt")
         if self.rank == 0:
             self.engine.module.save_pretrained(str(d / "hf"), safe_serialization=True)
         dist.barrier()
@@ -308,6 +341,10 @@ class LearnerRank:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.version = rng["version"]
+        if self.critic is not None:
+            state = torch.load(d / f"critic_rank{self.rank}.pt", weights_only=False)
+            self.critic.load_state_dict(state["model"])
+            self.critic.opt.load_state_dict(state["opt"])
         return client or {}
 
 

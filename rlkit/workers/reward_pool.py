@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from rlkit.rewards.registry import RewardOutputError, call_reward, check_output, resolve
 
-_PRELOAD = ["rlkit.rewards.registry", "rlkit.rewards.math_answer"]
+_PRELOAD = ["rlkit.rewards.registry", "rlkit.rewards._preload"]
 _START_TIMEOUT_S = 120.0
 
 

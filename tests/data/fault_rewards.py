@@ -1,7 +1,7 @@
-"""Reward functions that misbehave on purpose, for the worker's fault tests.
+"""Reward functions that misbehave on purpose, for the reward worker's fault tests.
 
-Each one is correct (returns 1.0 per sample) except on samples whose field ``fault`` is True,
-where it raises, hangs, returns garbage, aborts the process or allocates without bound.
+Each returns 1.0 per sample except on samples whose field ``key`` (default ``fault``) is true,
+where it raises, hangs, returns garbage, aborts its process or allocates without bound.
 """
 
 import os
@@ -12,46 +12,50 @@ def good(completions, prompts, **fields):
     return [1.0] * len(completions)
 
 
-def raises(completions, prompts, fault, **fields):
-    if any(fault):
+def raises(completions, prompts, key="fault", **fields):
+    if any(fields[key]):
         raise ZeroDivisionError("deliberate failure")
     return [1.0] * len(completions)
 
 
-def hangs(completions, prompts, fault, **fields):
-    if any(fault):
+def hangs(completions, prompts, key="fault", **fields):
+    if any(fields[key]):
         time.sleep(60)
     return [1.0] * len(completions)
 
 
-def returns_nan(completions, prompts, fault, **fields):
-    return [float("nan") if f else 1.0 for f in fault]
+def returns_nan(completions, prompts, key="fault", **fields):
+    return [float("nan") if f else 1.0 for f in fields[key]]
 
 
-def returns_string(completions, prompts, fault, **fields):
-    return ["one" if f else 1.0 for f in fault]
+def returns_inf(completions, prompts, key="fault", **fields):
+    return [float("inf") if f else 1.0 for f in fields[key]]
 
 
-def wrong_length(completions, prompts, fault, **fields):
-    # drops the faulty samples from its output, so any call containing one is one value short
-    return [1.0 for f in fault if not f]
+def returns_string(completions, prompts, key="fault", **fields):
+    return ["one" if f else 1.0 for f in fields[key]]
 
 
-def aborts(completions, prompts, fault, **fields):
-    if any(fault):
+def wrong_length(completions, prompts, key="fault", **fields):
+    # drops the faulty samples from its output: any call holding one is short by one value
+    return [1.0 for f in fields[key] if not f]
+
+
+def aborts(completions, prompts, key="fault", **fields):
+    if any(fields[key]):
         os.abort()
     return [1.0] * len(completions)
 
 
-def allocates(completions, prompts, fault, **fields):
-    if any(fault):
+def allocates(completions, prompts, key="fault", **fields):
+    if any(fields[key]):
         hoard = []
         while True:
             hoard.append(bytearray(64 * 2**20))
     return [1.0] * len(completions)
 
 
-async def async_len(completions, prompts, **fields):
+async def async_length(completions, prompts, **fields):
     return [float(len(c)) for c in completions]
 
 
@@ -61,3 +65,7 @@ def only_source_a(completions, prompts, data_source, **fields):
 
 def no_prompts(completions):
     return [0.0] * len(completions)
+
+
+def named_fields_only(completions, prompts, answer):
+    return [float(a == c) for a, c in zip(answer, completions)]

