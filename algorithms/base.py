@@ -59,6 +59,8 @@ class AdvantageInputs:
     values_B_T: Optional[Tensor] = None
     truncated_B: Optional[Tensor] = None
     """bool: the response hit the length limit without EOS."""
+    controller: Mapping[str, float] = field(default_factory=dict)
+    """Read-only scalars from the algorithm's controller (e.g. SAFE's running reward statistics)."""
 
 
 @dataclass
@@ -86,6 +88,8 @@ class LossInputs:
     """Differentiable exact KL(π_ref‖π_θ) per token (only when ``Needs.ref_full_kl``)."""
     values_B_T: Optional[Tensor] = None
     """Critic predictions, differentiable in the critic (only when ``Needs.values``)."""
+    old_values_B_T: Optional[Tensor] = None
+    """Critic predictions at rollout time, detached (value clipping)."""
     returns_B_T: Optional[Tensor] = None
     rewards_B: Optional[Tensor] = None
     max_response_len: int = 0
@@ -135,6 +139,8 @@ class Algorithm:
     make_controller: Optional[Callable[[Any], Controller]] = None
     critic_loss: Optional[Callable[[LossInputs, Any], tuple[Tensor, Metrics]]] = None
     """Loss of the critic's values (``Needs.values``); trained beside the policy in the learner."""
+    linear_in_advantage: bool = True
+    """The loss is linear in A where unclipped, so truncated IS may scale A per token."""
     returns: Optional[Callable[[AdvantageInputs, Any], Tensor]] = None
     """Value targets R_B_T for the critic (with ``critic_loss``), from the same inputs as the advantage."""
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -43,7 +42,15 @@ from torch import Tensor
 from rlkit.kl import kl_estimate
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
-from .common import AGG_MODES, agg_loss, check_choice, clipped_surrogate, masked, masked_mean, to_floats
+from .common import (
+    AGG_MODES,
+    agg_loss,
+    check_choice,
+    clipped_surrogate,
+    masked,
+    masked_mean,
+    to_floats,
+)
 
 LAMBDA_TOL = 1e-9
 REFERENCES = ("student_init", "teacher_base")
@@ -56,7 +63,7 @@ class ExOPDConfig:
 
     lam: float = 1.0
     """[λ] reward-scaling / extrapolation coefficient, "lambda_vals": 1 = OPD, > 1 = ExOPD (1.25)."""
-    reference: Optional[str] = None
+    reference: str | None = None
     """[π_ref] ``student_init`` | ``teacher_base`` | None; required (not None) when λ ≠ 1."""
     advantage_policy: str = "old"
     """Policy whose log-prob enters A_t: ``old`` (π_old, reference parity) or ``current`` (SG[π_θ])."""
@@ -64,7 +71,7 @@ class ExOPDConfig:
     """[ε_low] PPO clip, "clip_ratio_low"."""
     clip_high: float = 0.2
     """[ε_high] PPO clip, "clip_ratio_high"."""
-    dual_clip_c: Optional[float] = 3.0
+    dual_clip_c: float | None = 3.0
     """[c] dual clip for A < 0, "clip_ratio_c" (None: off)."""
     loss_agg_mode: str = "token-mean"
     """verl ``loss_agg_mode`` (the scripts use token-mean)."""
@@ -90,7 +97,7 @@ class ExOPDConfig:
 def gopd_token_advantages(
     policy_logp_B_T: Tensor,
     teacher_logp_B_T: Tensor,
-    ref_logp_B_T: Optional[Tensor],
+    ref_logp_B_T: Tensor | None,
     mask_B_T: Tensor,
     *,
     lam: float,
@@ -101,7 +108,7 @@ def gopd_token_advantages(
     reference is not used (A_t = −k1(π‖π*)); otherwise it is required. No clamps: the reference
     code uses the raw log-probs. Shapes: [B, T] → [B, T], zero at masked positions.
     """
-    kw = dict(mask=mask_B_T, log_ratio_clamp=None, value_clamp=None)
+    kw = {"mask": mask_B_T, "log_ratio_clamp": None, "value_clamp": None}
     kl_teacher = kl_estimate(policy_logp_B_T, teacher_logp_B_T, "k1", **kw)
     if abs(lam - 1.0) <= LAMBDA_TOL:
         return -kl_teacher

@@ -101,14 +101,19 @@ def fdpo_score(logratio_P: Tensor, divergence: str, *, alpha: float = 0.5, exp_c
     return -torch.exp(torch.clamp(-a * l, max=exp_clamp)) / a
 
 
+def _f32(x: Tensor) -> Tensor:
+    """Half-precision log-probs are summed in fp32 (sequence sums of hundreds of tokens)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _seq_logratio(logp_P_T: Tensor, ref_logp_P_T: Tensor, mask_P_T: Tensor) -> Tensor:
     """l = Σ_t m·(ℓ_θ − ℓ_ref): the sequence log-ratio (masked by ``where``, garbage-safe)."""
-    return (masked(logp_P_T, mask_P_T) - masked(ref_logp_P_T.detach(), mask_P_T)).sum(-1)
+    return (masked(_f32(logp_P_T), mask_P_T) - masked(_f32(ref_logp_P_T.detach()), mask_P_T)).sum(-1)
 
 
 def fdpo_pair_loss(lw_P: Tensor, ll_P: Tensor, cfg: FDPOConfig) -> tuple[Tensor, Tensor]:
     """Per-pair f-DPO loss from the chosen/rejected sequence log-ratios; returns (loss_P, z_P)."""
-    kw = dict(alpha=cfg.alpha, exp_clamp=cfg.exp_clamp)
+    kw = {"alpha": cfg.alpha, "exp_clamp": cfg.exp_clamp}
     z = cfg.beta * (fdpo_score(lw_P, cfg.divergence, **kw) - fdpo_score(ll_P, cfg.divergence, **kw))
     if cfg.loss_type == "hinge":
         return torch.relu(1.0 - z), z

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -62,9 +61,9 @@ class PMDMeanConfig:
     """[r̄] ``mean`` (paper), ``loo`` (released code, RLOO) or ``partition`` (PMD-partition)."""
     loss_agg_mode: str = "seq-mean-token-mean"
     """Per-response normalizer: 1/L_i (default) or 1/T_max (``seq-mean-token-sum-norm``)."""
-    reward_lb: Optional[float] = None
+    reward_lb: float | None = None
     """"partition_reward_lb": drop prompts whose mean reward is ≤ this (None: keep all)."""
-    reward_ub: Optional[float] = None
+    reward_ub: float | None = None
     """"partition_reward_ub": drop prompts whose mean reward is ≥ this (None: keep all)."""
 
     def __post_init__(self) -> None:
@@ -119,11 +118,13 @@ def pmd_loss(inp: LossInputs, cfg: PMDMeanConfig) -> tuple[Tensor, Metrics]:
     if inp.old_logp_B_T is None:
         raise ValueError("pmd_mean needs old log-probs (Needs.old_logp)")
     keep = inp.mask_B_T.bool()
-    n_i = keep.sum(-1)
-    length = n_i.clamp(min=1).to(inp.logp_B_T.dtype)
-    adv_i = masked(inp.advantages_B_T.detach(), keep).sum(-1) / length
+    # Half precision is summed and squared in fp32: A/τ is ~100 nats with ±1 rewards and τ = 0.01.
+    f32 = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    logp, old = f32(inp.logp_B_T), f32(inp.old_logp_B_T.detach())
+    length = keep.sum(-1).clamp(min=1).to(logp.dtype)
+    adv_i = masked(f32(inp.advantages_B_T.detach()), keep).sum(-1) / length
     # Δ_i: sequence log-ratio against π_old, the sum of per-token k1 (masked, NaN-safe).
-    delta_i = kl_estimate(inp.logp_B_T, inp.old_logp_B_T.detach(), "k1", mask=keep).sum(-1)
+    delta_i = kl_estimate(logp, old, "k1", mask=keep).sum(-1)
     sq = 0.5 * cfg.tau * (adv_i / cfg.tau - delta_i) ** 2
     if cfg.loss_agg_mode == "seq-mean-token-mean":
         per_seq = sq / length
@@ -167,4 +168,5 @@ def pmd_needs(cfg: PMDMeanConfig) -> Needs:
 PMD_MEAN = register(Algorithm(
     name="pmd_mean", config_cls=PMDMeanConfig, kind="online", needs=pmd_needs, loss=pmd_loss,
     advantages=pmd_advantages, group_filter=pmd_group_filter,
+    linear_in_advantage=False,  # the squared loss: per-token IS scaling of A would be wrong (§15 item 11)
 ))

@@ -39,7 +39,6 @@ in the loss inputs, because φ depends on each response's reward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -47,8 +46,18 @@ from torch import Tensor
 from rlkit.kl import kl_estimate
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
-from .common import (AGG_MODES, agg_loss, broadcast_advantages, check_choice, clipped_surrogate,
-                     entropy_bonus, group_advantages, masked, masked_mean, to_floats)
+from .common import (
+    AGG_MODES,
+    agg_loss,
+    broadcast_advantages,
+    check_choice,
+    clipped_surrogate,
+    entropy_bonus,
+    group_advantages,
+    masked,
+    masked_mean,
+    to_floats,
+)
 
 PHI_MODES = ("binary", "linear")
 NORMALIZATIONS = ("exact", "cheap")
@@ -67,7 +76,7 @@ class RAPOConfig:
     """[ε] surrogate clip, low side. UNVERIFIED placeholder (GRPO)."""
     clip_high: float = 0.2
     """[ε] surrogate clip, high side. UNVERIFIED placeholder (GRPO)."""
-    dual_clip_c: Optional[float] = 3.0
+    dual_clip_c: float | None = 3.0
     """Dual clip c for A < 0 (verl default; None: off)."""
     loss_agg_mode: str = "token-mean"
     """Aggregation of the PG, KL and entropy terms (verl default)."""
@@ -87,9 +96,9 @@ class RAPOConfig:
     """UNVERIFIED: ``exact`` (softmax-normalized q_φ) or ``cheap`` (φ·log π_ref, no normalizer)."""
     granularity: str = "token"
     """UNVERIFIED: ``token`` or ``sequence`` forward-KL estimate."""
-    log_ratio_clamp: Optional[float] = 20.0
+    log_ratio_clamp: float | None = 20.0
     """Clamp on log ρ before the exp (spec §9.3 item 4)."""
-    kl_value_clamp: Optional[float] = 10.0
+    kl_value_clamp: float | None = 10.0
     """Clamp on the k value (verl's k3 clamp)."""
 
     def __post_init__(self) -> None:
@@ -118,7 +127,7 @@ def rapo_phi(rewards_B: Tensor, cfg: RAPOConfig) -> Tensor:
 
 @torch.no_grad()
 def tempered_ref_logp(
-    ref_logp_B_T: Tensor, phi_B: Tensor, cfg: RAPOConfig, ref_tempered_logp_B_T: Optional[Tensor] = None
+    ref_logp_B_T: Tensor, phi_B: Tensor, cfg: RAPOConfig, ref_tempered_logp_B_T: Tensor | None = None
 ) -> Tensor:
     """log π̂_ref(y_t) per token for the per-response φ (spec §2.5, §9.3 item 1).
 
@@ -145,7 +154,7 @@ def rapo_advantages(inp: AdvantageInputs, cfg: RAPOConfig) -> tuple[Tensor, Metr
 
 def _forward_kl_term(inp: LossInputs, q_logp_B_T: Tensor, cfg: RAPOConfig) -> tuple[Tensor, Tensor]:
     """(aggregated forward-k3 loss term, detached mean k) at the chosen granularity."""
-    kw = dict(log_ratio_clamp=cfg.log_ratio_clamp, value_clamp=cfg.kl_value_clamp)
+    kw = {"log_ratio_clamp": cfg.log_ratio_clamp, "value_clamp": cfg.kl_value_clamp}
     if cfg.granularity == "token":
         k_B_T = kl_estimate(inp.logp_B_T, q_logp_B_T, "forward_k3", mask=inp.mask_B_T, **kw)
         term = agg_loss(k_B_T, inp.mask_B_T, cfg.loss_agg_mode, num_tokens=inp.num_tokens_global,
@@ -166,8 +175,8 @@ def rapo_loss(inp: LossInputs, cfg: RAPOConfig) -> tuple[Tensor, Metrics]:
     per_tok, metrics = clipped_surrogate(
         inp.logp_B_T, inp.old_logp_B_T, inp.advantages_B_T, inp.mask_B_T,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip_c=cfg.dual_clip_c)
-    agg = dict(num_tokens=inp.num_tokens_global, num_seqs=inp.num_seqs_global,
-               max_response_len=inp.max_response_len or None)
+    agg = {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
+           "max_response_len": inp.max_response_len or None}
     pg = agg_loss(per_tok, inp.mask_B_T, cfg.loss_agg_mode, **agg)
     q_logp = tempered_ref_logp(inp.ref_logp_B_T, rapo_phi(inp.rewards_B, cfg), cfg, inp.ref_tempered_logp_B_T)
     kl_term, kl_mean = _forward_kl_term(inp, q_logp, cfg)

@@ -11,9 +11,10 @@ Pieces (each a pure function here, the state in :class:`SafeController`):
   (α_s → 0: min, α_s → ∞: mean), read at the **last valid** token (the reference reads position −1,
   which can be padding, spec §10.10 item 1). Loss 0.5·[Huber_δ(V, R) + Huber_δ(V_clip, R)],
   V_clip = V_old + clip(V − V_old, ±0.2), δ = 0.5 — *summed*, as the reference does.
-* Advantage: A = batch-normalize(R − V_old), sequence level, broadcast to tokens; R the reward
-  normalized with running (Chan-merged) statistics updated *before* normalizing the same batch.
-* Controller (per call, with KL the signed token-mean k1 of π vs π_ref, H the rollout entropy, r the
+* Advantage: A = batch-normalize(R − V_old), sequence level, broadcast to tokens; in the reference
+  R is the reward normalized with running (Chan-merged) statistics updated *before* normalizing
+  the same batch. R is also the critic target (``returns``).
+* Controller (per call, with KL the signed token-mean k1 of π_old vs π_ref, H the rollout entropy, r the
   mean raw reward): kl_short ← 0.9·kl_short + 0.1·KL; phase multiplier φ (WARMUP 1.5 before 50
   rewards; then CLIMBING 1.2 / CONVERGED 1.0 / PLATEAU 0.8 from the last 50 vs the previous 50); PID
   on reward velocity e = Δ EMA_0.95(r) − 0.001, integral clipped to ±1, gains 0.3/0.01/0.05, first
@@ -32,13 +33,18 @@ Decisions:
   k1 *value* with the k2 *gradient* (correct reverse-KL gradient on-policy). Plain ``k1`` in a loss
   has a zero-mean gradient on-policy and pushes away from π_old off-policy (spec §2.2); it is
   available as ``penalty_kl_kind="k1"`` for the literal form.
-* Timing: the controller is updated once per optimizer step *after* the step, from the step's
-  metrics (:data:`CONTROLLER_KEYS`); the loss of step n reads its state after step n−1. The
-  reference calls the controller just before the loss with the current KL, so the penalty here lags
-  by one call; in reference mode the update is unaffected (the penalty has no gradient there).
+* Timing: the controller is updated once per training step *after* the step, from the step's
+  metrics (:data:`CONTROLLER_KEYS`, found under any stage prefix such as ``adv/``); the loss of
+  step n reads its state after step n−1. The reference calls the controller just before the loss
+  with the current KL, so the penalty here lags by one call; in reference mode the update is
+  unaffected (the penalty has no gradient there).
+* Value clipping needs V_old in the loss inputs (``old_values_B_T``, not in the contract yet);
+  without it V_clip = V and the critic loss is the plain Huber loss.
 * Reward normalization: ``batch`` by default, because the advantage inputs carry no controller
   state yet; ``running`` reproduces the reference's running statistics once the runtime passes the
   controller's values to the advantage function.
+* The PPO ratio's log is clamped to ±20 before the exp (verl's surrogate; the reference has no
+  clamp, which only matters for ratios beyond e^20).
 * Entropy bonus: masked token-mean with global counts by default; ``entropy_over_padding=True``
   averages over all positions as the reference does.
 * Not implemented: the sibling ``AsymmetricKLController``; the never-called preview-KL scaling,
@@ -51,8 +57,9 @@ Shapes: B responses, T padded response length; critic values [B, T] (already com
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +68,14 @@ from torch import Tensor
 from rlkit.kl import kl_estimate
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
-from .common import agg_loss, check_choice, clipped_surrogate, masked, masked_mean, to_floats
+from .common import (
+    agg_loss,
+    check_choice,
+    clipped_surrogate,
+    masked,
+    masked_mean,
+    to_floats,
+)
 
 PENALTY_MODES = ("differentiable", "reference")
 PENALTY_KL_KINDS = ("k1+", "k1")
@@ -154,32 +168,47 @@ def _batch_stats(r_B: Tensor) -> tuple[float, float, float]:
     return float(r.numel()), float(r.mean()), float(r.var(unbiased=False))
 
 
-def safe_advantages(inp: AdvantageInputs, cfg: SAFEConfig) -> tuple[Tensor, Metrics]:
-    """A = batch-normalize(R − V_old), broadcast over tokens (spec §10.4); emits the controller inputs.
+def normalized_rewards(inp: AdvantageInputs, cfg: SAFEConfig) -> Tensor:
+    """R = (r − μ)/(√var + 1e−8), the statistics merged with this batch first (``RewardNormalizer``).
 
-    R = (r − μ)/(√var + 1e−8) with the running statistics merged with this batch first
-    (``reward_norm="running"``: prior from ``inp.controller``; ``"batch"``: from the initial prior).
+    ``reward_norm="running"``: prior statistics from ``inp.controller``; ``"batch"``: from the
+    normalizer's initial state (count 1e−4, mean 0, var 1), i.e. this batch alone; ``"none"``: r.
+    Shapes: [B] → [B] float64.
     """
+    r = inp.rewards_B.detach().double()
+    if cfg.reward_norm == "none":
+        return r
+    prior = _INIT_STATS
+    if cfg.reward_norm == "running":
+        ctrl = getattr(inp, "controller", None)
+        if not ctrl or "reward_count" not in ctrl:
+            raise ValueError("safe reward_norm='running' needs the controller's reward statistics "
+                             "in AdvantageInputs.controller; use reward_norm='batch' otherwise")
+        prior = (ctrl["reward_count"], ctrl["reward_mean"], ctrl["reward_var"])
+    _, mu, var = merge_stats(prior, _batch_stats(r))
+    return (r - mu) / (math.sqrt(var) + 1e-8)
+
+
+def _float_dtype(mask_B_T: Tensor) -> torch.dtype:
+    return mask_B_T.dtype if mask_B_T.is_floating_point() else torch.float32
+
+
+def safe_returns(inp: AdvantageInputs, cfg: SAFEConfig) -> Tensor:
+    """Critic target R (normalized reward), broadcast over the response tokens. [B] → [B, T]."""
+    R = normalized_rewards(inp, cfg).to(_float_dtype(inp.mask_B_T))
+    return masked(R.unsqueeze(-1).expand(inp.mask_B_T.shape), inp.mask_B_T)
+
+
+def safe_advantages(inp: AdvantageInputs, cfg: SAFEConfig) -> tuple[Tensor, Metrics]:
+    """A = batch-normalize(R − V_old), broadcast over tokens (spec §10.4); emits the controller inputs."""
     if inp.values_B_T is None:
         raise ValueError("safe needs critic values (Needs.values)")
-    r = inp.rewards_B.detach().double()
-    stats = _batch_stats(r)
-    R = r
-    if cfg.reward_norm != "none":
-        prior = _INIT_STATS
-        if cfg.reward_norm == "running":
-            ctrl = getattr(inp, "controller", None)
-            if not ctrl or "reward_count" not in ctrl:
-                raise ValueError("safe reward_norm='running' needs the controller's reward statistics "
-                                 "in AdvantageInputs.controller; use reward_norm='batch' otherwise")
-            prior = (ctrl["reward_count"], ctrl["reward_mean"], ctrl["reward_var"])
-        _, mu, var = merge_stats(prior, stats)
-        R = (r - mu) / (math.sqrt(var) + 1e-8)
+    stats = _batch_stats(inp.rewards_B)
+    R = normalized_rewards(inp, cfg)
     diff = R - seq_values(inp.values_B_T.detach(), inp.mask_B_T, cfg.alpha_softmin).double()
     # torch.std of one element is NaN (spec §10.10 item 4): a batch of one gets A = 0.
     adv_B = (diff - diff.mean()) / (diff.std() + 1e-8) if diff.numel() > 1 else torch.zeros_like(diff)
-    adv = masked(adv_B.to(inp.mask_B_T.dtype if inp.mask_B_T.is_floating_point() else torch.float32)
-                 .unsqueeze(-1).expand(inp.mask_B_T.shape), inp.mask_B_T)
+    adv = masked(adv_B.to(_float_dtype(inp.mask_B_T)).unsqueeze(-1).expand(inp.mask_B_T.shape), inp.mask_B_T)
     kl = masked_mean(kl_estimate(inp.old_logp_B_T, inp.ref_logp_B_T, "k1", mask=inp.mask_B_T),
                      inp.mask_B_T) if inp.old_logp_B_T is not None and inp.ref_logp_B_T is not None else 0.0
     return adv, {"safe/kl": float(kl), "safe/reward_raw_mean": stats[1], "safe/reward_raw_var": stats[2],
@@ -266,6 +295,20 @@ def phase_multiplier(rewards: list[float]) -> tuple[float, str]:
     return 0.8, "plateau"
 
 
+def _find_keys(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The :data:`CONTROLLER_KEYS`, found as-is or under a stage prefix (``adv/safe/kl``, ``loss/...``)."""
+    out, missing = {}, []
+    for key in CONTROLLER_KEYS:
+        hits = [k for k in metrics if k == key or k.endswith("/" + key)]
+        if hits:
+            out[key] = float(metrics[hits[0]])
+        else:
+            missing.append(key)
+    if missing:
+        raise KeyError(f"SafeController.update needs metric(s) {missing} (optionally stage-prefixed)")
+    return out
+
+
 class SafeController:
     """SAFE's entropy-aware predictive KL controller and running reward statistics (spec §10.6).
 
@@ -281,7 +324,7 @@ class SafeController:
         self.kl_short = 0.0
         self.kl_long = 0.0
         self.rewards: list[float] = []
-        self.pid_ema: Optional[float] = None
+        self.pid_ema: float | None = None
         self.integral = 0.0
         self.prev_error = 0.0
         self.threshold = min(max(cfg.kl_base_threshold * 1.5, 0.1), 0.6)
@@ -304,14 +347,10 @@ class SafeController:
         return out
 
     def update(self, metrics: Mapping[str, float]) -> Metrics:
-        missing = [k for k in CONTROLLER_KEYS if k not in metrics]
-        if missing:
-            raise KeyError(f"SafeController.update needs metric(s) {missing}")
-        kl, reward, entropy = float(metrics["safe/kl"]), float(metrics["safe/reward_raw_mean"]), \
-            float(metrics["safe/rollout_entropy"])
-        self.reward_stats = merge_stats(self.reward_stats, (float(metrics["safe/reward_count"]),
-                                                            float(metrics["safe/reward_raw_mean"]),
-                                                            float(metrics["safe/reward_raw_var"])))
+        got = _find_keys(metrics)
+        kl, reward, entropy = got["safe/kl"], got["safe/reward_raw_mean"], got["safe/rollout_entropy"]
+        self.reward_stats = merge_stats(self.reward_stats, (got["safe/reward_count"], reward,
+                                                            got["safe/reward_raw_var"]))
         self.kl_short = 0.9 * self.kl_short + 0.1 * kl
         self.kl_long = 0.99 * self.kl_long + 0.01 * kl
         self.rewards = (self.rewards + [reward])[-self.HISTORY:]
@@ -362,4 +401,4 @@ def safe_needs(cfg: SAFEConfig) -> Needs:
 
 SAFE = register(Algorithm(name="safe", config_cls=SAFEConfig, kind="online", needs=safe_needs,
                           loss=safe_loss, advantages=safe_advantages, make_controller=SafeController,
-                          critic_loss=safe_critic_loss))
+                          critic_loss=safe_critic_loss, returns=safe_returns))

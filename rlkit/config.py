@@ -144,6 +144,9 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    object_store_mb: int = Field(2048, ge=128)
+    """Object store of a local Ray cluster: must hold a full weight sync (SmolLM2 fp32: 540 MB)
+    without spilling to disk."""
     ray_address: Optional[str] = None
     """None: start a local Ray cluster; "auto" or an address: join that cluster."""
     tensorboard: bool = True
@@ -246,6 +249,9 @@ def validate_components(cfg: RunConfig, source: str) -> None:
     algo_needs = algo.needs(algo.make_config(cfg.algorithm.args))
     if algo_needs.teacher_logp and not cfg.model.teacher_path:
         raise ConfigError(f"{source}: key 'model.teacher_path': algorithm '{algo.name}' needs a teacher model")
+    if cfg.learner.tis_cap is not None and not algo.linear_in_advantage:
+        raise ConfigError(f"{source}: key 'learner.tis_cap': algorithm '{algo.name}' is not linear in the "
+                          f"advantage, so truncated IS cannot be applied by scaling it; leave tis_cap null")
     if algo.kind == "preference":
         if cfg.learner.micro_batch_size % 2:
             raise ConfigError(f"{source}: key 'learner.micro_batch_size': preference algorithms need an even "

@@ -117,6 +117,9 @@ class DataSpec(BaseModel):
             raise ValueError(f"data.path is required when data.kind is {self.kind!r}")
         if not user_data and (self.path or self.eval_path):
             raise ValueError(f"data.path/eval_path are only used with kind 'file' or 'hf_disk', not {self.kind!r}")
+        if self.eval_split and self.kind != "hf_disk":
+            raise ValueError("data.eval_split names a split of a save_to_disk folder (kind 'hf_disk'); "
+                             "for files give data.eval_path")
         if self.kind == "reasoning_gym" and not self.task:
             raise ValueError("data.task is required when data.kind is 'reasoning_gym' (e.g. 'basic_arithmetic')")
         if self.kind != "reasoning_gym" and (self.task or self.task_config):

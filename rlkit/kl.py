@@ -332,14 +332,21 @@ def _chunk_rows(n: int, v: int, chunk_size: int | None) -> int:
 def _row_stats(z: Tensor, y: Tensor, r: Tensor | None, direction: str, want_entropy: bool):
     """Per-row softmax statistics of scaled logits z [C, V] (may hold −inf) at labels y [C].
 
-    Returns (p [C,V], lse, logp, ez = Σ p·z or None, kl or None). All reductions treat p = 0 or
+    Returns (p [C,V], lse, logp, ez = Σ p·z or None, kl or None); p overwrites z when neither
+    entropy nor KL is asked (z is then dead). All reductions treat p = 0 or
     q = 0 terms as 0 (xlogy), so masked vocabulary entries never give NaN. The CUDA twin of this
     function is ``rlkit.kl_triton.row_stats``.
     """
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    lse = torch.logsumexp(z, -1)
-    p = z.sub(lse[:, None]).exp_()
-    logp = z.gather(1, y[:, None]).squeeze(1) - lse
+    m = z.amax(-1, keepdim=True)  # a row with every entry −inf is not a distribution: NaN
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    # Log-prob only: p overwrites z, so one [C, V] buffer is all the chunk needs.
+    p = z.sub(m) if (want_entropy or r is not None) else z.sub_(m)
+    p.exp_()
+    total = p.sum(-1, keepdim=True)
+    p.div_(total)
+    lse = (m + total.log()).squeeze(1)
+    logp = z_y - lse
     ez = torch.where(p > 0, p * z, zero).sum(-1) if want_entropy else None
     kl = None
     if r is not None and direction == "forward":  # Σ q (log q − log π)
@@ -504,7 +511,10 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        grads = [(t * g_loss).to(dt) if ok else None
+        # g_loss is 1 for a plain loss.backward(): hand the stored buffers over without a copy,
+        # which would double the dW peak (V × D)
+        one = bool(g_loss == 1)
+        grads = [(t if one else t * g_loss).to(dt) if ok else None
                  for t, dt, ok in zip(ctx.saved_tensors, ctx.dtypes, ctx.present)]
         return (*grads, None, None, None, None, None, None)
 

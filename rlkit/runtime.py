@@ -41,7 +41,7 @@ def init_ray(cfg: RunConfig) -> None:
         ray.init(address=cfg.ray_address, runtime_env=env, log_to_driver=True)
     else:
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                 object_store_memory=512 * 2**20, runtime_env=env, log_to_driver=True)
+                 object_store_memory=cfg.object_store_mb * 2**20, runtime_env=env, log_to_driver=True)
 
 
 class Runtime:
@@ -148,14 +148,14 @@ class Runtime:
         import ray
 
         t0 = time.perf_counter()
-        buckets = ray.get(self.learners[0].full_state.remote(bucket_bytes))
-        refs = [ray.put(b) for b in buckets]
-        loads = ray.get([w.load_buckets.remote(self.version, refs)
-                         for i, w in enumerate(self.rollout) if i not in skip])
+        state = ray.get(self.learners[0].full_state.remote(bucket_bytes))
+        ray.get([w.load_buckets.remote(self.version, state["refs"])
+                 for i, w in enumerate(self.rollout) if i not in skip])
+        del state["refs"]  # release the buckets from the object store
         seconds = time.perf_counter() - t0
-        nbytes = loads[0]["bytes"] if loads else 0.0
+        nbytes = state["bytes"]
         if not self._probe_names:
-            self._probe_names = _probe_names([n for b in buckets for n, _ in b])
+            self._probe_names = _probe_names(state["names"])
         self.verify_sync()
         return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/bytes_per_s": nbytes / max(seconds, 1e-9)}
 

@@ -211,6 +211,7 @@ class Trainer:
             old_logp_B_T=ex.get("old_logp"), ref_logp_B_T=ex.get("ref_logp"),
             ref_tempered_logp_B_T=ex.get("ref_tempered_logp"),
             teacher_logp_B_T=ex.get("teacher_logp"), values_B_T=ex.get("values"), truncated_B=batch.truncated_B,
+            controller=self.controller.values() if self.controller else {},
         )
         adv, m = self.algo.advantages(inputs, self.algo_cfg)
         returns = self.algo.returns(inputs, self.algo_cfg) if self.algo.returns else None

@@ -146,6 +146,43 @@ def test_interrupted_build_leaves_no_folder(tmp_path):
     assert len(calls) == 2  # a different spec rebuilds
 
 
+def test_sigkill_mid_build_keeps_cache_consistent(tmp_path):
+    """A builder killed with SIGKILL mid-write leaves no target; the next build succeeds and cleans up."""
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "cache" / "thing"
+    child = f"""
+import time
+from pathlib import Path
+from rlkit.assets import _build_atomically
+def build(tmp):
+    (tmp / "model.safetensors").write_bytes(b"x" * 4096)
+    print("writing", flush=True)
+    time.sleep(60)
+    return {{}}
+_build_atomically(Path({str(target)!r}), build, {{"asset": "t"}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert not target.exists()
+    assert len(list(target.parent.glob(".thing.tmp-*"))) == 1  # the dead builder's leftovers
+
+    def ok(tmp: Path) -> dict:
+        (tmp / "model.safetensors").write_bytes(b"ok")
+        return {}
+
+    assets._build_atomically(target, ok, {"asset": "t"})
+    assert (target / "model.safetensors").read_bytes() == b"ok"
+    assert list(target.parent.glob(".thing.tmp-*")) == []
+
+
 def test_wheel_from_env_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RLKIT_SMOLLM2_WHEEL", str(tmp_path / "missing.whl"))
     with pytest.raises(AssetError, match="missing.whl is not a file"):

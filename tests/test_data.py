@@ -207,6 +207,8 @@ def test_dataspec_validation():
         DataSpec(kind="file")
     with pytest.raises(ValidationError, match="data.task is required"):
         DataSpec(kind="reasoning_gym")
+    with pytest.raises(ValidationError, match="eval_split names a split"):
+        DataSpec(kind="file", path="x.jsonl", eval_split="test")
     with pytest.raises(ValidationError, match="extra"):
         DataSpec(kind="arithmetic", promt_field="x")
     with pytest.raises(ValidationError):

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from rlkit.algorithms import PairLossInputs, get
 from rlkit.algorithms.fdpo import FDPOConfig, fdpo_loss, fdpo_score
 
@@ -167,3 +166,12 @@ def test_fp32_matches_fp64(div):
     l32, _ = fdpo_loss(pair_inputs(*args32), FDPOConfig(divergence=div))
     assert l32.dtype == torch.float32
     assert abs(l32.item() - l64.item()) <= 1e-6 * max(1.0, abs(l64.item()))
+
+
+def test_bf16_inputs_are_summed_in_fp32():
+    # 300 tokens of bf16 log-probs: summing in bf16 would round the sequence sums to ~1 nat.
+    args = [a.to(torch.bfloat16) for a in random_pairs(P=3, T=300, seed=8)]
+    loss_bf16, _ = fdpo_loss(pair_inputs(*args), FDPOConfig(divergence="js"))
+    loss_ref, _ = fdpo_loss(pair_inputs(*[a.double() for a in args]), FDPOConfig(divergence="js"))
+    assert loss_bf16.dtype == torch.float32
+    assert abs(loss_bf16.item() - loss_ref.item()) < 1e-5

@@ -4,9 +4,14 @@ import math
 
 import pytest
 import torch
-
 from rlkit.algorithms import AdvantageInputs, LossInputs, get
-from rlkit.algorithms.pmd_mean import PMDMeanConfig, pmd_advantages, pmd_advantages_B, pmd_group_filter, pmd_loss
+from rlkit.algorithms.pmd_mean import (
+    PMDMeanConfig,
+    pmd_advantages,
+    pmd_advantages_B,
+    pmd_group_filter,
+    pmd_loss,
+)
 
 ALGO = get("pmd_mean")
 

@@ -4,10 +4,16 @@ import math
 
 import pytest
 import torch
+from rlkit.algorithms import AdvantageInputs, LossInputs, get
+from rlkit.algorithms.rapo import (
+    RAPOConfig,
+    rapo_advantages,
+    rapo_loss,
+    rapo_phi,
+    tempered_ref_logp,
+)
 
 from rlkit import kl
-from rlkit.algorithms import AdvantageInputs, LossInputs, get
-from rlkit.algorithms.rapo import RAPOConfig, rapo_advantages, rapo_loss, rapo_phi, tempered_ref_logp
 
 ALGO = get("rapo")
 
@@ -41,7 +47,7 @@ def test_phi_maps():
 
 
 def test_exact_tempered_reference_properties():
-    ref_logits, ref_logp, _, mask, rewards, tempered = vocab_batch()
+    ref_logits, ref_logp, _, _mask, rewards, tempered = vocab_batch()
     V = ref_logits.shape[-1]
     # φ = 0 exactly normalized is the uniform distribution: log q_0 = −log V at every token.
     assert torch.allclose(tempered, torch.full_like(tempered, -math.log(V)), atol=1e-12)
@@ -72,12 +78,12 @@ def test_hand_worked_forward_k3_term():
 
 
 def test_estimator_nonnegative_and_clamped():
-    ref_logits, ref_logp, logp, mask, rewards, tempered = vocab_batch(seed=1)
+    _, ref_logp, logp, mask, rewards, tempered = vocab_batch(seed=1)
     logp = logp.clone()
     logp[0, 0] = -400.0  # log ρ = +huge: clamped to 20 before the exp, value clamped to 10
     logp.requires_grad_(True)
     inp = loss_inputs(logp, logp.detach(), ref_logp, torch.zeros_like(mask), mask, rewards, tempered)
-    loss, m = rapo_loss(inp, RAPOConfig(kl_coef=1.0))
+    loss, _ = rapo_loss(inp, RAPOConfig(kl_coef=1.0))
     (g,) = torch.autograd.grad(loss, logp)
     assert torch.isfinite(loss) and torch.isfinite(g).all() and g[0, 0] == 0.0
     k = kl.kl_estimate(logp.detach(), tempered_ref_logp(ref_logp, rapo_phi(rewards, RAPOConfig()), RAPOConfig(),
@@ -86,7 +92,7 @@ def test_estimator_nonnegative_and_clamped():
 
 
 def test_loss_is_pg_plus_kl_minus_entropy():
-    ref_logits, ref_logp, logp, mask, rewards, tempered = vocab_batch(seed=2)
+    _, ref_logp, logp, mask, rewards, tempered = vocab_batch(seed=2)
     gid = torch.tensor([0, 0, 1, 1])
     adv, _ = rapo_advantages(AdvantageInputs(rewards_B=rewards, group_ids_B=gid, mask_B_T=mask), RAPOConfig())
     # groups {1, 0}: mean ½, Bessel std √½ → A = ±½/(√½ + 1e−6)
@@ -105,7 +111,7 @@ def test_loss_is_pg_plus_kl_minus_entropy():
 
 
 def test_sequence_granularity():
-    ref_logits, ref_logp, logp, mask, rewards, tempered = vocab_batch(seed=3)
+    _, ref_logp, logp, mask, rewards, tempered = vocab_batch(seed=3)
     cfg = RAPOConfig(kl_coef=1.0, granularity="sequence")
     inp = loss_inputs(logp, logp, ref_logp, torch.zeros_like(mask), mask, rewards, tempered)
     loss, _ = rapo_loss(inp, cfg)
@@ -149,7 +155,8 @@ def test_fp32_matches_fp64():
     adv = torch.randn_like(logp) * mask
     vals = []
     for dt in (torch.float64, torch.float32):
-        c = lambda x: x.to(dt)
+        def c(x, dt=dt):
+            return x.to(dt)
         vals.append(rapo_loss(loss_inputs(c(logp), c(logp - 0.1), c(ref_logp), c(adv), c(mask), c(rewards),
                                           c(tempered)), RAPOConfig(kl_coef=0.3))[0].item())
     assert abs(vals[0] - vals[1]) < 1e-6 * max(1.0, abs(vals[0]))

@@ -5,10 +5,18 @@ import math
 
 import pytest
 import torch
-
 from rlkit.algorithms import AdvantageInputs, LossInputs, get
-from rlkit.algorithms.safe import (CONTROLLER_KEYS, SAFEConfig, SafeController, last_valid, merge_stats,
-                                   safe_advantages, safe_critic_loss, safe_loss, soft_min)
+from rlkit.algorithms.safe import (
+    CONTROLLER_KEYS,
+    SAFEConfig,
+    SafeController,
+    last_valid,
+    merge_stats,
+    safe_advantages,
+    safe_critic_loss,
+    safe_loss,
+    soft_min,
+)
 
 ALGO = get("safe")
 
@@ -116,7 +124,7 @@ def test_penalty_modes_value_and_gradient(kind):
     grads, values = {}, {}
     for name, mode, ctrl in (("none", "reference", {}), ("ref", "reference", OPEN), ("diff", "differentiable", OPEN)):
         lp = logp.clone().requires_grad_(True)
-        loss, m = safe_loss(lin(lp, old, ref, adv, mask, ent, ctrl), SAFEConfig(penalty_mode=mode, penalty_kl_kind=kind))
+        loss, _ = safe_loss(lin(lp, old, ref, adv, mask, ent, ctrl), SAFEConfig(penalty_mode=mode, penalty_kl_kind=kind))
         (grads[name],) = torch.autograd.grad(loss, lp)
         values[name] = loss.item()
     # reference mode: P shifts the value, not the update
@@ -181,13 +189,14 @@ def test_last_valid_right_padding():
 
 
 def test_pipeline_metrics_feed_the_controller():
-    logp, old, ref, adv, mask, ent = batch()
+    logp, old, ref, _, mask, ent = batch()
     inp = AdvantageInputs(rewards_B=torch.rand(4), group_ids_B=torch.arange(4), mask_B_T=mask,
                           values_B_T=torch.zeros(4, 5), old_logp_B_T=old, ref_logp_B_T=ref)
     a, am = safe_advantages(inp, SAFEConfig())
     _, lm = safe_loss(lin(logp, old, ref, a.double(), mask, ent, {}), SAFEConfig())
     ctrl = ALGO.make_controller(ALGO.make_config())
-    out = ctrl.update({**am, **lm})
+    # the trainer prefixes each stage's metrics ("adv/", "loss/") before calling update
+    out = ctrl.update({**{f"adv/{k}": v for k, v in am.items()}, **{f"loss/{k}": v for k, v in lm.items()}})
     assert out["safe/kl_short"] == pytest.approx(0.1 * float(((old - ref) * mask).sum() / mask.sum()), rel=1e-6)
     n = ALGO.needs(ALGO.make_config())
     assert n.values and n.entropy and n.ref_logp and n.old_logp
@@ -211,3 +220,20 @@ def test_fp32_matches_fp64():
     l64 = safe_loss(lin(*b, OPEN), SAFEConfig())[0].item()
     l32 = safe_loss(lin(*[x.float() for x in b], OPEN), SAFEConfig())[0].item()
     assert abs(l64 - l32) < 1e-6 * max(1.0, abs(l64))
+
+
+def test_returns_are_the_normalized_reward():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    inp = AdvantageInputs(rewards_B=r, group_ids_B=torch.arange(4), mask_B_T=mask, values_B_T=torch.zeros(4, 2))
+    ret = ALGO.returns(inp, SAFEConfig())
+    # batch stats merged with the initial prior (count 1e−4, mean 0, var 1): n = 4 + 1e−4,
+    # mean = 2/n, var = (1e−4·1 + 4·0.25 + 0.5² ·1e−4·4/n)/n
+    n = 4 + 1e-4
+    mean = 0.5 * 4 / n
+    var = (1e-4 + 4 * 0.25 + 0.25 * 1e-4 * 4 / n) / n
+    assert torch.allclose(ret[:, 0], (r - mean) / (math.sqrt(var) + 1e-8), rtol=1e-12)
+    assert ret[1, 1] == 0.0
+    ctrl = SafeController(SAFEConfig(reward_norm="running"))
+    inp.controller = ctrl.values()  # running mode reads the controller's statistics
+    assert torch.allclose(ALGO.returns(inp, SAFEConfig(reward_norm="running")), ret, rtol=1e-12)

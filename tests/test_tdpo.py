@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-
-from rlkit import kl
 from rlkit.algorithms import PairLossInputs, get
 from rlkit.algorithms.tdpo import TDPOConfig, tdpo_loss, tdpo_pair_loss
+
+from rlkit import kl
 
 ALGO = get("tdpo")
 
@@ -69,8 +69,8 @@ def inputs_from_logits(data, logits_c, logits_r, dtype):
         idx = lab.clamp(min=0).unsqueeze(-1)
         lp_full = torch.log_softmax(logits[:, :-1], -1)
         ref_full = torch.log_softmax(ref_logits[:, :-1].to(dtype), -1)
-        out[side] = dict(logp=lp_full.gather(-1, idx).squeeze(-1), ref=ref_full.gather(-1, idx).squeeze(-1),
-                         mask=mask, kl=kl.full_kl(lp_full, ref_full.detach(), "forward", mask=mask))
+        out[side] = {"logp": lp_full.gather(-1, idx).squeeze(-1), "ref": ref_full.gather(-1, idx).squeeze(-1),
+                     "mask": mask, "kl": kl.full_kl(lp_full, ref_full.detach(), "forward", mask=mask)}
     c, r = out["c"], out["r"]
     return PairLossInputs(logp_c_P_T=c["logp"], logp_r_P_T=r["logp"], mask_c_P_T=c["mask"], mask_r_P_T=r["mask"],
                           ref_logp_c_P_T=c["ref"], ref_logp_r_P_T=r["ref"], num_pairs_global=float(c["mask"].shape[0]),
@@ -95,7 +95,7 @@ def slow_seqkl(logits, ref_logits, labels):
 def test_seqkl_matches_slow_loop_and_rewards_are_detached():
     data = build_pair_batch()
     inp = inputs_from_logits(data, data["c"][0], data["r"][0], torch.float64)
-    loss, m = tdpo_loss(inp, TDPOConfig())
+    _, m = tdpo_loss(inp, TDPOConfig())
     dw = slow_seqkl(*data["c"])
     dl = slow_seqkl(*data["r"])
     assert m["kl/chosen"] == pytest.approx(float(dw.mean()), rel=1e-10)

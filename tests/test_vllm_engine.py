@@ -185,3 +185,47 @@ def test_load_weights_in_buckets_changes_the_engine(engine, hf_model, model_dir,
     restored = engine.generate(prompts, 2, SAMPLING, seed=13)
     assert [g.completion_ids for g in restored] == [g.completion_ids for g in before]
     assert max_gap(hf_model, restored, SAMPLING) < TOL
+
+
+@pytest.mark.slow
+def test_rollout_worker_actor_drives_vllm(engine, hf_model, model_dir, prompts):
+    """The engine built inside a Ray actor (RolloutWorker): no __main__ guard, no extra setting.
+
+    The actor's engine and this module's engine hold the same weights and seeds, so they sample
+    the same tokens; after a bucketed sync through the object store the actor's log-probs are
+    those of the new weights.
+    """
+    ray = pytest.importorskip("ray")
+    from transformers import AutoModelForCausalLM
+
+    from rlkit.workers.rollout import RolloutWorker
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+    try:
+        actor = ray.remote(num_cpus=0)(RolloutWorker).remote(
+            str(model_dir), engine="vllm", dtype="float32", threads=1, seed=0, max_model_len=256)
+        sampling = {"temperature": SAMPLING.temperature, "top_k": SAMPLING.top_k, "top_p": SAMPLING.top_p,
+                    "max_new_tokens": SAMPLING.max_new_tokens}
+        rollouts = ray.get(actor.generate.remote([(i, i, p) for i, p in enumerate(prompts)], 2, sampling, 21))
+        local = engine.generate(prompts, 2, SAMPLING, seed=21)
+        assert [r.completion_ids for r in rollouts] == [g.completion_ids for g in local]
+        assert max(abs(a - b) for r, g in zip(rollouts, local) for a, b in zip(r.sampler_logp, g.logprobs)) < TOL
+
+        gen = torch.Generator().manual_seed(2)
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in hf_model.state_dict().items()}
+        new_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        new_model.load_state_dict(state)  # a full state_dict: carries the tied lm_head.weight too
+        refs = [ray.put(b) for b in _buckets(list(state.items()), 4)]
+        ray.get(actor.load_buckets.remote(1, refs))
+        after = ray.get(actor.generate.remote([(0, 0, prompts[0])], 3, sampling, 22))
+        assert all(r.policy_version == 1 for r in after)
+        for r in after:
+            ref = hf_logprobs(new_model, r.prompt_ids, r.completion_ids, SAMPLING)
+            assert (ref - torch.tensor(r.sampler_logp)).abs().max().item() < TOL
+        probe = ray.get(actor.score.remote([prompts[1]], [rollouts[2].completion_ids], {"temperature": 1.0}))[0]
+        ref = hf_logprobs(new_model, prompts[1], rollouts[2].completion_ids, SamplingConfig(temperature=1.0))
+        assert torch.allclose(torch.tensor(probe), ref, atol=TOL, rtol=0)
+        ray.get(actor.close.remote())
+    finally:
+        ray.shutdown()

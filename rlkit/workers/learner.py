@@ -100,7 +100,8 @@ class LearnerRank:
         self.needs = self.algo.needs(self.algo_cfg)
         self.engine = self._init_engine()
         self.ref = load_frozen(spec.ref_dir or spec.model_dir, spec.dtype) if (
-            self.needs.ref_logp or self.needs.ref_full_kl or self.needs.ref_temper_phi or self.needs.pairs) else None
+            self.needs.ref_logp or self.needs.ref_full_kl or self.needs.ref_temper_phi is not None
+            or self.needs.pairs) else None
         self.teacher = load_frozen(spec.teacher_dir, spec.dtype) if self.needs.teacher_logp else None
         self.critic = None
         if self.needs.values:
@@ -162,13 +163,19 @@ class LearnerRank:
         kw = dict(temperature=s.temperature, chunk_size=s.chunk_size)
         if self.needs.old_logp and s.updates_per_step > 1:
             out["old_logp"] = self._in_micro_batches(lambda mb: token_stats(self.engine.module, mb, **kw)["logp"])
-        if self.ref is not None and (self.needs.ref_logp or self.needs.ref_temper_phi or self.needs.pairs):
+        if self.ref is not None and (self.needs.ref_logp or self.needs.pairs):
             out["ref_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw)["logp"])
-        if self.needs.ref_temper_phi:
+        phi = self.needs.ref_temper_phi
+        if phi is not None:
             # log q_φ(y) = φ·z_y − logsumexp(φ·z) with z = ref logits / T: the log-softmax at
-            # temperature T/φ, i.e. the exact normalized tempered reference (spec §2.5).
-            kw_phi = dict(kw, temperature=s.temperature / self.needs.ref_temper_phi)
-            out["ref_tempered_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw_phi)["logp"])
+            # temperature T/φ, i.e. the exact normalized tempered reference (spec §2.5). φ = 0 is
+            # the uniform distribution over the vocabulary: −log V at every token.
+            if phi > 0:
+                kw_phi = dict(kw, temperature=s.temperature / phi)
+                out["ref_tempered_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw_phi)["logp"])
+            else:
+                V = self.ref.get_output_embeddings().weight.shape[0]
+                out["ref_tempered_logp"] = -math.log(V) * b.response_mask_B_T
         if self.critic is not None:
             out["values"] = self._in_micro_batches(self.critic.values)
         if self.teacher is not None:
@@ -263,6 +270,7 @@ class LearnerRank:
         loss, algo_metrics = self.algo.loss(inputs, self.algo_cfg)
         if self.critic is not None:
             inputs.values_B_T = self.critic.values(micro)
+            inputs.old_values_B_T = micro.extras.get("values")
             inputs.returns_B_T = micro.extras["returns"]
             critic_loss, critic_metrics = self.algo.critic_loss(inputs, self.algo_cfg)
             # The critic is its own graph and optimizer (its gradients are all-reduced in Critic.step).
@@ -293,8 +301,16 @@ class LearnerRank:
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
-    def full_state(self, bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-        """Rank 0: full weights in HF names, packed in buckets of about ``bucket_bytes``."""
+    def full_state(self, bucket_bytes: int) -> dict[str, Any]:
+        """Rank 0: full weights in HF names, packed in buckets of about ``bucket_bytes`` and put in
+        the object store once each (every rollout worker then reads the same objects)."""
+        import ray
+
+        buckets = self._buckets(bucket_bytes)
+        return {"refs": [ray.put(b) for b in buckets], "names": [n for b in buckets for n, _ in b],
+                "bytes": float(sum(t.numel() * t.element_size() for b in buckets for _, t in b))}
+
+    def _buckets(self, bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
         model = self.engine.module
         if hasattr(model, "merge_and_unload"):
             named = _merged_lora_state(model)

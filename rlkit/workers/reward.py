@@ -97,7 +97,11 @@ class RewardWorker:
         fields: list[dict],
         data_sources: Optional[list[str]] = None,
     ) -> RewardBatchResult:
-        """Score B samples; ``fields[i]`` are sample i's dataset columns (``answer`` for ``math``)."""
+        """Score B samples; ``fields[i]`` are sample i's dataset columns (``answer`` for ``math``).
+
+        ``data_sources`` (default: each row's ``data_source`` field, else ``"default"``) splits the
+        metrics and is passed to reward functions as the ``data_source`` column.
+        """
         t0 = time.monotonic()
         n = len(completions)
         if len(prompts) != n or len(fields) != n or (data_sources is not None and len(data_sources) != n):
@@ -107,6 +111,7 @@ class RewardWorker:
             )
         sources = list(data_sources) if data_sources is not None else [str(f.get("data_source", "default")) for f in fields]
         columns = _columns(fields)
+        columns.setdefault("data_source", sources)  # rewards may branch on it, as in verl
         respawns0 = self.pool.respawns
         tasks = [
             Task(c, list(range(a, b)), completions[a:b], prompts[a:b], {k: v[a:b] for k, v in columns.items()})

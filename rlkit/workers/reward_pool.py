@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Optional
 
-from rlkit.rewards.registry import RewardOutputError, call_reward, check_output, resolve
+from rlkit.rewards.registry import RewardOutputError, RewardSignatureError, call_reward, check_output, resolve
 
 _PRELOAD = ["rlkit.rewards.registry", "rlkit.rewards._preload"]
 _START_TIMEOUT_S = 120.0
@@ -104,6 +104,8 @@ def _run_task(task: Task, rewards: list, specs: list[tuple[str, dict]]) -> tuple
         return ("done", check_output(out, n, reward.label))
     except RewardOutputError as e:
         return ("invalid", str(e))
+    except RewardSignatureError as e:  # e.g. a required field missing from the data: already names the reward
+        return ("error", str(e))
     except MemoryError:
         return ("memory", f"reward {reward.label} raised MemoryError (memory limit)")
     except BaseException as e:  # noqa: BLE001  every failure of user code becomes a counted status

@@ -83,12 +83,19 @@ def _worker_load_bucket(worker: Any, named_tensors: Iterable[tuple[str, Tensor]]
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
     model = _worker_model(worker)
+    tied = bool(getattr(worker.model_config.hf_text_config, "tie_word_embeddings", False))
     sums: dict[str, float] = {}
 
     def tapped() -> Iterable[tuple[str, Tensor]]:
         for name, tensor in named_tensors:
             sums[name] = float(tensor.double().sum())
+            if tied and name == "lm_head.weight":
+                continue  # a tied head is loaded from the embedding below (HF state_dicts carry both)
             yield name, tensor
+            if tied and name.endswith("embed_tokens.weight"):
+                # The reload re-creates each layer's parameters separately, so the head's tie to
+                # the embedding does not survive it: without this the head keeps the old matrix.
+                yield "lm_head.weight", tensor
 
     with set_current_vllm_config(worker.vllm_config):
         if not getattr(worker, "_rlkit_reload_open", False):
