@@ -36,7 +36,8 @@ def _math_item(rng: random.Random) -> tuple[str, list[str]]:
     a, b, k = rng.randint(1, 40), rng.randint(41, 97), rng.randint(2, 9)
     kind = rng.randrange(5)
     if kind == 0:
-        return rf"\frac{{{a}}}{{{b}}}", [rf"\frac{{{a}}}{{{b}}}", rf"\dfrac{{{a * k}}}{{{b * k}}}", rf"\frac{{{b}}}{{{a}}}"]
+        ref = rf"\frac{{{a}}}{{{b}}}"
+        return ref, [ref, rf"\dfrac{{{a * k}}}{{{b * k}}}", rf"\frac{{{b}}}{{{a}}}"]
     if kind == 1:
         return rf"{k}\sqrt{{{b}}}", [rf"{k}\sqrt{{{b}}}", rf"\sqrt{{{k * k * b}}}", rf"{k + 1}\sqrt{{{b}}}"]
     if kind == 2:

@@ -4,7 +4,7 @@
 #   launch/local.sh CONFIG [key.sub=value ...] [--resume auto|PATH]
 #
 # Starts a one-node Ray cluster (dashboard off unless RLKIT_DASHBOARD=1), runs
-# `rlkit train CONFIG ... ray_address=auto` against it, and stops it on exit, Ctrl-C or failure.
+# `rlkit train CONFIG ray_address=auto ...` against it, and stops it on exit, Ctrl-C or failure.
 # Environment: RLKIT_NUM_CPUS [nproc], RLKIT_NUM_GPUS [Ray's detection], RLKIT_DASHBOARD [0],
 # RLKIT_RAY_PORT [a free port], RLKIT_RAY_TMP [a new folder under /tmp],
 # RLKIT_PYTHON [.venv/bin/python of this checkout, else python3].
@@ -46,5 +46,5 @@ rc_wait_for_nodes "$ADDRESS" 1 "${RLKIT_RAY_TIMEOUT:-180}"
 # RAY_ADDRESS makes ray_address=auto mean this head, not another cluster on the same machine.
 export RAY_ADDRESS="$ADDRESS"
 status=0
-"$RLKIT_PYTHON" -m rlkit.cli train "$CONFIG" "$@" ray_address=auto || status=$?
+"$RLKIT_PYTHON" -m rlkit.cli train "$CONFIG" ray_address=auto "$@" || status=$?
 exit "$status"

@@ -6,7 +6,7 @@ YAML file without importing Ray. A YAML example::
     rewards:
       rewards:
         - {name: math, weight: 1.0, kwargs: {fallback: last_number}}
-        - {name: examples/my_reward.py:brevity, weight: 0.1}
+        - {name: configs/my_reward.py:brevity, weight: 0.1}
       timeout_s: 10
       on_error: zero
 """
@@ -49,7 +49,9 @@ class RewardConfig:
 
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("math")])
     timeout_s: float = 10.0
-    """Wall-clock limit of one call into a child process; past it the child is killed."""
+    """Wall-clock limit of one call into a child process (up to ``batch_size`` samples); past it the
+    child is killed and the call's samples are retried one at a time, each with this limit. Keep
+    ``batch_size`` × the per-sample cost well below it, or every batch pays a retry."""
     memory_mb: int = 1024
     """Address space a child may add on top of its imported modules (RLIMIT_AS)."""
     num_procs: int = 1

@@ -34,8 +34,8 @@ def format_tags(
 
     ``strict=True`` also requires that nothing but whitespace lies outside the blocks.
 
-    >>> format_tags(["<think>2+2</think> <answer>4</answer>", "<answer>4</answer>", "x <think>a</think><answer>b</answer>"])
-    [1.0, 0.0, 1.0]
+    >>> format_tags(["<think>2+2</think> <answer>4</answer>", "<answer>4</answer>"])
+    [1.0, 0.0]
     >>> format_tags(["x <think>a</think><answer>b</answer>"], strict=True)
     [0.0]
     """
@@ -53,7 +53,9 @@ def format_tags(
     return out
 
 
-def format_boxed(completions: Sequence[str], prompts: Optional[Sequence[str]] = None, **unused_fields: Any) -> list[float]:
+def format_boxed(
+    completions: Sequence[str], prompts: Optional[Sequence[str]] = None, **unused_fields: Any
+) -> list[float]:
     """1.0 if the completion has a complete, non-empty ``\\boxed{…}``.
 
     >>> format_boxed([r"so \\boxed{3}", r"\\boxed{}", r"\\boxed{3"])

@@ -15,6 +15,13 @@ Three layers, smallest first:
 
 Sign conventions (spec §2.1): Δ = logp − ref_logp, ρ = exp(−Δ) = q/π_θ, w = exp(Δ) = π_θ/q.
 The module imports with torch only; Triton is imported lazily by the CUDA path.
+
+Why two fused entry points: a custom backward that does not know the upstream gradients in
+advance must recompute each chunk's logits (a fourth LM-head matmul, +33 % of the dominant cost;
+measured 2x slower than the full-logits path on CPU). When the loss is a sum of per-token terms,
+``fused_token_loss`` takes the per-token loss function, gets each token's upstream coefficient
+inside the chunk loop and contracts the logits gradient into dh and dW there: three matmuls, and
+on CPU it beats the full-logits path (bench/kl_bench.py), so the learner should use it.
 """
 
 from __future__ import annotations
@@ -278,8 +285,9 @@ def entropy_from_logits(logits: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> T
 
 KL_DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
 # Auto chunk: rows per chunk so one fp32 [chunk, V] buffer is about 64 MB (256 rows at V = 49152).
-# Measured on 2 CPU cores: 256–512 rows give the fastest LM-head matmuls (128 is ~2x slower on
-# the forward one); the peak is about three such buffers plus dW, ≤ 0.1x the full-logits path.
+# Measured on a shared 2-core CPU (noisy): 256 and 512 rows ran the LM-head matmuls fastest, 128
+# up to ~2x slower on the forward one. The log-prob-only peak is one such buffer plus dW (V × D)
+# and dh (N × D): ~190 MB at N = 4096, V = 49152, against ~2.3 GB for the full-logits path.
 _CHUNK_BYTES = 64 * 2**20
 
 
@@ -304,13 +312,16 @@ class _Ref:
     weight_V_D: Tensor | None
     logits_N_V: Tensor | None
     direction: str
+    _weight: Tensor | None = None  # the head in the accumulation dtype, converted once
 
     def log_probs(self, rows: slice, temperature: float, dtype: torch.dtype) -> Tensor:
         """log q for a chunk of rows [C, V], at the same temperature as the policy, no gradient."""
         if self.logits_N_V is not None:
             z = self.logits_N_V[rows].detach().to(dtype)
         else:
-            z = self.hidden_N_D[rows].detach().to(dtype) @ self.weight_V_D.t()
+            if self._weight is None or self._weight.dtype != dtype:
+                self._weight = self.weight_V_D.detach().to(dtype)
+            z = self.hidden_N_D[rows].detach().to(dtype) @ self._weight.t()
         if temperature != 1.0:
             z = z / temperature
         return torch.log_softmax(z, -1)
@@ -321,7 +332,7 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(n: int, v: int, chunk_size: int | None) -> int:
+def _chunk_rows(v: int, chunk_size: int | None) -> int:
     if chunk_size is None:
         chunk_size = max(16, min(4096, _CHUNK_BYTES // (4 * max(v, 1))))
     if chunk_size < 1:
@@ -441,6 +452,7 @@ def _sweep(h, W, b, y, ref: _Ref | None, temperature, chunk, want_entropy, coef_
             dW.addmm_(g.t(), hc)
         if db is not None:
             db.add_(g.sum(0))
+        del g  # free before the next chunk's logits are allocated: one [C, V] buffer at a time
     return logp, ent, kl, dh, dW, db
 
 
@@ -471,7 +483,7 @@ class _FusedLogprobs(torch.autograd.Function):
         h, W, b, y = ctx.saved_tensors
         g_ent = g_ent if ctx.want_entropy else None
         g_kl = g_kl if ctx.ref is not None else None
-        coefs = _grads_as_coefs(g_lp, g_ent, g_kl, h.shape[0], torch.empty(0, dtype=_acc_dtype(h)))
+        coefs = _grads_as_coefs(g_lp, g_ent, g_kl, h.shape[0], torch.empty(0, dtype=_acc_dtype(h), device=h.device))
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         *_, dh, dW, db = _sweep(h, W, b, y, ctx.ref, ctx.temperature, ctx.chunk, ctx.want_entropy,
                                 coefs, need)
@@ -536,7 +548,7 @@ def _prepare(hidden_N_D, weight_V_D, labels_N, chunk_size, ref_hidden_N_D, ref_w
         if by_hidden == (ref_logits_N_V is not None):
             raise ValueError("give the reference as ref_hidden_N_D + ref_weight_V_D, or as ref_logits_N_V")
         ref = _Ref(ref_hidden_N_D, ref_weight_V_D, ref_logits_N_V, kl_direction)
-    return labels_N.long(), _chunk_rows(n, v, chunk_size), ref
+    return labels_N.long(), _chunk_rows(v, chunk_size), ref
 
 
 def fused_token_logprobs(

@@ -45,7 +45,8 @@ if triton is not None:
         s = tl.zeros((), tl.float32)  # Σ e^{z−m}
         t = tl.zeros((), tl.float32)  # Σ e^{z−m}·z           (entropy)
         u = tl.zeros((), tl.float32)  # Σ e^{z−m}·(z − r)     (reverse KL)
-        a = tl.zeros((), tl.float32)  # Σ q·(r − z)           (forward KL, q normalized)
+        a = tl.zeros((), tl.float32)  # Σ q·(r − z)           (forward KL)
+        sq = tl.zeros((), tl.float32)  # Σ q (1 up to rounding; kept so KL = a + lse·Σq exactly)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inb = cols < V
@@ -64,6 +65,7 @@ if triton is not None:
                 else:
                     q = tl.exp(r)
                     a += tl.sum(tl.where(q > 0, q * (r - z), 0.0), 0)
+                    sq += tl.sum(q, 0)
             m = m_new
         lse = m + tl.log(s)
         y = tl.load(Y + row)
@@ -74,7 +76,7 @@ if triton is not None:
             if REVERSE:
                 tl.store(KL + row, u / s - lse)
             else:
-                tl.store(KL + row, a + lse)
+                tl.store(KL + row, a + lse * sq)
 
     @triton.jit
     def _dlogits_kernel(Z, R, Y, LSE, EZ, KL, C_LP, C_ENT, C_KL, V, stride_z, stride_r,
@@ -100,9 +102,8 @@ if triton is not None:
             if REVERSE:
                 coef += c_kl * (z0 - lse - r - tl.load(KL + row))
         g = tl.where(p > 0, p * coef, 0.0)
-        if HAS_KL:
-            if not REVERSE:
-                g = g + c_kl * p - c_kl * tl.exp(r)
+        if HAS_KL and not REVERSE:
+            g = g + c_kl * p - c_kl * tl.exp(r)
         y = tl.load(Y + row)
         g = tl.where(cols == y, g + c_lp, g)
         tl.store(z_row + cols, g.to(Z.dtype.element_ty), mask=inb)
@@ -115,7 +116,7 @@ def row_stats(z: Tensor, y: Tensor, r: Tensor | None, direction: str, want_entro
     Shapes: z [C, V] (contiguous rows), y [C], r [C, V] reference log-probs or None.
     """
     c, v = z.shape
-    f32 = dict(dtype=torch.float32, device=z.device)
+    f32 = {"dtype": torch.float32, "device": z.device}
     lse, logp, ez = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
     kl = torch.empty(c, **f32) if r is not None else None
     rr = r if r is not None else z

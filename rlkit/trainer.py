@@ -170,8 +170,9 @@ class Trainer:
     def _score(self, rows, rollouts: list[Rollout]) -> tuple[list[dict], dict[str, float]]:
         texts = self.tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
         row_of = [rows[r.group_id] for r in rollouts]
-        res = self.runtime.score(texts, [row.prompt_text for row in row_of],
-                                 [{**row.fields, "answer": row.answer} for row in row_of],
+        fields = [{**row.fields, "answer": row.answer, "group_id": r.group_id,
+                   "completion_len": len(r.completion_ids)} for row, r in zip(row_of, rollouts)]
+        res = self.runtime.score(texts, [row.prompt_text for row in row_of], fields,
                                  [row.data_source for row in row_of])
         G = self.cfg.train.samples_per_prompt
         groups = []
@@ -239,8 +240,9 @@ class Trainer:
         rows = self.eval_rows[: self.cfg.eval.num_problems]
         gens = self.runtime.greedy([self._encode(r.prompt_text) for r in rows], self.cfg.eval.max_new_tokens)
         texts = self.tokenizer.batch_decode([g["completion_ids"] for g in gens], skip_special_tokens=True)
-        res = self.runtime.score(texts, [r.prompt_text for r in rows],
-                                 [{**r.fields, "answer": r.answer} for r in rows], [r.data_source for r in rows])
+        fields = [{**r.fields, "answer": r.answer, "completion_len": len(g["completion_ids"])}
+                  for r, g in zip(rows, gens)]
+        res = self.runtime.score(texts, [r.prompt_text for r in rows], fields, [r.data_source for r in rows])
         comp = res.components.get("math", res.scores)
         correct = [1.0 if v == 1.0 else 0.0 for v in comp]
         lengths = [len(g["completion_ids"]) for g in gens]

@@ -5,10 +5,15 @@ import math
 import pytest
 import torch
 
-from rlkit.kl import entropy_from_logits, full_kl, fused_token_logprobs, fused_token_loss
+from rlkit.kl import (
+    entropy_from_logits,
+    full_kl,
+    fused_token_logprobs,
+    fused_token_loss,
+)
 
 N, D, V, DR = 11, 5, 9, 4
-F64 = dict(rtol=1e-10, atol=1e-12)
+F64 = {"rtol": 1e-10, "atol": 1e-12}
 
 
 def _inputs(dtype=torch.float64, seed=0, scale=1.0):
@@ -42,7 +47,7 @@ def _grads(outs, coefs, params):
 def test_fused_matches_full_logits(direction, ref_as, chunk):
     h, W, b, y, rh, rW = _inputs()
     T = 0.7
-    ref_kw = dict(ref_hidden_N_D=rh, ref_weight_V_D=rW) if ref_as == "hidden" else dict(ref_logits_N_V=rh @ rW.t())
+    ref_kw = {"ref_hidden_N_D": rh, "ref_weight_V_D": rW} if ref_as == "hidden" else {"ref_logits_N_V": rh @ rW.t()}
     out = fused_token_logprobs(h, W, y, temperature=T, chunk_size=chunk, with_entropy=True,
                                kl_direction=direction, bias_V=b, **ref_kw)
     want = _reference(h, W, b, y, T, rh @ rW.t(), direction)
@@ -143,9 +148,13 @@ def test_entropy_matches_definition():
 
 
 def test_bf16_inputs_accumulate_in_fp32():
-    h, W, b, y, rh, rW = _inputs(dtype=torch.float32, seed=5)
+    h, W, _, y, rh, rW = _inputs(dtype=torch.float32, seed=5)
     hb, Wb = h.detach().bfloat16().requires_grad_(), W.detach().bfloat16().requires_grad_()
     out = fused_token_logprobs(hb, Wb, y, with_entropy=True, ref_logits_N_V=(rh @ rW.t()).bfloat16(), chunk_size=4)
+    by_hidden = fused_token_logprobs(hb, Wb, y, ref_hidden_N_D=rh.bfloat16(), ref_weight_V_D=rW.bfloat16())
+    want_kl = _reference(hb.double(), Wb.double(), None, y, 1.0, rh.bfloat16().double() @ rW.bfloat16().double().t(),
+                         "forward")[2]
+    torch.testing.assert_close(by_hidden.kl_N.double(), want_kl.detach(), rtol=0, atol=2e-5)
     assert out.logp_N.dtype == torch.float32 and out.entropy_N.dtype == torch.float32
     # oracle: the same bf16-rounded numbers in fp64; fp32 accumulation keeps us within ~1e-5
     want = _reference(hb.double(), Wb.double(), None, y, 1.0, (rh @ rW.t()).bfloat16().double(), "forward")
@@ -160,7 +169,7 @@ def test_bf16_inputs_accumulate_in_fp32():
 
 
 def test_extreme_and_masked_logits_no_nan():
-    h, W, b, y, rh, rW = _inputs(seed=6, scale=1e3)  # logits ~ ±1e3: softmax is one-hot
+    h, W, _, y, rh, rW = _inputs(seed=6, scale=1e3)  # logits ~ ±1e3: softmax is one-hot
     bias = torch.zeros(V, dtype=torch.float64)
     bias[[1, 4]] = float("-inf")  # masked vocabulary entries
     y = torch.where((y == 1) | (y == 4), torch.zeros_like(y), y)

@@ -22,6 +22,15 @@ def test_doctests(mod):
     assert res.attempted > 0 and res.failed == 0
 
 
+def test_example_reward_file_doctests():
+    from rlkit.rewards.registry import load_target
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fn = load_target(os.path.join(root, "configs", "my_reward.py") + ":brevity")
+    res = doctest.testmod(importlib.import_module(fn.__module__))
+    assert res.attempted >= 2 and res.failed == 0
+
+
 # ----------------------------------------------------------------------------- extraction
 
 
@@ -94,7 +103,8 @@ def test_math_answer_off_main_thread():
 
 def test_format_tags():
     good = "<think>reason</think>\n<answer>4</answer>"
-    assert format_tags([good, "<answer>4</answer><think>r</think>", "<think></think><answer>4</answer>"]) == [1.0, 0.0, 0.0]
+    wrong_order, empty = "<answer>4</answer><think>r</think>", "<think></think><answer>4</answer>"
+    assert format_tags([good, wrong_order, empty]) == [1.0, 0.0, 0.0]
     assert format_tags([good + "<answer>5</answer>"]) == [0.0]  # a second answer block is a violation
     assert format_tags(["pre " + good], strict=True) == [0.0]
     assert format_tags([good], strict=True) == [1.0]
@@ -130,7 +140,8 @@ def test_reasoning_gym_adapter_uses_task_scorer():
 
     ds = reasoning_gym.create_dataset("basic_arithmetic", size=4, seed=3)
     entries = [ds[i] for i in range(4)]
-    completions = [f"<think>...</think><answer>{entries[0]['answer']}</answer>", rf"so \boxed{{{entries[1]['answer']}}}"]
+    completions = [f"<think>...</think><answer>{entries[0]['answer']}</answer>"]
+    completions += [rf"so \boxed{{{entries[1]['answer']}}}"]
     completions += [f"<answer>{int(entries[2]['answer']) + 1}</answer>", "no answer given " + entries[3]["answer"]]
     got = reasoning_gym_score(
         completions, None, metadata=[e["metadata"] for e in entries], answer=[e["answer"] for e in entries],
@@ -213,7 +224,7 @@ def test_check_output_statuses():
 def test_reward_config_validation():
     cfg = RewardConfig(rewards=[{"name": "math", "weight": 2}, "format_boxed"])
     assert cfg.rewards == [RewardSpec("math", 2.0), RewardSpec("format_boxed")]
-    spec = RewardSpec("examples/my_reward.py:brevity")
+    spec = RewardSpec("configs/my_reward.py:brevity")
     assert os.path.isabs(spec.name.rpartition(":")[0])  # Ray actors may run in another directory
     with pytest.raises(ValueError, match="on_error"):
         RewardConfig(on_error="ignore")

@@ -77,6 +77,7 @@ def test_every_fault_counted_with_its_status(fault_worker):
     assert res.metrics["status/invalid_rate"] == pytest.approx(0.20)
     assert res.metrics["status/timeout_rate"] == pytest.approx(0.05)
     assert res.metrics["respawns"] >= 15  # every hang, abort and out-of-memory child was replaced
+    assert res.metrics["retried_samples"] >= 8 * 50  # each faulty component's batches were split
     stats = fault_worker.stats()
     assert stats["hangs/timeout"] == 5 and stats["aborts/error"] == 5 and stats["not_ok"] == 40
 
@@ -86,7 +87,7 @@ def test_worker_still_answers_after_faults(fault_worker):
     t0 = time.monotonic()
     res = fault_worker.score([_math_completion(i) for i in range(N)], ["p"] * N, rows)
     assert set(res.status) == {"ok"}
-    assert res.metrics["respawns"] == 0
+    assert res.metrics["respawns"] == 0 and res.metrics["retried_samples"] == 0
     assert time.monotonic() - t0 < 30  # no batch hit the 2 s limit, so no per-sample retries
 
 
@@ -203,3 +204,25 @@ def test_always_hanging_reward_gives_up_after_a_streak():
     assert res.status == ["timeout"] * 40
     assert any("not run" in e for e in res.errors)
     assert elapsed < 15, elapsed
+
+
+def test_custom_reward_example_config():
+    """configs/custom_reward_example.yaml validates and its rewards run in the worker."""
+    from rlkit.config import build_reward_config, load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)  # the example references configs/my_reward.py relative to the repository
+    try:
+        cfg = build_reward_config(load_config("configs/custom_reward_example.yaml"))
+    finally:
+        os.chdir(cwd)
+    w = RewardWorker(cfg)
+    try:
+        comps = [r"3 + 4 = 7, so \boxed{7}", r"\boxed{8}" + " padding" * 200]
+        res = w.score(comps, ["What is 3 + 4?"] * 2, [{"answer": "7"}, {"answer": "7"}])
+    finally:
+        w.close()
+    assert res.components == {"math": [1.0, 0.0], "brevity": [1.0, pytest.approx(0.0)], "shows_work": [1.0, 0.0]}
+    assert res.scores == pytest.approx([1.2, 0.0])
+    assert res.status == ["ok", "ok"]

@@ -214,8 +214,10 @@ def test_rollout_worker_actor_drives_vllm(engine, hf_model, model_dir, prompts):
 
         gen = torch.Generator().manual_seed(2)
         state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in hf_model.state_dict().items()}
+        # A full state_dict of a tied model carries lm_head.weight too, equal to the embedding.
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
         new_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        new_model.load_state_dict(state)  # a full state_dict: carries the tied lm_head.weight too
+        new_model.load_state_dict(state)
         refs = [ray.put(b) for b in _buckets(list(state.items()), 4)]
         ray.get(actor.load_buckets.remote(1, refs))
         after = ray.get(actor.generate.remote([(0, 0, prompts[0])], 3, sampling, 22))

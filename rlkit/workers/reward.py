@@ -109,10 +109,12 @@ class RewardWorker:
                 f"score: {n} completions, {len(prompts)} prompts, {len(fields)} fields rows, "
                 f"{None if data_sources is None else len(data_sources)} data sources: lengths must match"
             )
-        sources = list(data_sources) if data_sources is not None else [str(f.get("data_source", "default")) for f in fields]
+        if data_sources is None:
+            data_sources = [str(f.get("data_source", "default")) for f in fields]
+        sources = list(data_sources)
         columns = _columns(fields)
         columns.setdefault("data_source", sources)  # rewards may branch on it, as in verl
-        respawns0 = self.pool.respawns
+        respawns0, retried0 = self.pool.respawns, self.pool.retried
         tasks = [
             Task(c, list(range(a, b)), completions[a:b], prompts[a:b], {k: v[a:b] for k, v in columns.items()})
             for c in range(len(self.names))
@@ -124,6 +126,7 @@ class RewardWorker:
         result.metrics.update(batch_metrics(self.cfg, self.names, values, status_c, result, sources))
         elapsed = time.monotonic() - t0
         result.metrics["respawns"] = float(self.pool.respawns - respawns0)
+        result.metrics["retried_samples"] = float(self.pool.retried - retried0)
         result.metrics["seconds"] = elapsed
         result.metrics["samples_per_s"] = n / elapsed if elapsed > 0 else 0.0
         self._account(result)

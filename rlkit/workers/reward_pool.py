@@ -146,6 +146,8 @@ class RewardPool:
         except Exception:  # the forkserver of this process may already run: preload is only a speed-up
             pass
         self.respawns = 0
+        self.retried = 0
+        """Samples re-run one at a time after their batch failed (cost signal: batch too slow for timeout_s?)."""
         self._children = [self._start() for _ in range(num_procs)]
         for ch in self._children:
             self._await_ready(ch)
@@ -197,26 +199,29 @@ class RewardPool:
 
     def run(self, tasks: list[Task], timeout_s: float, max_consecutive_timeouts: int) -> list[Outcome]:
         """Run every task; failed multi-sample tasks are split and retried one sample at a time."""
+        for i, ch in enumerate(self._children):
+            if ch.task is not None:  # left over from a call interrupted by an exception: its answer is stale
+                ch.task = None
+                self._replace(i)
         pending: deque[Task] = deque(tasks)
         done: list[Outcome] = []
-        streak = [0] * len(self.specs)  # consecutive single-sample timeouts per component
+        self._streak = [0] * len(self.specs)  # consecutive single-sample timeouts per component
+        self._gave_up: set[int] = set()
         while pending or any(ch.task is not None for ch in self._children):
             self._dispatch(pending, timeout_s)
             self._wait_any()
             for i, ch in enumerate(self._children):
                 outcome = self._collect(i, ch)
-                if outcome is None:
-                    continue
-                task, kind, payload = outcome
-                self._settle(task, kind, payload, pending, done, streak, max_consecutive_timeouts)
+                if outcome is not None:
+                    self._settle(*outcome, pending, done, max_consecutive_timeouts)
         return done
 
     def _dispatch(self, pending: deque, timeout_s: float) -> None:
         for ch in self._children:
             if ch.ready and ch.task is None and pending:
                 task = pending.popleft()
-                ch.task, ch.deadline = task, time.monotonic() + timeout_s
                 ch.conn.send(task)
+                ch.task, ch.deadline = task, time.monotonic() + timeout_s
 
     def _wait_any(self) -> None:
         busy = [ch for ch in self._children if ch.task is not None or not ch.ready]
@@ -262,14 +267,18 @@ class RewardPool:
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         return f"reward {self.labels[task.comp]} crashed its process ({how})"
 
-    def _settle(self, task, kind, payload, pending, done, streak, max_streak) -> None:
+    def _settle(self, task: Task, kind: str, payload: Any, pending: deque, done: list, max_streak: int) -> None:
         n = len(task.idx)
         if kind == "done":
             if n == 1:
-                streak[task.comp] = 0
+                self._streak[task.comp] = 0
             done.append(Outcome(task, payload))
             return
+        if task.comp in self._gave_up and kind == "timeout":
+            done.append(Outcome(task, [("timeout", None, self._gave_up_msg(task.comp, max_streak))] * n))
+            return
         if n > 1:  # pin the failure on the sample(s) that caused it
+            self.retried += n
             for j in range(n - 1, -1, -1):
                 pending.appendleft(_single(task, j))
             return
@@ -277,17 +286,21 @@ class RewardPool:
         done.append(Outcome(task, [(status, None, payload)]))
         if status != "timeout":
             return
-        streak[task.comp] += 1
-        if streak[task.comp] >= max_streak:
+        self._streak[task.comp] += 1
+        if self._streak[task.comp] >= max_streak:
             self._give_up(task.comp, pending, done, max_streak)
 
+    def _gave_up_msg(self, comp: int, max_streak: int) -> str:
+        return f"reward {self.labels[comp]} not run: {max_streak} timeouts in a row in this call"
+
     def _give_up(self, comp: int, pending: deque, done: list, max_streak: int) -> None:
-        """Mark a component's remaining single-sample retries as timeouts without running them."""
-        msg = f"reward {self.labels[comp]} not run: {max_streak} timeouts in a row in this call"
+        """Mark a component's remaining samples in this call as timeouts without running them."""
+        self._gave_up.add(comp)
+        msg = self._gave_up_msg(comp, max_streak)
         keep = deque()
         for t in pending:
-            if t.comp == comp and len(t.idx) == 1:
-                done.append(Outcome(t, [("timeout", None, msg)]))
+            if t.comp == comp:
+                done.append(Outcome(t, [("timeout", None, msg)] * len(t.idx)))
             else:
                 keep.append(t)
         pending.clear()

@@ -32,6 +32,8 @@ Process model: by default the engine core runs in the caller's process
 pytest it just works), buckets reach the model by reference (no copy), and no extra busy engine
 process competes for the cores. ``multiprocess=True`` keeps vLLM's default engine-core process
 (spawned: the launching script needs a ``__main__`` guard; buckets are pickled to it).
+In-process, vLLM seeds the process's global RNGs with ``seed`` when the engine starts, and
+initializes a one-rank torch.distributed group (gloo on CPU) that ``close`` destroys again.
 """
 
 from __future__ import annotations
@@ -176,15 +178,17 @@ class VLLMEngine:
         kwargs: dict[str, Any] = {}
         if kv_cache_gib is not None or not on_gpu:
             kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or 1) * (1 << 30))
-        self._llm = LLM(
-            model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
-            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
-            gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
-            logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kwargs,
-        )
-        # vLLM's CPU worker replaces torch.set_num_threads with a no-op (it assumes it pinned the
-        # threads itself); with "nobind" nothing was pinned, so the process gets it back.
-        torch.set_num_threads = set_num_threads
+        try:
+            self._llm = LLM(
+                model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
+                enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+                gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
+                logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kwargs,
+            )
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op (it assumes it pinned
+            # the threads itself); with "nobind" nothing was pinned, so the process gets it back.
+            torch.set_num_threads = set_num_threads
         self._update_open = False
         self._given_sums: dict[str, float] = {}
 

@@ -1,0 +1,112 @@
+"""``rlkit plan`` and the placement layout, without Ray: sizes, batch arithmetic, memory, packing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlkit.config import load_config
+from rlkit.placement import MIN_CPU, layout
+from rlkit.plan import format_plan, main_plan, model_sizes, plan
+
+DECLARED = ["resources.nodes=2", "resources.cpus_per_node=16", "resources.gpus_per_node=2",
+            "resources.memory_gb_per_node=64"]
+
+
+def _cfg(*overrides: str):
+    return load_config(None, list(overrides))
+
+
+def test_smollm2_sizes_match_its_published_count():
+    m = model_sizes("smollm2")
+    # 49152·576 (tied) + 30·(attention 884,736 + MLP 2,654,208 + 2 norms 1,152) + final norm 576.
+    assert m.params == 134_515_008
+    assert (m.hidden, m.layers, m.vocab) == (576, 30, 49152)
+
+
+def test_config_json_sizes_match_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    c = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(c)
+    c.save_pretrained(tmp_path)
+    assert model_sizes(str(tmp_path)).params == sum(p.numel() for p in model.parameters())
+
+
+def test_valid_plan_batch_memory_sync_and_placement():
+    cfg = _cfg(*DECLARED, "learner.num_ranks=2", "rollout.num_workers=3", "train.prompts_per_step=8",
+               "train.samples_per_prompt=6", "learner.micro_batch_size=5", "learner.updates_per_step=2",
+               "rollout.max_new_tokens=40", "resources.learner_gpus=0.5", "resources.rollout_gpus=0.5",
+               "learner.zero_stage=2")
+    r = plan(cfg, prompt_len=60)
+    assert r.ok, r.errors
+    b = r.batch
+    # 8·6 = 48 sequences, 24 per rank, 2 PPO mini-batches of 12, micro-batches of 5 → 3 accumulated.
+    assert (b.sequences_per_step, b.sequences_per_rank, b.sequences_per_update) == (48, 24, 12)
+    assert (b.grad_accumulation, b.micro_batches_per_step) == (3, 6)
+    assert b.prompts_per_worker == 3  # ceil(8 / 3)
+    assert b.tokens_per_step_max == 48 * (60 + 40)
+    assert b.tokens_per_micro_batch_max == 5 * 100
+    # ZeRO-2 over 2 ranks in fp32: weights 4Ψ, grads 4Ψ/2, Adam moments 8Ψ/2.
+    psi = 134_515_008
+    learner = r.memory["learner"]
+    assert (learner.weights, learner.grads, learner.optimizer) == (4 * psi, 2 * psi, 4 * psi)
+    assert learner.device == "gpu"
+    # KV cache: 2 (k, v) · 30 layers · 3 KV heads · 64 · 4 B per token, 3 prompts · 6 samples · 100 tokens.
+    assert r.memory["rollout"].kv_cache == 2 * 30 * 3 * 64 * 4 * 18 * 100
+    assert r.sync_bytes_per_engine == 4 * psi
+    assert r.sync_bytes_total == 4 * psi * 4  # rank 0 → driver, then 3 engines
+    # Colocated: bundle r = learner r + rollout workers i ≡ r (mod 2); 1 GPU each, one node.
+    assert [r.layout.slot("rollout", i).bundle for i in range(3)] == [0, 1, 0]
+    assert r.layout.bundles["main"][0]["GPU"] == 1.5 and r.layout.bundles["main"][1]["GPU"] == 1.0
+    assert r.bundle_nodes == {("main", 0): 0, ("main", 1): 1}
+    text = format_plan(r)
+    for needle in ("plan: OK", "node 0:", "node 1:", "rollout[2]", "gradient accumulation", "ZeRO-2 over 2"):
+        assert needle in text, needle
+
+
+def test_zero3_bf16_and_lora_accounting():
+    cfg = _cfg(*DECLARED, "learner.num_ranks=4", "learner.zero_stage=3", "model.dtype=bfloat16",
+               "train.prompts_per_step=4")
+    r = plan(cfg, prompt_len=10)
+    psi = 134_515_008
+    m = r.memory["learner"]
+    # Mixed precision (ZeRO paper): 2Ψ weights, 2Ψ grads, 12Ψ optimizer (fp32 master + 2 moments), all /N.
+    assert (m.weights, m.grads, m.optimizer) == (2 * psi / 4, 2 * psi / 4, 12 * psi / 4)
+    lora = plan(_cfg(*DECLARED, "learner.lora.enabled=true", "learner.lora.r=8"), prompt_len=10)
+    # q, k, v, o adapters: r·(in + out) with q/o 576↔576 and k/v 576→192, over 30 layers.
+    assert lora.trainable == 30 * 8 * ((576 + 576) * 2 + (576 + 192) * 2)
+
+
+def test_all_zero_resources_still_give_valid_bundles():
+    lay = layout(_cfg("learner.num_ranks=2", "rollout.num_workers=2", "resources.placement=separate"))
+    assert lay.strategies == {"learner": "PACK", "rollout": "PACK"}
+    assert lay.bundles["learner"] == [{"CPU": MIN_CPU}, {"CPU": MIN_CPU}]
+    assert lay.bundles["rollout"] == [{"CPU": MIN_CPU}] * 3  # 2 engines + the reward actor
+    assert lay.slot("reward", 0).bundle == 2
+
+
+def test_infeasible_gpus_fail_with_a_clear_message(capsys, tmp_path):
+    cfg = _cfg("resources.nodes=1", "resources.cpus_per_node=8", "resources.gpus_per_node=2",
+               "learner.num_ranks=4", "resources.learner_gpus=1", "resources.placement=separate")
+    r = plan(cfg, prompt_len=10)
+    assert not r.ok
+    assert "asks for 4 GPU in total; the declared cluster has 2" in r.errors[0]
+    assert sum("bundle learner/" in e for e in r.errors) == 2  # ranks 2 and 3 do not fit
+    assert "plan: INFEASIBLE" in format_plan(r)
+    # Through the command line entry point: exit status 1 and the reason on stderr. A model folder
+    # with only config.json keeps it fast (no tokenizer: the prompt length is assumed).
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(
+        hidden_size=64, num_hidden_layers=2, vocab_size=1000, num_attention_heads=4, intermediate_size=128)))
+    conf = tmp_path / "run.yaml"
+    conf.write_text(f"model: {{path: {tmp_path / 'm'}}}\nresources: {{nodes: 1, cpus_per_node: 4, "
+                    f"gpus_per_node: 0, memory_gb_per_node: 0.001}}\n")
+    assert main_plan([str(conf)]) == 1
+    out, err = capsys.readouterr()
+    assert "does not fit the declared cluster" in err and "exceeds memory_gb_per_node" in err
+    assert main_plan([str(conf), "resources.memory_gb_per_node=64"]) == 0
+    assert "plan: OK" in capsys.readouterr().out
+    assert main_plan([str(Path(tmp_path / "missing.yaml"))]) == 2
