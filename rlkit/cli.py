@@ -2,6 +2,7 @@
 
     rlkit train CONFIG [key.sub=value ...] [--resume auto|PATH]
     rlkit config CONFIG [key.sub=value ...]      # print the validated, fully resolved config
+    rlkit plan CONFIG [key.sub=value ...]        # placement, batch arithmetic, memory, sync bytes
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML file in configs/ (overrides of rlkit.config.RunConfig)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
     t.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in run_dir) or a path")
-    c = sub.add_parser("config", help="validate a config and print it fully resolved")
-    c.add_argument("config")
-    c.add_argument("overrides", nargs="*")
+    for name, text in (("config", "validate a config and print it fully resolved"),
+                       ("plan", "dry run: placement, batch arithmetic, memory and sync bytes; starts nothing")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("config")
+        c.add_argument("overrides", nargs="*")
     return p
 
 
@@ -35,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    if args.command == "plan":
+        from rlkit.plan import run_plan
+
+        return run_plan(cfg)
     from rlkit.trainer import Trainer
 
     trainer = Trainer(cfg)

@@ -52,7 +52,9 @@ class RolloutConfig(Section):
     threads: int = Field(2, ge=1)
     """torch threads inside each rollout worker."""
     overlap: bool = False
-    """Generate step k+1 while learning on step k (one-step off-policy; staleness is recorded)."""
+    """Generate step k+1 while learning on step k (one-step off-policy; staleness is recorded).
+    Exact resume holds for the synchronous mode; with overlap the in-flight batch is redrawn and
+    regenerated from the checkpoint's weights."""
 
 
 class LearnerConfig(Section):
@@ -128,6 +130,9 @@ class ResourcesConfig(Section):
     cpus_per_node: Optional[float] = Field(None, gt=0)
     gpus_per_node: Optional[float] = Field(None, ge=0)
     memory_gb_per_node: Optional[float] = Field(None, gt=0)
+    custom: dict[str, dict[str, float]] = {}
+    """Custom Ray node resources per actor, by role (learner, rollout, reward), e.g.
+    ``{learner: {trainer_node: 1}}`` to pin learners to nodes started with ``--resources``."""
 
 
 class RunConfig(Section):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from rlkit.config import RunConfig
 
@@ -72,7 +72,7 @@ class Layout:
 
 def custom_resources(cfg: RunConfig) -> dict[str, dict[str, float]]:
     """``resources.custom`` (role → {resource: amount}); an empty mapping when the field is absent."""
-    custom = getattr(cfg.resources, "custom", None) or {}
+    custom = cfg.resources.custom
     unknown = sorted(set(custom) - set(ROLES))
     if unknown:
         raise PlacementError(f"resources.custom: unknown role(s) {unknown}; valid: {list(ROLES)}")
@@ -149,7 +149,7 @@ class Placement:
         self.layout, self.groups = plan, groups
 
     @classmethod
-    def create(cls, cfg: RunConfig, timeout_s: float = 120.0) -> "Placement":
+    def create(cls, cfg: RunConfig, timeout_s: float = 120.0) -> Placement:
         """Create the groups and wait until every bundle is reserved, or raise :class:`PlacementError`."""
         import ray
         from ray.exceptions import GetTimeoutError
@@ -221,12 +221,3 @@ def _unplaceable_message(plan: Layout, timeout_s: float, cluster: dict[str, floa
     lines.append("  check resources.* in the config (run `rlkit plan CONFIG`) and that all nodes have joined")
     return "\n".join(lines)
 
-
-def describe(plan: Layout, role: Optional[str] = None) -> list[str]:
-    """One line per actor slot: ``learner[0] -> main/0 cpus=1 gpus=1``."""
-    out = []
-    for (r, i), s in sorted(plan.slots.items(), key=lambda kv: (ROLES.index(kv[0][0]), kv[0][1])):
-        if role is None or r == role:
-            extra = f" {s.custom}" if s.custom else ""
-            out.append(f"{r}[{i}] -> {s.group}/{s.bundle} cpus={s.cpus:g} gpus={s.gpus:g}{extra}")
-    return out

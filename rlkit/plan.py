@@ -29,15 +29,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from rlkit.config import RunConfig
 from rlkit.placement import Layout, layout
 
 GiB = 2**30
 ASSUMED_PROMPT_TOKENS = 256
-SMOLLM2 = dict(hidden=576, layers=30, vocab=49152, heads=9, kv_heads=3, head_dim=64, intermediate=1536,
-               tied=True)
+SMOLLM2 = {"hidden": 576, "layers": 30, "vocab": 49152, "heads": 9, "kv_heads": 3, "head_dim": 64,
+           "intermediate": 1536, "tied": True}
 """SmolLM2-135M-Instruct (its config.json): 134.5 M parameters with these sizes."""
 
 
@@ -112,7 +111,7 @@ class NodeUse:
     index: int
     cpus: float
     gpus: float
-    memory_gb: Optional[float]
+    memory_gb: float | None
     actors: list[str] = field(default_factory=list)
     used_cpus: float = 0.0
     used_gpus: float = 0.0
@@ -180,7 +179,7 @@ def trainable_params(cfg: RunConfig, m: ModelSizes) -> int:
     return m.params - (m.embedding if cfg.model.freeze_embeddings else 0)
 
 
-def _tokenizer_dir(cfg: RunConfig) -> Optional[Path]:
+def _tokenizer_dir(cfg: RunConfig) -> Path | None:
     """A folder with tokenizer files that is already on disk (nothing is built or fetched)."""
     if cfg.model.path != "smollm2":
         p = Path(cfg.model.path)
@@ -209,7 +208,7 @@ def prompt_tokens(cfg: RunConfig, sample: int = 256) -> tuple[int, str]:
     try:
         tok = load_tokenizer(tok_dir)
         rows, _ = load_prompts(spec, tok)
-    except Exception as e:  # a plan must still print when the data is not reachable from here
+    except (OSError, ValueError, ImportError) as e:  # a plan must still print when the data is not reachable
         return ASSUMED_PROMPT_TOKENS, f"assumed (prompts not readable: {type(e).__name__}: {e})"
     texts = [r.prompt_text for r in rows[:sample]]
     if not texts:
@@ -341,7 +340,7 @@ def _members(plan: Layout, group: str, bundle: int) -> str:
     return ", ".join(f"{s.role}[{s.index}]" for s in plan.slots.values() if s.group == group and s.bundle == bundle)
 
 
-def plan(cfg: RunConfig, prompt_len: Optional[int] = None) -> PlanReport:
+def plan(cfg: RunConfig, prompt_len: int | None = None) -> PlanReport:
     """Everything ``rlkit plan`` prints, computed without starting Ray or loading weights.
 
     ``prompt_len``: the prompt length in tokens to plan for; None measures it (see :func:`prompt_tokens`).
@@ -376,7 +375,7 @@ def plan(cfg: RunConfig, prompt_len: Optional[int] = None) -> PlanReport:
     if b.prompt_tokens_source.startswith("assumed"):
         warnings.append(f"prompt length {b.prompt_tokens_source}: {ASSUMED_PROMPT_TOKENS} tokens")
     payload = (2 if cfg.model.dtype == "bfloat16" else 4) * m.params
-    # CPU path: rank 0 → driver once, then driver → each engine (DESIGN.md "Weight sync").
+    # Rank 0 puts each bucket in the object store once; every engine reads it once.
     return PlanReport(cfg, m, trainable, lay, nodes, source, where, b, mem, payload,
                       payload * (cfg.rollout.num_workers + 1), errors, warnings)
 
@@ -421,10 +420,10 @@ def _batch_lines(b: BatchMath) -> list[str]:
         ("sequences per learner rank", f"{b.sequences_per_rank} ({b.learner_ranks} rank(s))"),
         ("optimizer steps per step", f"{b.updates_per_step} (≤ {b.sequences_per_update} sequences each per rank)"),
         ("micro-batch size", f"{b.micro_batch_size}"),
-        ("gradient accumulation", f"{b.grad_accumulation} micro-batch(es) per optimizer step, "
-                                  f"{b.micro_batches_per_step} per step per rank"),
-        ("prompts per rollout worker", f"≤ {b.prompts_per_worker} ({b.rollout_workers} worker(s), "
-                                       f"{b.prompts_per_worker * b.samples_per_prompt} sequences)"),
+        ("gradient accumulation", (f"{b.grad_accumulation} micro-batch(es) per optimizer step, "
+                                  f"{b.micro_batches_per_step} per step per rank")),
+        ("prompts per rollout worker", (f"≤ {b.prompts_per_worker} ({b.rollout_workers} worker(s), "
+                                       f"{b.prompts_per_worker * b.samples_per_prompt} sequences)")),
         ("prompt tokens", f"{b.prompt_tokens} ({b.prompt_tokens_source})"),
         ("max new tokens", f"{b.max_new_tokens}"),
         ("tokens per step", f"≤ {b.tokens_per_step_max:,} ({b.sequences_per_step} × {seq_tokens})"),
@@ -449,16 +448,16 @@ def format_plan(r: PlanReport) -> str:
     m, cfg = r.model, r.cfg
     n = r.nodes[0]
     lines = [
-        f"model    {m.source}: {m.params / 1e6:.1f} M parameters (hidden {m.hidden}, {m.layers} layers, "
-        f"vocab {m.vocab}, {m.heads} heads / {m.kv_heads} KV), {r.trainable / 1e6:.2f} M trainable, {cfg.model.dtype}",
+        (f"model    {m.source}: {m.params / 1e6:.1f} M parameters (hidden {m.hidden}, {m.layers} layers, "
+        f"vocab {m.vocab}, {m.heads} heads / {m.kv_heads} KV), {r.trainable / 1e6:.2f} M trainable, {cfg.model.dtype}"),
         f"cluster  {len(r.nodes)} node(s) × {n.cpus:g} CPU, {n.gpus:g} GPU"
         + (f", {n.memory_gb:.0f} GiB" if n.memory_gb else "") + f" ({r.cluster_source})",
         "", *_placement_lines(r), "", *_batch_lines(r.batch), "", *_memory_lines(r), "",
         "weight sync (per step)",
-        f"  payload per engine          {_size(r.sync_bytes_per_engine)} ({m.params / 1e6:.1f} M × "
-        f"{2 if cfg.model.dtype == 'bfloat16' else 4} B)",
-        f"  bytes moved                 {_size(r.sync_bytes_total)} (rank 0 → driver, then driver → "
-        f"{cfg.rollout.num_workers} engine(s))",
+        (f"  payload per engine          {_size(r.sync_bytes_per_engine)} ({m.params / 1e6:.1f} M × "
+        f"{2 if cfg.model.dtype == 'bfloat16' else 4} B)"),
+        (f"  bytes moved                 {_size(r.sync_bytes_total)} (rank 0 → object store once, then "
+        f"→ {cfg.rollout.num_workers} engine(s))"),
     ]
     for w in r.warnings:
         lines.append(f"warning: {w}")
@@ -485,7 +484,7 @@ def run_plan(cfg: RunConfig) -> int:
     return 0
 
 
-def main_plan(argv: Optional[list[str]] = None) -> int:
+def main_plan(argv: list[str] | None = None) -> int:
     """``rlkit plan CONFIG [key.sub=value ...]``: 0 feasible, 1 infeasible, 2 bad config."""
     import argparse
 

@@ -7,7 +7,6 @@ driver one method per stage. Nothing here knows how many nodes the cluster has.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import asdict
 from typing import Any, Optional
@@ -21,12 +20,6 @@ from rlkit.workers.learner import LearnerSpec
 
 class SyncError(RuntimeError):
     """A rollout engine does not hold the weights the learner just sent."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -49,20 +42,22 @@ class Runtime:
                  teacher_dir: Optional[str] = None):
         import ray
 
+        from rlkit.placement import Placement
         from rlkit.workers.learner import LearnerRank
         from rlkit.workers.reward import make_reward_actor
         from rlkit.workers.rollout import RolloutWorker
 
         self.cfg = cfg
         init_ray(cfg)
+        self.placement = Placement.create(cfg)
         r, l = cfg.rollout, cfg.learner
-        Rollout_ = ray.remote(num_cpus=0)(RolloutWorker)
+        Rollout_ = ray.remote(RolloutWorker)
         self.rollout = [
-            Rollout_.remote(model_dir, engine=r.engine, dtype=cfg.model.dtype, threads=r.threads,
+            Rollout_.options(**self.placement.options("rollout", i)).remote(model_dir, engine=r.engine, dtype=cfg.model.dtype, threads=r.threads,
                             seed=cfg.train.seed + i, worker_index=i)
             for i in range(r.num_workers)
         ]
-        self.reward = make_reward_actor(build_reward_config(cfg), num_cpus=0)
+        self.reward = make_reward_actor(build_reward_config(cfg), **self.placement.options("reward", 0))
         spec = LearnerSpec(
             model_dir=model_dir, algorithm=cfg.algorithm.name, algorithm_args=cfg.algorithm.args,
             dtype=cfg.model.dtype, zero_stage=l.zero_stage, threads=l.threads,
@@ -73,10 +68,11 @@ class Runtime:
             freeze_embeddings=cfg.model.freeze_embeddings, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=l.lora.model_dump(),
             ref_dir=ref_dir, teacher_dir=teacher_dir, seed=cfg.train.seed,
         )
-        port = _free_port()
-        Learner_ = ray.remote(num_cpus=0)(LearnerRank)
-        addr = "127.0.0.1" if not cfg.ray_address else ray.util.get_node_ip_address()
-        self.learners = [Learner_.remote(rank, l.num_ranks, addr, port, spec) for rank in range(l.num_ranks)]
+        # Rank 0's node IP and a free port there, found before any rank blocks in the rendezvous.
+        addr, port = self.placement.master_endpoint()
+        Learner_ = ray.remote(LearnerRank)
+        self.learners = [Learner_.options(**self.placement.options("learner", rank)).remote(
+            rank, l.num_ranks, addr, port, spec) for rank in range(l.num_ranks)]
         ray.get([w.ready.remote() for w in self.rollout] + [a.ready.remote() for a in self.learners])
         self.version = 0
         self._probe_names: list[str] = []
@@ -204,6 +200,7 @@ class Runtime:
             ray.get(self.reward.close.remote(), timeout=30)
         except Exception:
             pass
+        self.placement.remove()
         ray.shutdown()
 
 

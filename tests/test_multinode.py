@@ -18,7 +18,7 @@ import torch
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-from rlkit.config import load_config  # noqa: E402
+from rlkit.config import load_config
 
 TOY_REWARD = str(Path(__file__).parent / "toy_rewards.py") + ":letter_a"
 
@@ -30,9 +30,9 @@ def two_nodes():
     # Set before the raylets start: their workers (the actors) inherit the environment.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    common = dict(num_cpus=1, object_store_memory=200 * 2**20)
+    common = {"num_cpus": 1, "object_store_memory": 200 * 2**20}
     cluster = Cluster(initialize_head=True,
-                      head_node_args=dict(common, resources={"node_a": 1}, include_dashboard=False))
+                      head_node_args={**common, "resources": {"node_a": 1}, "include_dashboard": False})
     cluster.add_node(**common, resources={"node_b": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)

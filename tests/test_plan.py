@@ -99,13 +99,14 @@ def test_infeasible_gpus_fail_with_a_clear_message(capsys, tmp_path):
     # Through the command line entry point: exit status 1 and the reason on stderr. A model folder
     # with only config.json keeps it fast (no tokenizer: the prompt length is assumed).
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(
-        hidden_size=64, num_hidden_layers=2, vocab_size=1000, num_attention_heads=4, intermediate_size=128)))
+    (tmp_path / "m" / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 1000, "num_attention_heads": 4,
+        "intermediate_size": 128}))
     conf = tmp_path / "run.yaml"
     conf.write_text(f"model: {{path: {tmp_path / 'm'}}}\nresources: {{nodes: 1, cpus_per_node: 4, "
                     f"gpus_per_node: 0, memory_gb_per_node: 0.001}}\n")
     assert main_plan([str(conf)]) == 1
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert "does not fit the declared cluster" in err and "exceeds memory_gb_per_node" in err
     assert main_plan([str(conf), "resources.memory_gb_per_node=64"]) == 0
     assert "plan: OK" in capsys.readouterr().out

@@ -176,3 +176,12 @@ def test_tiny_model_learns_the_toy_task(ray_session, tmp_path, tiny_model):
             ray.kill(a)
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last >= first + 0.05 and last >= 1.5 * first, rewards
+
+
+def test_overlap_generates_next_step_during_learning(ray_session, tmp_path, tiny_model):
+    """rollout.overlap: step k+1's samples come from the weights before step k's update (staleness 1)."""
+    cfg = tiny_config(tmp_path, tiny_model, "grpo", {"beta": 0.0}, **{"rollout.overlap": True})
+    before, after, metrics = _three_steps(cfg)
+    assert not torch.equal(before, after)
+    assert metrics[0]["rollout/staleness_mean"] == 0.0
+    assert [m["rollout/staleness_mean"] for m in metrics[1:]] == [1.0, 1.0]
