@@ -282,6 +282,7 @@ class Trainer:
         self.state.sampler = self._sampler_before_pending if self._pending else self.sampler.state_dict()
         self.state.controller = self.controller.state_dict() if self.controller else {}
         self.runtime.save(str(tmp), {"step": self.state.step})
+        self.tokenizer.save_pretrained(str(tmp / "hf"))  # the folder loads in transformers/vLLM as is
         return checkpoint.commit(tmp, self.state.step, self.state.__dict__ | {"version": self.runtime.version},
                                  dump_config(self.cfg), self.cfg.checkpoint.keep)
 

@@ -57,7 +57,7 @@ def test_valid_plan_batch_memory_sync_and_placement():
     # KV cache: 2 (k, v) · 30 layers · 3 KV heads · 64 · 4 B per token, 3 prompts · 6 samples · 100 tokens.
     assert r.memory["rollout"].kv_cache == 2 * 30 * 3 * 64 * 4 * 18 * 100
     assert r.sync_bytes_per_engine == 4 * psi
-    assert r.sync_bytes_total == 4 * psi * 4  # rank 0 → driver, then 3 engines
+    assert r.sync_bytes_total == 4 * psi * 4  # rank 0 → object store once, then 3 engines read it
     # Colocated: bundle r = learner r + rollout workers i ≡ r (mod 2); 1 GPU each, one node.
     assert [r.layout.slot("rollout", i).bundle for i in range(3)] == [0, 1, 0]
     assert r.layout.bundles["main"][0]["GPU"] == 1.5 and r.layout.bundles["main"][1]["GPU"] == 1.0

@@ -346,7 +346,13 @@ class LearnerRank:
             torch.save({"model": self.critic.state_dict(), "opt": self.critic.opt.state_dict()},
                        d / f"critic_rank{self.rank}.pt")
         if self.rank == 0:
-            self.engine.module.save_pretrained(str(d / "hf"), safe_serialization=True)
+            model = self.engine.module
+            if hasattr(model, "merge_and_unload"):  # LoRA: the adapter, plus merged full weights
+                model.save_pretrained(str(d / "adapter"), safe_serialization=True)
+                import copy
+
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(str(d / "hf"), safe_serialization=True)
         dist.barrier()
 
     def load(self, directory: str) -> dict:

@@ -1,0 +1,235 @@
+"""Shared helpers of the benchmark scripts: machine description, matmul roofline probe, statistics,
+model folders, child processes and JSON output.
+
+Every benchmark writes one JSON file to ``bench/out/<name>.json`` with the same envelope::
+
+    {"bench": "<name>", "schema": 1, "machine": machine(), "args": {...}, ... bench-specific keys}
+
+and every timed figure is a :func:`summary` (median, min, max over repeats) so that
+``bench/report.py`` can print it as "median (min–max)".
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+OUT_DIR = BENCH_DIR / "out"
+SCHEMA = 1
+RESULT_PREFIX = "RESULT "
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def summary(values: Iterable[float]) -> dict[str, Any]:
+    """Median, min and max of repeated measurements, plus the raw values: ``{"median", "min", "max", "n", "values"}``.
+
+    The median is the headline figure (robust to one noisy repeat on a shared machine); min and
+    max show the spread. An empty input gives ``n = 0`` and None figures.
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals),
+            "values": [round(v, 6) for v in vals]}
+
+
+def ratio_summary(num: dict[str, Any], den: dict[str, Any]) -> dict[str, Any]:
+    """Ratio of two summaries: median/median, with the extreme ratios as min and max.
+
+    min = num.min / den.max and max = num.max / den.min bound every ratio of one repeat of each
+    side, so the interval is conservative.
+    """
+    if not num.get("n") or not den.get("n") or not den["median"] or not den["min"]:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    return {"median": num["median"] / den["median"], "min": num["min"] / den["max"],
+            "max": num["max"] / den["min"], "n": min(num["n"], den["n"]), "values": []}
+
+
+# ----------------------------------------------------------------------------------------------
+# The machine and its fp32 matmul rate
+# ----------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total_gib() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # not installed: the description just says so
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, RAM, library versions, load average and the date of this run."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": affinity, "ram_gib": _mem_total_gib(),
+        "python": platform.python_version(), "torch": _version("torch"), "transformers": _version("transformers"),
+        "trl": _version("trl"), "deepspeed": _version("deepspeed"), "ray": _version("ray"),
+        "os": platform.platform(), "loadavg_1_5_15": load,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5, threads: Optional[int] = None) -> dict[str, Any]:
+    """fp32 matmul rate of this process, GFLOP/s = 2·n³ / seconds of one ``(n×n) @ (n×n)``.
+
+    The roofline of the step-FLOP fractions: it is measured in the same run (same machine state,
+    same thread count) as the figure it divides. One untimed warm-up call first (thread pool and
+    allocator), then ``repeats`` timed calls; returns a :func:`summary` of GFLOP/s plus n and threads.
+    """
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return {**summary(rates), "n": n, "threads": torch.get_num_threads()}
+
+
+def step_flops(params: int, *, generated: int, prefill: int, trained: int, extra_forward: int = 0) -> float:
+    """Model FLOPs of one RL step: 2·P·(prefill + generated) + 6·P·trained + 2·P·extra_forward.
+
+    The usual dense-transformer count (Kaplan et al. 2020, "Scaling Laws for Neural Language
+    Models", §2.1: 2·N per token forward, 6·N forward + backward), with N = ``params`` counted once
+    for tied embeddings, which is the LM-head matmul. Attention-score FLOPs (∝ sequence length) are
+    left out: at ~100-token sequences they are under 1 % of the total here.
+
+    generated: completion tokens sampled (EOS included, padding not); prefill: prompt tokens of
+        every sampled sequence (the prompt's forward before decoding); trained: prompt + completion
+        tokens of every sequence in the update; extra_forward: tokens of detached passes (old or
+        reference log-probs), summed over the passes. All counts are unpadded (useful) tokens, so
+        padding waste shows up as a lower roofline fraction.
+    """
+    return 2.0 * params * (prefill + generated) + 6.0 * params * trained + 2.0 * params * extra_forward
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, environments, child processes, output
+# ----------------------------------------------------------------------------------------------
+
+
+def model_dir(which: str) -> Path:
+    """``smollm2`` (the converted SmolLM2-135M-Instruct), ``tiny`` (random 2-layer Llama), or a folder."""
+    from rlkit import assets
+
+    if which == "smollm2":
+        return assets.smollm2_dir()
+    if which == "tiny":
+        return assets.tiny_model_dir(assets.cache_root() / "models" / "bench-tiny-llama")
+    return Path(which)
+
+
+def bench_env(threads: int) -> dict[str, str]:
+    """Environment of a child process: thread counts fixed, everything offline, CPU DeepSpeed."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_AUTH_MODE=env.get("RAY_AUTH_MODE", "disabled"),
+               DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), PYTHONPATH=os.pathsep.join(
+                   p for p in (str(BENCH_DIR), env.get("PYTHONPATH")) if p))
+    return env
+
+
+def emit(result: dict[str, Any]) -> None:
+    """A child's answer to its parent: one ``RESULT {json}`` line on stdout."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(script: str, args: list[str], threads: int, timeout: Optional[float] = None,
+              log: Optional[Path] = None) -> dict[str, Any]:
+    """Run ``bench/<script> args`` in a fresh Python process; return its RESULT dict.
+
+    A failed or silent child gives ``{"ok": False, "error": ...}`` (with the tail of its output)
+    instead of raising, so one broken side still leaves the other side's numbers in the report.
+    """
+    cmd = [sys.executable, str(BENCH_DIR / script), *args]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=bench_env(threads), capture_output=True, text=True, timeout=timeout,
+                              cwd=str(ROOT))
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"ok": False, "error": f"timed out after {timeout} s", "tail": out[-2000:]}
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode or not lines:
+        return {"ok": False, "error": f"exit {proc.returncode}", "tail": (proc.stdout + proc.stderr)[-3000:],
+                "wall_s": time.perf_counter() - t0}
+    res = json.loads(lines[-1][len(RESULT_PREFIX):])
+    res.setdefault("ok", True)
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def write_result(name: str, payload: dict[str, Any], args: Any, out_dir: Path = OUT_DIR) -> Path:
+    """Write ``out_dir/<name>.json`` with the common envelope (bench, schema, machine, args)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"bench": name, "schema": SCHEMA, "machine": machine(),
+           "args": vars(args) if hasattr(args, "__dict__") else dict(args), **payload}
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def fmt(s: Optional[dict[str, Any]], spec: str = ".2f", scale: float = 1.0) -> str:
+    """A summary as "median (min–max)"; "—" when not measured."""
+    if not s or not s.get("n") or s.get("median") is None:
+        return "—"
+    m, lo, hi = (s[k] * scale for k in ("median", "min", "max"))
+    if s["n"] == 1 or lo == hi:
+        return format(m, spec)
+    return f"{format(m, spec)} ({format(lo, spec)}–{format(hi, spec)})"
