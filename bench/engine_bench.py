@@ -64,7 +64,8 @@ def run_child(args: argparse.Namespace) -> dict:
         from rlkit.workers.vllm_engine import VLLMEngine
 
         engine = VLLMEngine(path, dtype=args.dtype, threads=args.threads, seed=0,
-                            max_model_len=max(len(p) for p in prompts) + args.new_tokens + 8)
+                            max_model_len=max(len(p) for p in prompts) + args.new_tokens + 8,
+                            multiprocess=args.multiprocess)
     else:
         from rlkit.workers.hf_engine import HFEngine
 
@@ -80,7 +81,8 @@ def run_child(args: argparse.Namespace) -> dict:
         tokens = sum(len(g.completion_ids) for g in gens)
         runs.append({"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)})
     engine.close()
-    return {"engine": args.child, "model": args.model, "dtype": args.dtype, "threads": args.threads,
+    name = args.child + ("-mp" if args.child == "vllm" and args.multiprocess else "")
+    return {"engine": name, "model": args.model, "dtype": args.dtype, "threads": args.threads,
             "shape": f"{args.prompts}x{args.samples}x{args.new_tokens}", "start_s": round(start_s, 1),
             "prompt_tokens_mean": round(sum(map(len, prompts)) / len(prompts), 1), "runs": runs}
 
@@ -95,6 +97,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--multiprocess", action="store_true", help="vLLM engine core in its own process")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -106,7 +109,7 @@ def main() -> None:
     for engine in args.engines.split(","):
         cmd = [sys.executable, __file__, "--child", engine] + [a for a in sys.argv[1:]]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])

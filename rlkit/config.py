@@ -93,7 +93,8 @@ class TrainConfig(Section):
     samples_per_prompt: int = Field(8, gt=0)
     seed: int = 0
     max_minutes: Optional[float] = None
-    """Stop after the first step that ends past this much training wall time."""
+    """Stop after the first step that ends past this much training time (the sum of step times;
+    evaluations and checkpoints excluded)."""
 
 
 class EvalConfig(Section):
@@ -103,6 +104,8 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(50, gt=0)
     at_start: bool = True
+    at_minutes: list[float] = []
+    """Also evaluate at the first step ending past each of these minutes of training time."""
 
 
 class CheckpointConfig(Section):

@@ -29,6 +29,10 @@ class TrainerState:
     carry: list = field(default_factory=list)
     """Dynamic sampling: kept groups not yet trained on, carried to the next step."""
     eval_base: dict = field(default_factory=dict)
+    marks_done: list = field(default_factory=list)
+    """``eval.at_minutes`` marks already evaluated."""
+    train_seconds: float = 0.0
+    """Training wall time so far (sum of step times; evaluations and checkpoints excluded)."""
 
 
 class Trainer:
@@ -82,30 +86,44 @@ class Trainer:
         timer = StageTimer()
         if self.state.step == 0 and cfg.eval.at_start and cfg.eval.num_problems:
             log.log(0, self.evaluate(base=True))
-        started = time.perf_counter()
         last: dict[str, float] = {}
+        evaluated = False
         while self.state.step < cfg.train.steps:
             t0 = time.perf_counter()
             last = self.step(timer)
             self.state.step += 1
             last.update(timer.pop())
             last["time/step"] = time.perf_counter() - t0
-            if cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0:
+            self.state.train_seconds += last["time/step"]
+            last["time/train_minutes"] = self.state.train_seconds / 60
+            evaluated = self._eval_due(last["time/step"] / 60)
+            if evaluated:
                 last.update(self.evaluate())
             log.log(self.state.step, last)
             progress.update(self.state.step, last)
             if cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0:
                 self.save()
-            if cfg.train.max_minutes and time.perf_counter() - started > 60 * cfg.train.max_minutes:
+            if cfg.train.max_minutes and self.state.train_seconds > 60 * cfg.train.max_minutes:
                 break
         progress.close()
-        if cfg.eval.num_problems and not (cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0):
+        if cfg.eval.num_problems and not evaluated:
             final = self.evaluate()
             log.log(self.state.step, final)
             last.update(final)
         self.save()
         log.close()
         return last
+
+    def _eval_due(self, step_minutes: float) -> bool:
+        """Evaluate every ``eval.every_steps`` steps, and for each mark of ``eval.at_minutes`` at the
+        last step that ends before it (the next step, as long as this one, would cross it); training
+        time is the sum of step times, evaluations excluded."""
+        e, now = self.cfg.eval, self.state.train_seconds / 60
+        if not e.num_problems:
+            return False
+        due = [m for m in e.at_minutes if m not in self.state.marks_done and now + step_minutes > m]
+        self.state.marks_done.extend(due)
+        return bool(due) or (bool(e.every_steps) and self.state.step % e.every_steps == 0)
 
     def step(self, timer) -> dict[str, float]:
         """One training step; returns its metrics."""

@@ -23,11 +23,11 @@ import torch
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 try:
     import vllm  # noqa: F401
-except Exception as exc:  # ImportError, or a broken build (e.g. the torchvision operator error)
+except Exception as exc:  # noqa: BLE001 - ImportError, or a broken build (torchvision operator error)
     pytest.skip(f"vllm not importable: {exc}", allow_module_level=True)
 
-from rlkit.workers.engine import SamplingConfig  # noqa: E402
-from rlkit.workers.vllm_engine import VLLMEngine  # noqa: E402
+from rlkit.workers.engine import SamplingConfig
+from rlkit.workers.vllm_engine import VLLMEngine
 
 pytestmark = pytest.mark.vllm
 
@@ -78,7 +78,11 @@ def engine(model_dir):
 def hf_logprobs(model, prompt: list[int], completion: list[int], sampling: SamplingConfig) -> torch.Tensor:
     """log softmax(top_p(top_k(z / T))) at each completion token, with transformers' own warpers."""
     from transformers.generation.logits_process import (
-        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     ids_1_L = torch.tensor([prompt + completion])
     z_T_V = model(ids_1_L).logits[0, len(prompt) - 1: -1].float()

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from torch import Tensor
 
@@ -58,7 +59,7 @@ def _worker_model(worker: Any) -> Any:
     return worker.model_runner.get_model()
 
 
-def _worker_set_support(worker: Any, temperature: Optional[float], top_k: int, top_p: float) -> None:
+def _worker_set_support(worker: Any, temperature: float | None, top_k: int, top_p: float) -> None:
     """Make ``compute_logits`` return top_p(top_k(z / T)) (or restore it when ``temperature`` is None)."""
     import torch
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
@@ -158,8 +159,8 @@ class VLLMEngine:
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "float32", max_model_len: int = 1024,
-                 seed: int = 0, threads: int = 1, kv_cache_gib: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: Optional[bool] = None,
+                 seed: int = 0, threads: int = 1, kv_cache_gib: int | None = None,
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None,
                  multiprocess: bool = False):
         import torch
 
@@ -193,7 +194,7 @@ class VLLMEngine:
         self._given_sums: dict[str, float] = {}
 
     @staticmethod
-    def _configure_env(on_gpu: bool, threads: int, kv_cache_gib: Optional[int], multiprocess: bool) -> None:
+    def _configure_env(on_gpu: bool, threads: int, kv_cache_gib: int | None, multiprocess: bool) -> None:
         """Environment vLLM reads at import / engine construction (process-wide by nature)."""
         os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach a model hub
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
@@ -334,7 +335,10 @@ class VLLMEngine:
             return
         llm.llm_engine.engine_core.shutdown()
         del llm
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        from vllm.distributed.parallel_state import (
+            destroy_distributed_environment,
+            destroy_model_parallel,
+        )
 
         destroy_model_parallel()
         destroy_distributed_environment()
