@@ -119,7 +119,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, threads: Optional[int] = None
 
     The roofline of the step-FLOP fractions: it is measured in the same run (same machine state,
     same thread count) as the figure it divides. One untimed warm-up call first (thread pool and
-    allocator), then ``repeats`` timed calls; returns a :func:`summary` of GFLOP/s plus n and threads.
+    allocator), then ``repeats`` timed calls; returns a :func:`summary` of GFLOP/s plus size and threads.
     """
     import torch
 
@@ -134,7 +134,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, threads: Optional[int] = None
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
         rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return {**summary(rates), "n": n, "threads": torch.get_num_threads()}
+    return {**summary(rates), "size": n, "threads": torch.get_num_threads()}
 
 
 def step_flops(params: int, *, generated: int, prefill: int, trained: int, extra_forward: int = 0) -> float:
@@ -185,28 +185,39 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def run_child(script: str, args: list[str], threads: int, timeout: Optional[float] = None,
-              log: Optional[Path] = None) -> dict[str, Any]:
-    """Run ``bench/<script> args`` in a fresh Python process; return its RESULT dict.
+def run_script(script: str, args: list[str], threads: int, timeout: Optional[float] = None,
+               log: Optional[Path] = None) -> tuple[Optional[int], str, str]:
+    """Run ``bench/<script> args`` in a fresh Python process (:func:`bench_env`); (exit code, stdout, stderr).
 
-    A failed or silent child gives ``{"ok": False, "error": ...}`` (with the tail of its output)
-    instead of raising, so one broken side still leaves the other side's numbers in the report.
+    A timeout gives exit code None and whatever output there was.
     """
     cmd = [sys.executable, str(BENCH_DIR / script), *args]
-    t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=bench_env(threads), capture_output=True, text=True, timeout=timeout,
                               cwd=str(ROOT))
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return {"ok": False, "error": f"timed out after {timeout} s", "tail": out[-2000:]}
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        rc, out, err = None, text(e.stdout), text(e.stderr) + f"\ntimed out after {timeout} s"
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode or not lines:
-        return {"ok": False, "error": f"exit {proc.returncode}", "tail": (proc.stdout + proc.stderr)[-3000:],
-                "wall_s": time.perf_counter() - t0}
+        log.write_text(out + "\n--- stderr ---\n" + err)
+    return rc, out, err
+
+
+def run_child(script: str, args: list[str], threads: int, timeout: Optional[float] = None,
+              log: Optional[Path] = None) -> dict[str, Any]:
+    """Run a bench child (``--child ...``) in a fresh process; return the dict of its RESULT line.
+
+    A failed, timed-out or silent child gives ``{"ok": False, "error": ..., "tail": ...}`` instead of
+    raising, so one broken side still leaves the other side's numbers in the report.
+    """
+    t0 = time.perf_counter()
+    rc, out, err = run_script(script, args, threads, timeout, log)
+    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if rc != 0 or not lines:
+        why = f"timed out after {timeout} s" if rc is None else f"exit {rc}"
+        return {"ok": False, "error": why, "tail": (out + err)[-3000:], "wall_s": time.perf_counter() - t0}
     res = json.loads(lines[-1][len(RESULT_PREFIX):])
     res.setdefault("ok", True)
     res["wall_s"] = time.perf_counter() - t0

@@ -100,7 +100,11 @@ def step_row(step: int, seconds: float, gen_s: float, prefill: int, generated: i
 
 
 def finish_side(side: str, steps: list[dict], params: int, probes: list[dict], **extra) -> dict[str, Any]:
-    """Summaries over steps 2..K (step 1 alone if K = 1), plus the raw per-step records."""
+    """Summaries over steps 2..K (step 1 alone if K = 1), plus the raw per-step records.
+
+    A figure that a step does not have (generation seconds of an overlapped step) is left out of
+    its summary, which may then be empty (n = 0, shown as "—").
+    """
     steady = steps[1:] or steps[:1]
     pick = lambda key: [s[key] for s in steady if s.get(key) is not None]  # noqa: E731
     gf = common.summary(v for p in probes for v in p["values"])
@@ -205,10 +209,13 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         probes.append(common.matmul_gflops(threads=args.threads))
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+    if not len(clock["end"]) == len(rec["gen_s"]) == len(rec["generated"]) == args.steps:
+        raise RuntimeError(f"TRL ran {len(clock['end'])} steps and {len(rec['gen_s'])} generation batches; the "
+                           f"timing assumes one generation batch per optimizer step ({args.steps} steps)")
     params = param_count(mdir)
     gflops = common.summary(v for p in probes for v in p["values"])["median"]
     steps = []
-    for i, (b, e) in enumerate(zip(clock["begin"], clock["end"])):
+    for i, (b, e) in enumerate(zip(clock["begin"], clock["end"], strict=True)):
         stages = {"generate": rec["gen_s"][i], "score": rec["score_s"][i],
                   "learn": (e - b) - rec["gen_s"][i] - rec["score_s"][i]}
         steps.append(step_row(i + 1, e - b, rec["gen_s"][i], rec["prefill"][i], rec["generated"][i],
@@ -289,13 +296,18 @@ def run_rlkit(args: argparse.Namespace, overlap: bool = False) -> dict[str, Any]
 def _rlkit_result(args, overlap, stale_seen, metrics, walls, seen, params, probes) -> dict[str, Any]:
     gflops = common.summary(v for p in probes for v in p["values"])["median"]
     steps = []
-    for i, (m, wall, rollouts) in enumerate(zip(metrics, walls, seen)):
+    for i, (m, wall, rollouts) in enumerate(zip(metrics, walls, seen, strict=True)):
         prefill = sum(len(r.prompt_ids) for r in rollouts)
         generated = sum(len(r.completion_ids) for r in rollouts)
         stages = {k[len("time/"):]: v for k, v in m.items() if k.startswith("time/")}
         # time/score is nested inside time/generate in Trainer.step: generation alone is the difference.
         gen_s = stages.get("generate", 0.0) - stages.get("score", 0.0)
         row = step_row(i + 1, wall, gen_s, prefill, generated, params, gflops, stages)
+        if overlap and stale_seen and i > 0:
+            # These samples were generated during the previous step's learning: the stage time is only
+            # the wait for them, so it gives no generation rate.
+            row["generate_s"], row["gen_tokens_per_s"] = None, None
+            row["generate_wait_s"] = gen_s
         row["staleness_mean"] = m.get("rollout/staleness_mean")
         row["sync"] = {k: m[k] for k in ("sync/seconds", "sync/bytes") if k in m}
         steps.append(row)

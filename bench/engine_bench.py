@@ -8,7 +8,8 @@ The demo shape of a GRPO step: 8 chat-templated arithmetic prompts, 8 samples ea
 tokens, temperature 1, fp32. Each engine runs in a fresh subprocess with the same thread count
 (``--threads``, default 2: the whole machine), one after the other, so neither competes with
 the other for cores or memory. Per engine: start-up seconds (construction, model load, vLLM's
-KV-cache set-up), one short warm-up call, then ``--repeats`` timed ``generate`` calls. Tokens/s
+KV-cache set-up), one short warm-up call, ``--repeats`` timed ``generate`` calls, then the time
+to load the model's full state back into the running engine in buckets (a weight sync). Tokens/s
 counts generated tokens only (EOS included, no padding), so the two engines are compared on
 the same work even though HF ``generate`` also computes the padded rows of finished sequences.
 """
@@ -50,6 +51,29 @@ def prompt_ids(path: Path, n_prompts: int) -> list[list[int]]:
     return out
 
 
+def time_sync(engine, path: Path, bucket_mb: int) -> float:
+    """Seconds to load the model's own full state into the running engine, in buckets of ``bucket_mb``."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    buckets, current, size = [], [], 0
+    for name, tensor in state.items():
+        current.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_mb * 2**20:
+            buckets.append(current)
+            current, size = [], 0
+    buckets += [current] if current else []
+    t0 = time.perf_counter()
+    for bucket in buckets:
+        engine.load_weights(bucket)
+    if hasattr(engine, "finish_weight_update"):
+        engine.finish_weight_update()
+    return time.perf_counter() - t0
+
+
 def run_child(args: argparse.Namespace) -> dict:
     """Time one engine in this process; return one result row."""
     import torch
@@ -80,11 +104,13 @@ def run_child(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - t0
         tokens = sum(len(g.completion_ids) for g in gens)
         runs.append({"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)})
+    sync_s = time_sync(engine, path, args.bucket_mb)
     engine.close()
     name = args.child + ("-mp" if args.child == "vllm" and args.multiprocess else "")
     return {"engine": name, "model": args.model, "dtype": args.dtype, "threads": args.threads,
             "shape": f"{args.prompts}x{args.samples}x{args.new_tokens}", "start_s": round(start_s, 1),
-            "prompt_tokens_mean": round(sum(map(len, prompts)) / len(prompts), 1), "runs": runs}
+            "prompt_tokens_mean": round(sum(map(len, prompts)) / len(prompts), 1), "runs": runs,
+            "sync_s": round(sync_s, 2)}
 
 
 def main() -> None:
@@ -97,6 +123,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--bucket-mb", type=int, default=64, help="weight-sync bucket size for the sync timing")
     ap.add_argument("--multiprocess", action="store_true", help="vLLM engine core in its own process")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -116,10 +143,11 @@ def main() -> None:
             raise SystemExit(f"engine {engine} failed (exit {proc.returncode})")
         rows.append(json.loads(lines[-1][len("RESULT "):]))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'engine':8} {'start s':>8} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
+    print(f"\n{'engine':8} {'start s':>8} {'sync s':>7} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
     for row in rows:
         for run in row["runs"]:
-            print(f"{row['engine']:8} {row['start_s']:8.1f} {run['tokens']:7d} {run['seconds']:8.2f} {run['tokens_per_s']:9.1f}")
+            print(f"{row['engine']:8} {row['start_s']:8.1f} {row['sync_s']:7.2f} {run['tokens']:7d}"
+                  f" {run['seconds']:8.2f} {run['tokens_per_s']:9.1f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))

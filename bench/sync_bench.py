@@ -13,9 +13,9 @@ included, is kept too.
 
 The reference, in this same process and run: ``dst.copy_(src)`` of two uint8 tensors of the same
 byte size (``--threads`` torch threads, and 1 thread), i.e. one read + one write of every byte;
-ratio = sync bytes/s ÷ memcpy bytes/s of the faster thread count (target ≥ 0.5). One breakdown run per bucket size splits a
-sync into the learner's part (clone + ``ray.put``) and the worker's part (``ray.get`` + load into
-the model, timed inside the worker). Writes ``bench/out/sync.json``.
+ratio = sync bytes/s ÷ memcpy bytes/s of the faster thread count (target ≥ 0.5). One breakdown run
+per bucket size splits a sync into the learner's part (clone + ``ray.put``) and the worker's part
+(``ray.get`` + load into the model, timed inside the worker). Writes ``bench/out/sync.json``.
 """
 
 from __future__ import annotations
@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny model, buckets 1/4/64 MiB, 3 repeats")
+    ap.add_argument("--ray-zero-copy", action="store_true",
+                    help="set RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1 in every Ray process (Ray ≥ 2.4x: torch tensors "
+                         "are read from the object store without a deserialization copy)")
     ap.add_argument("--out", default=str(common.OUT_DIR), help="folder of sync.json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
     args.weight_mb = int(sum(f.stat().st_size for f in Path(mdir).glob("*.safetensors")) / MiB) + 1
     # Before torch and Ray start: the actors inherit this environment (thread counts, offline).
     os.environ.update({k: v for k, v in common.bench_env(args.threads).items() if k != "PYTHONPATH"})
+    if args.ray_zero_copy:
+        os.environ["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"
     import torch
 
     torch.set_num_threads(args.threads)

@@ -91,7 +91,9 @@ class LearnerRank:
         self.rank, self.world, self.spec = rank, world, spec
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
-        torch.set_num_threads(spec.threads)
+        from rlkit.workers import claim_cpu
+
+        claim_cpu(spec.threads)
         random.seed(spec.seed + rank)
         np.random.seed(spec.seed + rank)
         torch.manual_seed(spec.seed)

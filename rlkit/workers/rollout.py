@@ -32,10 +32,9 @@ def make_engine(engine: str, model_dir: str, *, dtype: str, threads: int, seed: 
 class RolloutWorker:
     def __init__(self, model_dir: str, *, engine: str = "hf", dtype: str = "float32", threads: int = 1,
                  seed: int = 0, worker_index: int = 0, max_model_len: int = 1024):
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        import torch
+        from rlkit.workers import claim_cpu
 
-        torch.set_num_threads(threads)
+        claim_cpu(threads)
         self.engine = make_engine(engine, model_dir, dtype=dtype, threads=threads, seed=seed,
                                   max_model_len=max_model_len)
         self.worker_index = worker_index

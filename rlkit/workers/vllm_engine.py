@@ -31,7 +31,8 @@ Process model: by default the engine core runs in the caller's process
 ``if __name__ == "__main__"`` guard nor any Ray-specific setting is needed (inside a Ray actor or
 pytest it just works), buckets reach the model by reference (no copy), and no extra busy engine
 process competes for the cores. ``multiprocess=True`` keeps vLLM's default engine-core process
-(spawned: the launching script needs a ``__main__`` guard; buckets are pickled to it).
+(spawned: the launching script needs a ``__main__`` guard; each bucket is copied to bytes and
+sent to it).
 In-process, vLLM seeds the process's global RNGs with ``seed`` when the engine starts, and
 initializes a one-rank torch.distributed group (gloo on CPU) that ``close`` destroys again.
 """
@@ -44,83 +45,100 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from rlkit.workers.engine import Generation, SamplingConfig
 
-# ---------------------------------------------------------------------------------------------
-# Functions run inside vLLM's worker(s) through ``LLM.collective_rpc``. They take the worker as
-# first argument, live at module level so the multiprocess engine can unpickle them by name,
-# and import vLLM internals lazily.
-# ---------------------------------------------------------------------------------------------
+
+class RlkitWorkerExtension:
+    """Methods vLLM mixes into its worker class (``worker_extension_cls``), called by name through
+    ``LLM.collective_rpc``. Named methods, unlike pickled callables, also reach a multiprocess
+    engine core without ``VLLM_ALLOW_INSECURE_SERIALIZATION``. ``self`` is vLLM's worker; vLLM
+    is imported lazily.
+    """
+
+    _rlkit_reload_open = False
+
+    def _rlkit_model(self) -> Any:
+        return self.model_runner.get_model()
+
+    def rlkit_set_support(self, temperature: float | None, top_k: int, top_p: float) -> None:
+        """Make ``compute_logits`` return top_p(top_k(z / T)) (or restore it when ``temperature`` is None)."""
+        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+        model = self._rlkit_model()
+        model.__dict__.pop("compute_logits", None)  # the class method again
+        if temperature is None:
+            return
+        raw_compute_logits = model.compute_logits
+
+        def processed_compute_logits(hidden_states: Tensor) -> Tensor:
+            z_N_V = raw_compute_logits(hidden_states).float() / temperature
+            n = z_N_V.shape[0]
+            k_N = torch.full((n,), top_k, dtype=torch.long, device=z_N_V.device) if top_k > 0 else None
+            p_N = torch.full((n,), top_p, dtype=torch.float32, device=z_N_V.device) if top_p < 1.0 else None
+            return apply_top_k_top_p(z_N_V, k_N, p_N)
+
+        model.compute_logits = processed_compute_logits
+
+    def rlkit_load_bucket(self, named_tensors: Iterable[tuple[str, Tensor]]) -> dict[str, float]:
+        """Load one bucket of HF-named tensors into the open layerwise reload; return their float64 sums."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        model = self._rlkit_model()
+        tied = bool(getattr(self.model_config.hf_text_config, "tie_word_embeddings", False))
+        sums: dict[str, float] = {}
+
+        def tapped() -> Iterable[tuple[str, Tensor]]:
+            for name, tensor in named_tensors:
+                sums[name] = float(tensor.double().sum())
+                if tied and name == "lm_head.weight":
+                    continue  # a tied head is loaded from the embedding below (HF state_dicts carry both)
+                yield name, tensor
+                if tied and name.endswith("embed_tokens.weight"):
+                    # The reload re-creates each layer's parameters separately, so the head's tie to
+                    # the embedding does not survive it: without this the head keeps the old matrix.
+                    yield "lm_head.weight", tensor
+
+        with set_current_vllm_config(self.vllm_config):
+            if not self._rlkit_reload_open:
+                initialize_layerwise_reload(model)
+                self._rlkit_reload_open = True
+            model.load_weights(tapped())
+        return sums
+
+    def rlkit_load_packed_bucket(self, packed: list) -> dict[str, float]:
+        """``rlkit_load_bucket`` for a bucket packed by ``pack_bucket`` (multiprocess engine core)."""
+        return self.rlkit_load_bucket(unpack_bucket(packed))
+
+    def rlkit_finish_update(self) -> None:
+        """Process the layers whose pieces are complete but not yet packed, and close the reload."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        if not self._rlkit_reload_open:
+            return
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self._rlkit_model(), self.model_config)
+        self._rlkit_reload_open = False
 
 
-def _worker_model(worker: Any) -> Any:
-    return worker.model_runner.get_model()
+def pack_bucket(named_tensors: Iterable[tuple[str, Tensor]]) -> list[tuple[str, str, list[int], bytes]]:
+    """(name, dtype, shape, raw bytes) per tensor: what survives vLLM's msgpack RPC to another process
+    (its utility-call arguments arrive with tensors turned into nested lists)."""
+    out = []
+    for name, t in named_tensors:
+        t = t.detach().cpu().contiguous()
+        out.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes()))
+    return out
 
 
-def _worker_set_support(worker: Any, temperature: float | None, top_k: int, top_p: float) -> None:
-    """Make ``compute_logits`` return top_p(top_k(z / T)) (or restore it when ``temperature`` is None)."""
-    import torch
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
-
-    model = _worker_model(worker)
-    model.__dict__.pop("compute_logits", None)  # the class method again
-    if temperature is None:
-        return
-    raw_compute_logits = model.compute_logits
-
-    def processed_compute_logits(hidden_states: Tensor) -> Tensor:
-        z_N_V = raw_compute_logits(hidden_states).float() / temperature
-        n = z_N_V.shape[0]
-        k_N = torch.full((n,), top_k, dtype=torch.long, device=z_N_V.device) if top_k > 0 else None
-        p_N = torch.full((n,), top_p, dtype=torch.float32, device=z_N_V.device) if top_p < 1.0 else None
-        return apply_top_k_top_p(z_N_V, k_N, p_N)
-
-    model.compute_logits = processed_compute_logits
-
-
-def _worker_load_bucket(worker: Any, named_tensors: Iterable[tuple[str, Tensor]]) -> dict[str, float]:
-    """Load one bucket of HF-named tensors into the open layerwise reload; return their float64 sums."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-    model = _worker_model(worker)
-    tied = bool(getattr(worker.model_config.hf_text_config, "tie_word_embeddings", False))
-    sums: dict[str, float] = {}
-
-    def tapped() -> Iterable[tuple[str, Tensor]]:
-        for name, tensor in named_tensors:
-            sums[name] = float(tensor.double().sum())
-            if tied and name == "lm_head.weight":
-                continue  # a tied head is loaded from the embedding below (HF state_dicts carry both)
-            yield name, tensor
-            if tied and name.endswith("embed_tokens.weight"):
-                # The reload re-creates each layer's parameters separately, so the head's tie to
-                # the embedding does not survive it: without this the head keeps the old matrix.
-                yield "lm_head.weight", tensor
-
-    with set_current_vllm_config(worker.vllm_config):
-        if not getattr(worker, "_rlkit_reload_open", False):
-            initialize_layerwise_reload(model)
-            worker._rlkit_reload_open = True
-        model.load_weights(tapped())
-    return sums
-
-
-def _worker_finish_update(worker: Any) -> None:
-    """Process the layers whose pieces are complete but not yet packed, and close the reload."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-    if not getattr(worker, "_rlkit_reload_open", False):
-        return
-    with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(_worker_model(worker), worker.model_config)
-    worker._rlkit_reload_open = False
-
-
-# ---------------------------------------------------------------------------------------------
+def unpack_bucket(packed: list) -> list[tuple[str, Tensor]]:
+    """Inverse of ``pack_bucket``."""
+    return [(name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape))
+            for name, dtype, shape, raw in packed]
 
 
 def _eos_ids(model_dir: Path) -> list[int]:
@@ -162,8 +180,6 @@ class VLLMEngine:
                  seed: int = 0, threads: int = 1, kv_cache_gib: int | None = None,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None,
                  multiprocess: bool = False):
-        import torch
-
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         self.model_dir = Path(model_dir)
@@ -184,7 +200,8 @@ class VLLMEngine:
                 model=str(self.model_dir), dtype=dtype, max_model_len=max_model_len, seed=seed,
                 enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
                 gpu_memory_utilization=gpu_memory_utilization, skip_tokenizer_init=True,
-                logprobs_mode="processed_logprobs", enable_prefix_caching=True, **kwargs,
+                logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                worker_extension_cls=f"{__name__}.RlkitWorkerExtension", **kwargs,
             )
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op (it assumes it pinned
@@ -274,11 +291,11 @@ class VLLMEngine:
         self.finish_weight_update()
         # One decoded token per request is a by-product; its value is not used.
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, seed=0)
-        self._llm.collective_rpc(_worker_set_support, args=(sampling.temperature, sampling.top_k, sampling.top_p))
+        self._llm.collective_rpc("rlkit_set_support", args=(sampling.temperature, sampling.top_k, sampling.top_p))
         try:
             results = self._run(seqs, params)
         finally:
-            self._llm.collective_rpc(_worker_set_support, args=(None, 0, 1.0))
+            self._llm.collective_rpc("rlkit_set_support", args=(None, 0, 1.0))
         out = []
         for p, c, r in zip(prompt_ids, completion_ids, results):
             # prompt_logprobs[j] scores token j of the sequence given tokens < j (entry 0 is None).
@@ -292,10 +309,12 @@ class VLLMEngine:
         """Load HF-named tensors in place; a sync may be split over several calls (buckets).
 
         In-process the iterable is consumed inside the worker without a copy; with
-        ``multiprocess=True`` it is materialized and pickled to the engine core.
+        ``multiprocess=True`` each tensor is copied to bytes and sent to the engine core.
         """
-        bucket = list(named_tensors) if self.multiprocess else named_tensors
-        sums = self._llm.collective_rpc(_worker_load_bucket, args=(bucket,))
+        if self.multiprocess:
+            sums = self._llm.collective_rpc("rlkit_load_packed_bucket", args=(pack_bucket(named_tensors),))
+        else:
+            sums = self._llm.collective_rpc("rlkit_load_bucket", args=(named_tensors,))
         self._given_sums.update(sums[0])
         self._update_open = True
 
@@ -303,7 +322,7 @@ class VLLMEngine:
         """Close an open sync: pack the remaining layers and drop KV blocks of the old weights."""
         if not self._update_open:
             return
-        self._llm.collective_rpc(_worker_finish_update)
+        self._llm.collective_rpc("rlkit_finish_update")
         self._llm.reset_prefix_cache()
         self._update_open = False
 

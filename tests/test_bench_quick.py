@@ -1,0 +1,149 @@
+"""The benchmark harness at tiny sizes: the --quick modes run end to end and write well-formed JSON,
+and bench/report.py renders docs from it. No timing is asserted (the machine is shared and noisy);
+the checks are on structure, on counts that must agree between the two sides of a comparison, and
+on the arithmetic of the helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+
+
+def _strict_json(path: Path) -> dict:
+    """Parse refusing NaN/Infinity, which json.dumps writes but other readers reject."""
+    def bad(token):
+        raise ValueError(f"{path}: non-finite number {token}")
+
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], env=common.bench_env(2),
+                          capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _is_summary(s: dict, n_min: int = 1) -> bool:
+    return s["n"] >= n_min and s["min"] <= s["median"] <= s["max"] and len(s["values"]) == s["n"]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_summary_and_ratio_bounds():
+    s = common.summary([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert common.summary([])["median"] is None
+    # ratio of summaries: median/median, and conservative extremes num.min/den.max, num.max/den.min
+    r = common.ratio_summary(common.summary([1.0, 2.0, 3.0]), common.summary([4.0, 8.0]))
+    assert r["median"] == pytest.approx(2.0 / 6.0)
+    assert (r["min"], r["max"]) == (pytest.approx(1.0 / 8.0), pytest.approx(3.0 / 4.0))
+    assert common.fmt(common.summary([1.0, 2.0, 4.0]), ".1f") == "2.0 (1.0–4.0)"
+    assert common.fmt(None) == "—"
+
+
+def test_step_flops_counts():
+    # P = 1e6: 2·P·(10 prefill + 5 generated) + 6·P·15 trained + 2·P·15 extra = 30e6 + 90e6 + 30e6
+    assert common.step_flops(10**6, generated=5, prefill=10, trained=15, extra_forward=15) == pytest.approx(150e6)
+
+
+def test_matmul_probe_and_machine():
+    m = common.matmul_gflops(n=128, repeats=3, threads=1)
+    assert m["size"] == 128 and m["threads"] == 1 and _is_summary(m, 3) and m["min"] > 0
+    desc = common.machine()
+    assert desc["cores"] >= 1 and desc["torch"] and desc["date"][:2] == "20"
+
+
+def test_param_count_matches_torch(tiny_llama_dir):
+    from e2e_bench import param_count
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    # tied embeddings: parameters() yields the shared matrix once, as the file stores it once
+    assert param_count(tiny_llama_dir) == sum(p.numel() for p in model.parameters())
+
+
+def test_report_without_results_says_not_measured(tmp_path):
+    doc = tmp_path / "docs" / "benchmarks.md"
+    _run("report.py", "--results", str(tmp_path / "none"), "--doc", str(doc), timeout=120)
+    text = doc.read_text()
+    for name in ("e2e", "kl", "sync", "engine", "scaling", "rewards"):
+        assert f"bench/out/{name}.json" in text, name
+    assert text.count("not measured") >= 6
+
+
+# ---------------------------------------------------------------------------------------------- quick harness
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory):
+    """One run of each --quick harness into a shared results folder."""
+    out = tmp_path_factory.mktemp("bench-out")
+    _run("e2e_bench.py", "--quick", "--out", str(out))
+    _run("sync_bench.py", "--quick", "--out", str(out))
+    _run("scaling_bench.py", "--quick", "--multipliers", "1,2", "--out", str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_e2e_quick_json(quick_out):
+    doc = _strict_json(quick_out / "e2e.json")
+    assert doc["bench"] == "e2e" and doc["schema"] == common.SCHEMA and doc["args"]["quick"]
+    sides = {r["side"]: r for r in doc["results"]}
+    assert set(sides) == {"trl", "rlkit", "rlkit-overlap"}
+    trl, rl = sides["trl"], sides["rlkit"]
+    assert trl["ok"] and rl["ok"], (trl.get("error"), rl.get("error"))
+    for r in (trl, rl):
+        assert len(r["steps"]) == 2 and _is_summary(r["step_s"]) and r["params"] == trl["params"]
+        for s in r["steps"]:
+            # 4 prompts × 4 samples, at most 8 new tokens each
+            assert 16 <= s["generated_tokens"] <= 16 * 8
+            assert s["trained_tokens"] == s["prefill_tokens"] + s["generated_tokens"]
+            assert 0 < s["roofline_frac"] < 1
+    # the same prompts on both sides: same chat-templated prompt lengths over the run
+    assert trl["prompt_tokens_mean"] == pytest.approx(rl["prompt_tokens_mean"])
+    assert "rlkit/trl" in doc["ratios"] and doc["ratios"]["rlkit/trl"]["step_s"]["median"] > 0
+    ov = sides["rlkit-overlap"]
+    assert ov["ok"] and isinstance(ov["overlap_effective"], bool)
+
+
+@pytest.mark.slow
+def test_sync_quick_json(quick_out):
+    doc = _strict_json(quick_out / "sync.json")
+    assert doc["bench"] == "sync" and doc["bytes"] > 20 * 2**20  # the tiny model is ~26 MB in fp32
+    assert [r["bucket_mib"] for r in doc["buckets"]] == [1.0, 4.0, 64.0]
+    for r in doc["buckets"]:
+        assert r["bytes"] == doc["bytes"] and _is_summary(r["bytes_per_s"], 3)
+        assert r["breakdown"]["bytes"] == doc["bytes"] and r["breakdown"]["buckets"] >= 1
+    assert _is_summary(doc["memcpy"], 6)
+    assert doc["buckets"][0]["breakdown"]["buckets"] > doc["buckets"][-1]["breakdown"]["buckets"]
+
+
+@pytest.mark.slow
+def test_scaling_quick_json_and_report(quick_out, tmp_path):
+    doc = _strict_json(quick_out / "scaling.json")
+    pts = doc["points"]
+    assert [(p["kind"], p["prompts"], p["rollout_workers"]) for p in pts] == [
+        ("tokens", 2, 1), ("tokens", 4, 1), ("workers", 2, 2)]
+    assert all(p["ok"] for p in pts), [p.get("error") for p in pts]
+    assert pts[0]["efficiency"] == pytest.approx(1.0)
+    assert pts[1]["trained_tokens"]["median"] > 1.5 * pts[0]["trained_tokens"]["median"]
+    assert math.isfinite(pts[1]["efficiency"])
+    md = tmp_path / "docs" / "benchmarks.md"
+    _run("report.py", "--results", str(quick_out), "--doc", str(md), timeout=120)
+    text = md.read_text()
+    assert "quick mode" in text and "rlkit/trl" in text
+    for png in ("e2e_stages.png", "scaling_tokens.png", "scaling_workers.png"):
+        assert (md.parent / "img" / png).read_bytes()[:4] == b"\x89PNG", png
