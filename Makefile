@@ -6,7 +6,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv venv-vllm demo test test-fast bench bench-kl bench-rewards clean
+.PHONY: venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick clean
 
 venv:
 	@VENV=$(VENV) EXTRAS=dev bash launch/setup_venv.sh
@@ -24,13 +24,34 @@ test: venv
 test-fast: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: bench-kl bench-rewards
+# Benchmarks print ratios against baselines measured in the same run; docs/benchmarks.md is
+# regenerated from bench/out/*.json by bench-report. `make bench-quick` checks the harness at tiny size.
+bench: bench-collect bench-e2e bench-sync bench-scaling bench-report
 
 bench-kl: venv
 	$(PY) bench/kl_bench.py
 
 bench-rewards: venv
 	$(PY) bench/reward_bench.py
+
+bench-e2e: venv
+	$(PY) bench/e2e_bench.py $(ARGS)
+
+bench-sync: venv
+	$(PY) bench/sync_bench.py $(ARGS)
+
+bench-scaling: venv
+	$(PY) bench/scaling_bench.py $(ARGS)
+
+bench-collect: venv
+	$(PY) bench/report.py --collect kl,rewards,engine $(ARGS)
+
+bench-report: venv
+	$(PY) bench/report.py $(ARGS)
+
+bench-quick: venv
+	$(PY) bench/e2e_bench.py --quick && $(PY) bench/sync_bench.py --quick && \
+	$(PY) bench/scaling_bench.py --quick && $(PY) bench/report.py --collect kl,rewards,engine --quick
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache runs

@@ -342,6 +342,26 @@ def entropy_bonus(
                             num_seqs=num_seqs, max_response_len=max_response_len)
 
 
+def global_counts(inp) -> dict:
+    """The normalizers of ``agg_loss`` for one micro-batch of ``LossInputs`` (global counts)."""
+    return {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
+            "max_response_len": inp.max_response_len or None}
+
+
+def finish_loss(total: Tensor, metrics: dict, inp, *, entropy_coef: float, agg_mode: str,
+                who: str) -> tuple[Tensor, dict[str, float]]:
+    """Add −coef·agg(H) when ``entropy_coef`` ≠ 0 (spec §13.2), record ``loss``, return floats."""
+    if entropy_coef != 0.0:
+        if inp.entropy_B_T is None:
+            raise ValueError(f"{who} with entropy_coef != 0 needs the entropy pass")
+        ent = entropy_bonus(inp.entropy_B_T, inp.mask_B_T, coef=entropy_coef, agg_mode=agg_mode,
+                            **global_counts(inp))
+        total = total + ent
+        metrics["entropy_loss"] = ent.detach()
+    metrics["loss"] = total.detach()
+    return total, to_floats(metrics)
+
+
 def to_floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
     """Metrics dict of 0-dim tensors → plain Python floats (the ``Metrics`` type of ``base``)."""
     return {k: float(v) for k, v in metrics.items()}

@@ -31,12 +31,12 @@ from torch import Tensor
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
+    finish_loss, global_counts,
     AGG_MODES,
     agg_loss,
     broadcast_advantages,
     check_choice,
     clipped_surrogate,
-    entropy_bonus,
     group_advantages,
     to_floats,
 )
@@ -155,22 +155,14 @@ def dapo_loss(inp: LossInputs, cfg: DAPOConfig) -> tuple[Tensor, Metrics]:
     """agg_token-mean(clipped surrogate with ε_low/ε_high) − c_H·agg(H); no KL (spec §4.1–§4.2)."""
     if inp.old_logp_B_T is None:
         raise ValueError("DAPO loss needs old log-probs")
-    counts = {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
-              "max_response_len": inp.max_response_len or None}
+    counts = global_counts(inp)
     pg_B_T, m = clipped_surrogate(inp.logp_B_T, inp.old_logp_B_T, inp.advantages_B_T, inp.mask_B_T,
                                   clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                   dual_clip_c=cfg.dual_clip_c, log_ratio_clamp=cfg.log_ratio_clamp)
     total = agg_loss(pg_B_T, inp.mask_B_T, cfg.loss_agg_mode, **counts)
     metrics: dict[str, Tensor | float] = {**m, "pg_loss": total.detach()}
-    if cfg.entropy_coef != 0.0:
-        if inp.entropy_B_T is None:
-            raise ValueError("DAPO with entropy_coef != 0 needs the entropy pass")
-        ent = entropy_bonus(inp.entropy_B_T, inp.mask_B_T, coef=cfg.entropy_coef,
-                            agg_mode=cfg.loss_agg_mode, **counts)
-        total = total + ent
-        metrics["entropy_loss"] = ent.detach()
-    metrics["loss"] = total.detach()
-    return total, to_floats(metrics)
+    return finish_loss(total, metrics, inp, entropy_coef=cfg.entropy_coef, agg_mode=cfg.loss_agg_mode,
+                       who="DAPO")
 
 
 DAPO = register(Algorithm(

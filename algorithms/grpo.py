@@ -37,6 +37,7 @@ from rlkit.kl import IS_MODES, KINDS
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
+    finish_loss, global_counts,
     ADV_SCALES,
     AGG_MODES,
     SINGLETON_RULES,
@@ -44,7 +45,6 @@ from .common import (
     broadcast_advantages,
     check_choice,
     clipped_surrogate,
-    entropy_bonus,
     group_advantages,
     kl_in_reward,
     kl_loss_term,
@@ -138,8 +138,7 @@ def grpo_loss(inp: LossInputs, cfg: GRPOConfig) -> tuple[Tensor, Metrics]:
     Global normalization: ``inp.num_tokens_global`` / ``num_seqs_global`` are the counts of the whole
     optimizer step, so micro-batch losses sum to the full-batch loss. Shapes: [B, T] → 0-dim.
     """
-    counts = {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
-              "max_response_len": inp.max_response_len or None}
+    counts = global_counts(inp)
     if inp.old_logp_B_T is None:
         raise ValueError("GRPO loss needs old log-probs")
     pg_B_T, m = clipped_surrogate(inp.logp_B_T, inp.old_logp_B_T, inp.advantages_B_T, inp.mask_B_T,
@@ -157,15 +156,8 @@ def grpo_loss(inp: LossInputs, cfg: GRPOConfig) -> tuple[Tensor, Metrics]:
             log_ratio_clamp=cfg.kl_log_ratio_clamp, value_clamp=cfg.kl_value_clamp, **counts)
         total = total + cfg.beta * kl_loss
         metrics.update(kl_loss=kl_loss.detach(), kl_mean=kl_mean)
-    if cfg.entropy_coef != 0.0:
-        if inp.entropy_B_T is None:
-            raise ValueError("GRPO with entropy_coef != 0 needs the entropy pass")
-        ent = entropy_bonus(inp.entropy_B_T, inp.mask_B_T, coef=cfg.entropy_coef,
-                            agg_mode=cfg.loss_agg_mode, **counts)
-        total = total + ent
-        metrics["entropy_loss"] = ent.detach()
-    metrics["loss"] = total.detach()
-    return total, to_floats(metrics)
+    return finish_loss(total, metrics, inp, entropy_coef=cfg.entropy_coef, agg_mode=cfg.loss_agg_mode,
+                       who="GRPO")
 
 
 GRPO = register(Algorithm(

@@ -40,11 +40,12 @@ from rlkit.kl import kl_estimate
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
+    finish_loss,
+    global_counts,
     AGG_MODES,
     agg_loss,
     broadcast_advantages,
     check_choice,
-    entropy_bonus,
     group_advantages,
     masked,
     masked_mean,
@@ -203,20 +204,11 @@ def _advantages(inp: AdvantageInputs, cfg) -> tuple[Tensor, Metrics]:
 
 
 def _finish(tok: Tensor, m: dict, inp: LossInputs, cfg) -> tuple[Tensor, Metrics]:
-    counts = {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
-              "max_response_len": inp.max_response_len or None}
-    total = agg_loss(tok, inp.mask_B_T, cfg.loss_agg_mode, **counts)
+    total = agg_loss(tok, inp.mask_B_T, cfg.loss_agg_mode, **global_counts(inp))
     m = {k: v for k, v in m.items() if k != "selected_B_T"}
     m["pg_loss"] = total.detach()
-    if cfg.entropy_coef != 0.0:
-        if inp.entropy_B_T is None:
-            raise ValueError("entropy_coef != 0 needs the entropy pass")
-        ent = entropy_bonus(inp.entropy_B_T, inp.mask_B_T, coef=cfg.entropy_coef,
-                            agg_mode=cfg.loss_agg_mode, **counts)
-        total = total + ent
-        m["entropy_loss"] = ent.detach()
-    m["loss"] = total.detach()
-    return total, to_floats(m)
+    return finish_loss(total, m, inp, entropy_coef=cfg.entropy_coef, agg_mode=cfg.loss_agg_mode,
+                       who="KL-Cov/Clip-Cov")
 
 
 def kl_cov_loss(inp: LossInputs, cfg: KLCovConfig) -> tuple[Tensor, Metrics]:

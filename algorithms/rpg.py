@@ -46,12 +46,12 @@ from torch import Tensor
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
+    finish_loss, global_counts,
     AGG_MODES,
     agg_loss,
     broadcast_advantages,
     check_choice,
     clipped_surrogate,
-    entropy_bonus,
     kl_loss_term,
     masked,
     masked_mean,
@@ -200,8 +200,7 @@ def rpg_loss(inp: LossInputs, cfg: RPGConfig) -> tuple[Tensor, Metrics]:
     """One micro-batch of RPG in the configured form (module docstring; spec §5.2–§5.3)."""
     if inp.old_logp_B_T is None:
         raise ValueError("RPG loss needs old log-probs")
-    counts = {"num_tokens": inp.num_tokens_global, "num_seqs": inp.num_seqs_global,
-              "max_response_len": inp.max_response_len or None}
+    counts = global_counts(inp)
     metrics: dict[str, Tensor | float] = {}
     if cfg.style == "reinforce":
         tok, m = rpg_reinforce_token_loss(
@@ -226,15 +225,8 @@ def rpg_loss(inp: LossInputs, cfg: RPGConfig) -> tuple[Tensor, Metrics]:
                 value_clamp=cfg.kl_value_clamp, **counts)
             total = total + cfg.beta * kl_loss
             metrics.update(kl_loss=kl_loss.detach(), kl_mean=kl_mean)
-    if cfg.entropy_coef != 0.0:
-        if inp.entropy_B_T is None:
-            raise ValueError("RPG with entropy_coef != 0 needs the entropy pass")
-        ent = entropy_bonus(inp.entropy_B_T, inp.mask_B_T, coef=cfg.entropy_coef,
-                            agg_mode=cfg.loss_agg_mode, **counts)
-        total = total + ent
-        metrics["entropy_loss"] = ent.detach()
-    metrics["loss"] = total.detach()
-    return total, to_floats(metrics)
+    return finish_loss(total, metrics, inp, entropy_coef=cfg.entropy_coef, agg_mode=cfg.loss_agg_mode,
+                       who="RPG")
 
 
 RPG = register(Algorithm(

@@ -28,8 +28,12 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env = {"env_vars": {k: os.environ[k] for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR", "HF_HUB_OFFLINE",
-                                                  "RLKIT_CACHE", "TOKENIZERS_PARALLELISM") if k in os.environ}}
+    # Weight buckets are read straight from the object store's shared memory (no deserialization
+    # copy); engines copy them into their parameters once.
+    os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
+    env = {"env_vars": {k: os.environ[k] for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "RLKIT_CACHE",
+                                                  "TOKENIZERS_PARALLELISM", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS")
+                        if k in os.environ}}
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, runtime_env=env, log_to_driver=True)
     else:

@@ -317,7 +317,8 @@ class LearnerRank:
         if hasattr(model, "merge_and_unload"):
             named = _merged_lora_state(model)
         else:
-            named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+            # No clone: ray.put serializes each bucket into the object store, which is the one copy.
+            named = [(n, p.detach()) for n, p in model.named_parameters()]
         buckets, cur, size = [], [], 0
         for name, t in named:
             cur.append((name, t))
