@@ -68,7 +68,8 @@ class Runtime:
             micro_batch_size=l.micro_batch_size, chunk_size=l.chunk_size, lr=l.lr,
             weight_decay=l.weight_decay, betas=tuple(l.betas), max_grad_norm=l.max_grad_norm,
             lr_schedule=l.lr_schedule, warmup_steps=l.warmup_steps, total_steps=max(1, cfg.train.steps),
-            updates_per_step=l.updates_per_step, critic_lr=l.critic_lr, max_response_len=r.max_new_tokens, temperature=r.temperature, tis_cap=l.tis_cap,
+            updates_per_step=l.updates_per_step, critic_lr=l.critic_lr, max_response_len=r.max_new_tokens,
+            top_p=r.top_p, top_k=r.top_k, temperature=r.temperature, tis_cap=l.tis_cap,
             freeze_embeddings=cfg.model.freeze_embeddings, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=l.lora.model_dump(),
             ref_dir=ref_dir, teacher_dir=teacher_dir, seed=cfg.train.seed,
         )

@@ -11,23 +11,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from rlkit.logprobs import support_logprobs
 from rlkit.workers.engine import Generation, SamplingConfig
-
-
-def support_logprobs(logits_N_V: Tensor, sampling: SamplingConfig) -> Tensor:
-    """log-softmax over the sampler's support: logits / T, then top-k and top-p truncation."""
-    z = logits_N_V.float() / sampling.temperature
-    if sampling.top_k and sampling.top_k < z.shape[-1]:
-        kth = torch.topk(z, sampling.top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
-        probs = sorted_z.softmax(-1)
-        # Drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token).
-        drop_sorted = (probs.cumsum(-1) - probs) >= sampling.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        z = z.masked_fill(drop, float("-inf"))
-    return torch.log_softmax(z, dim=-1)
 
 
 class HFEngine:

@@ -47,6 +47,8 @@ class LearnerSpec:
     updates_per_step: int = 1
     max_response_len: int = 1
     temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
     tis_cap: Optional[float] = None
     freeze_embeddings: bool = False
     gradient_checkpointing: bool = False
@@ -112,6 +114,11 @@ class LearnerRank:
             self.critic = Critic(spec.model_dir, lr=spec.critic_lr, max_grad_norm=spec.max_grad_norm, seed=spec.seed)
         self.batch: Optional[TrainBatch] = None
         self.version = 0
+        # The sampler's truncated support, when it used top-k/top-p (log-prob contract).
+        from rlkit.workers.engine import SamplingConfig
+
+        self.truncation = (SamplingConfig(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k)
+                           if spec.top_k or spec.top_p < 1.0 else None)
 
     def _init_engine(self):
         import deepspeed
@@ -164,7 +171,8 @@ class LearnerRank:
         b, s, out = self.batch, self.spec, {}
         kw = dict(temperature=s.temperature, chunk_size=s.chunk_size)
         if self.needs.old_logp and s.updates_per_step > 1:
-            out["old_logp"] = self._in_micro_batches(lambda mb: token_stats(self.engine.module, mb, **kw)["logp"])
+            out["old_logp"] = self._in_micro_batches(
+                lambda mb: token_stats(self.engine.module, mb, truncation=self.truncation, **kw)["logp"])
         if self.ref is not None and (self.needs.ref_logp or self.needs.pairs):
             out["ref_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw)["logp"])
         phi = self.needs.ref_temper_phi
@@ -249,7 +257,7 @@ class LearnerRank:
         s = self.spec
         stats = token_stats(
             self.engine.module, micro, temperature=s.temperature, chunk_size=s.chunk_size, with_entropy=True,
-            ref_model=self.ref if self.needs.ref_full_kl else None,
+            ref_model=self.ref if self.needs.ref_full_kl else None, truncation=self.truncation,
         )
         logp, mask = stats["logp"], micro.response_mask_B_T
         old = micro.extras.get("old_logp", logp.detach())

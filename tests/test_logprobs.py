@@ -1,0 +1,67 @@
+"""The learner's per-token log-probs equal a plain full-logits computation on the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlkit.logprobs import support_logprobs, token_stats
+from rlkit.types import Rollout, collate
+from rlkit.workers.engine import SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from rlkit.assets import tiny_model_dir
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp_path_factory.mktemp("m") / "m"))
+    with torch.no_grad():  # sharper than the near-uniform init, so top-k/top-p cut somewhere real
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model.eval()
+
+
+def _batch(model):
+    """Random prompts; each completion token drawn among the model's 3 most likely, so the tokens
+    sit inside every support tested here, as sampled tokens do."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i, (p, c) in enumerate([(5, 7), (9, 3), (4, 10)]):
+        ids = torch.randint(10, 5000, (p,), generator=g).tolist()
+        for _ in range(c):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            top = torch.topk(logits, 3).indices
+            ids.append(int(top[torch.randint(0, 3, (1,), generator=g)]))
+        rows.append(Rollout(ids[:p], ids[p:], [0.0] * c, "length", 0, i, i))
+    return collate(rows, [0.0] * 3, pad_id=0, version=0)
+
+
+def _reference(model, batch, sampling):
+    """Slow and obvious: one full forward per row, log-probs over the sampler's support."""
+    out = torch.zeros(batch.response_mask_B_T.shape)
+    for b in range(batch.size):
+        p, n = int(batch.prompt_len_B[b]), int(batch.response_mask_B_T[b].sum())
+        ids = batch.input_ids_B_L[b, : p + n][None]
+        logits = model(input_ids=ids).logits[0, p - 1: p + n - 1]
+        out[b, :n] = support_logprobs(logits, sampling).gather(-1, ids[0, p:, None]).squeeze(-1)
+    return out
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0.7), SamplingConfig(temperature=1.0, top_k=50),
+                                      SamplingConfig(temperature=1.3, top_p=0.8)], ids=["temp", "topk", "topp"])
+def test_token_stats_match_full_logits(tiny, sampling):
+    batch = _batch(tiny)
+    trunc = sampling if (sampling.top_k or sampling.top_p < 1) else None
+    with torch.no_grad():
+        got = token_stats(tiny, batch, temperature=sampling.temperature, chunk_size=2, with_entropy=True,
+                          truncation=trunc)
+    want = _reference(tiny, batch, sampling)
+    mask = batch.response_mask_B_T.bool()
+    finite = torch.isfinite(want) & mask
+    assert finite.any()
+    torch.testing.assert_close(got["logp"][finite], want[finite], rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.isfinite(got["logp"]) | ~mask, torch.isfinite(want) | ~mask)
+    assert (got["logp"][~mask] == 0).all() and (got["entropy"][mask] >= 0).all()
