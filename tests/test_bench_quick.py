@@ -97,7 +97,7 @@ def quick_out(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_e2e_quick_json(quick_out):
     doc = _strict_json(quick_out / "e2e.json")
     assert doc["bench"] == "e2e" and doc["schema"] == common.SCHEMA and doc["args"]["quick"]
@@ -119,7 +119,7 @@ def test_e2e_quick_json(quick_out):
     assert ov["ok"] and isinstance(ov["overlap_effective"], bool)
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_sync_quick_json(quick_out):
     doc = _strict_json(quick_out / "sync.json")
     assert doc["bench"] == "sync" and doc["bytes"] > 20 * 2**20  # the tiny model is ~26 MB in fp32
@@ -131,7 +131,7 @@ def test_sync_quick_json(quick_out):
     assert doc["buckets"][0]["breakdown"]["buckets"] > doc["buckets"][-1]["breakdown"]["buckets"]
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_scaling_quick_json_and_report(quick_out, tmp_path):
     doc = _strict_json(quick_out / "scaling.json")
     pts = doc["points"]
