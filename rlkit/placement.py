@@ -181,7 +181,7 @@ class Placement:
             out["resources"] = dict(s.custom)
         return out
 
-    def master_endpoint(self, timeout_s: float = 60.0) -> tuple[str, int]:
+    def master_endpoint(self, timeout_s: float = 300.0) -> tuple[str, int]:
         """(node IP, free port) of learner rank 0's bundle: MASTER_ADDR / MASTER_PORT for the group.
 
         A one-off task runs in rank 0's bundle, hence on rank 0's node, before any rank exists

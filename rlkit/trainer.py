@@ -95,7 +95,7 @@ class Trainer:
             last.update(timer.pop())
             last["time/step"] = time.perf_counter() - t0
             self.state.train_seconds += last["time/step"]
-            last["time/train_minutes"] = self.state.train_seconds / 60
+            last["progress/train_minutes"] = self.state.train_seconds / 60
             evaluated = self._eval_due(last["time/step"] / 60)
             if evaluated:
                 last.update(self.evaluate())
@@ -245,7 +245,9 @@ class Trainer:
         ex = batch.extras
         inputs = AdvantageInputs(
             rewards_B=batch.rewards_B, group_ids_B=batch.group_ids_B, mask_B_T=batch.response_mask_B_T,
-            old_logp_B_T=ex.get("old_logp"), ref_logp_B_T=ex.get("ref_logp"),
+            # π_old: the learner's recomputation when it ran (several updates per step), else the
+            # sampler's own log-probs of the same tokens (equal up to the logged gap/kl).
+            old_logp_B_T=ex.get("old_logp", batch.sampler_logp_B_T), ref_logp_B_T=ex.get("ref_logp"),
             ref_tempered_logp_B_T=ex.get("ref_tempered_logp"),
             teacher_logp_B_T=ex.get("teacher_logp"), values_B_T=ex.get("values"), truncated_B=batch.truncated_B,
             controller=self.controller.values() if self.controller else {},

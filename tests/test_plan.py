@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from rlkit.config import ConfigError
+
 from rlkit.config import load_config
 from rlkit.placement import MIN_CPU, layout
 from rlkit.plan import format_plan, main_plan, model_sizes, plan
@@ -67,14 +69,16 @@ def test_valid_plan_batch_memory_sync_and_placement():
         assert needle in text, needle
 
 
-def test_zero3_bf16_and_lora_accounting():
-    cfg = _cfg(*DECLARED, "learner.num_ranks=4", "learner.zero_stage=3", "model.dtype=bfloat16",
+def test_zero2_bf16_and_lora_accounting():
+    cfg = _cfg(*DECLARED, "learner.num_ranks=4", "learner.zero_stage=2", "model.dtype=bfloat16",
                "train.prompts_per_step=4")
     r = plan(cfg, prompt_len=10)
     psi = 134_515_008
     m = r.memory["learner"]
-    # Mixed precision (ZeRO paper): 2Ψ weights, 2Ψ grads, 12Ψ optimizer (fp32 master + 2 moments), all /N.
-    assert (m.weights, m.grads, m.optimizer) == (2 * psi / 4, 2 * psi / 4, 12 * psi / 4)
+    # Mixed precision (ZeRO paper), stage 2: 2Ψ weights whole, 2Ψ grads and 12Ψ optimizer state /N.
+    assert (m.weights, m.grads, m.optimizer) == (2 * psi, 2 * psi / 4, 12 * psi / 4)
+    with pytest.raises(ConfigError, match="zero_stage 3 is not supported"):
+        _cfg(*DECLARED, "learner.zero_stage=3")
     lora = plan(_cfg(*DECLARED, "learner.lora.enabled=true", "learner.lora.r=8"), prompt_len=10)
     # q, k, v, o adapters: r·(in + out) with q/o 576↔576 and k/v 576→192, over 30 layers.
     assert lora.trainable == 30 * 8 * ((576 + 576) * 2 + (576 + 192) * 2)
