@@ -4,7 +4,7 @@
     .venv/bin/python bench/e2e_bench.py --steps 5       # more steps (step 1 is reported as warm-up)
     .venv/bin/python bench/e2e_bench.py --quick         # tiny random Llama, 2 steps, 4 × 4, 8 tokens
 
-The workload of ``/work/shared/research/trl-baseline.md`` §2 on both sides: the same prompts (rlkit's
+The TRL baseline workload (SmolLM2-135M, 1–2-digit +/− problems) on both sides: the same prompts (rlkit's
 arithmetic generator: both sides train on the first ``steps × prompts`` rows of rlkit's
 ``PromptSampler``, as chat messages rendered by the same chat template), the same sampling
 (temperature 1, top-p 1, top-k 0, ``--new-tokens``), the same reward (``rlkit.rewards.math_answer``),
