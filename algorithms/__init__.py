@@ -8,12 +8,8 @@ import importlib
 
 from .base import Algorithm, AdvantageInputs, LossInputs, Needs, PairLossInputs, get, names
 
-# Each module registers itself on import. A module still missing is skipped, not fatal.
+# Each module registers itself on import (kl_cov registers both kl_cov and clip_cov).
 for _mod in ("grpo", "dapo", "rpg", "kl_cov", "pmd_mean", "exopd", "rapo", "safe", "fdpo", "tdpo"):
-    try:
-        importlib.import_module(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_mod}":
-            raise
+    importlib.import_module(f"{__name__}.{_mod}")
 
 __all__ = ["Algorithm", "AdvantageInputs", "LossInputs", "Needs", "PairLossInputs", "get", "names"]
