@@ -15,7 +15,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional, Protocol
 
-import torch
 from torch import Tensor
 
 Metrics = dict[str, float]
@@ -182,11 +181,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def as_float_tensor(x: Tensor) -> Tensor:
-    return x if x.is_floating_point() else x.float()
-
-
 __all__ = [
     "Algorithm", "AdvantageInputs", "Controller", "LossInputs", "Metrics", "Needs",
-    "PairLossInputs", "get", "names", "register", "torch",
+    "PairLossInputs", "get", "names", "register",
 ]

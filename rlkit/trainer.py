@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -127,7 +127,7 @@ class Trainer:
 
     def step(self, timer) -> dict[str, float]:
         """One training step; returns its metrics."""
-        cfg, rt = self.cfg, self.runtime
+        rt = self.runtime
         with timer("generate"):
             if self.pair_file:
                 groups, reward_metrics = self._file_pairs(), {}

@@ -6,7 +6,7 @@ Shapes: B sequences in a step, T the padded response length, L the padded prompt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -111,14 +111,3 @@ def collate(rollouts: list[Rollout], rewards: list[float], pad_id: int, version:
         truncated_B=torch.tensor([r.finish_reason == "length" for r in rollouts]),
         staleness_B=torch.tensor([version - r.policy_version for r in rollouts], dtype=torch.long),
     )
-
-
-def to_plain(obj: Any) -> Any:
-    """Tensors → lists, for JSON."""
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    return obj
