@@ -65,15 +65,14 @@ def token_stats(model, batch: TrainBatch, *, temperature: float, chunk_size: int
     if truncation is not None and ref_model is not None:
         raise ValueError("exact full-vocabulary KL with top-k/top-p sampling is not supported")
     backbone, weight, bias = split_lm(model)
-    hidden_B_L_D = backbone(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_mask_B_L).last_hidden_state
     sel_B_L, labels_N = response_positions(batch)
-    hidden_N_D = hidden_B_L_D[sel_B_L]
+    hidden_N_D = response_hidden(backbone, batch, sel_B_L)
     ref_kwargs = {}
     if ref_model is not None:
         ref_backbone, ref_weight, _ = split_lm(ref_model)
         with torch.no_grad():
-            ref_h = ref_backbone(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_mask_B_L).last_hidden_state
-        ref_kwargs = dict(ref_hidden_N_D=ref_h[sel_B_L], ref_weight_V_D=ref_weight.detach(), kl_direction="forward")
+            ref_h = response_hidden(ref_backbone, batch, sel_B_L)
+        ref_kwargs = dict(ref_hidden_N_D=ref_h, ref_weight_V_D=ref_weight.detach(), kl_direction="forward")
     if truncation is not None and (truncation.top_k or truncation.top_p < 1.0):
         out = _truncated_stats(hidden_N_D, weight, bias, labels_N, truncation)
     else:
@@ -88,6 +87,69 @@ def token_stats(model, batch: TrainBatch, *, temperature: float, chunk_size: int
     if ref_model is not None and out.kl_N is not None:
         result["ref_full_kl"] = _scatter(out.kl_N, mask)
     return result
+
+
+def response_hidden(backbone, batch: TrainBatch, sel_B_L: Tensor) -> Tensor:
+    """Final hidden states [N, D] at the positions that score response tokens (``sel_B_L`` order).
+
+    Rows sharing a prompt (a GRPO group) share one forward of that prompt: its KV cache is computed
+    once and repeated for every row, and only the responses run per row. Gradients flow back through
+    the shared cache, so this is the same computation as one full forward per row (up to float
+    summation order). It is used when it saves work; gradient checkpointing (which drops the cache)
+    and batches without repeated prompts take a plain full forward.
+    """
+    plan = _shared_prompt_plan(batch)
+    if plan is None or getattr(backbone, "is_gradient_checkpointing", False):
+        return backbone(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_mask_B_L).last_hidden_state[sel_B_L]
+    from transformers import DynamicCache
+
+    prompts, row_prompt_B, n_B = plan
+    plen_B = batch.prompt_len_B
+    # Prefix: every distinct prompt but its last token, left-padded, once.
+    width = max(len(p) for p in prompts) - 1
+    cache = DynamicCache(config=backbone.config)
+    pre_mask_U_W = torch.zeros(len(prompts), width, dtype=torch.long)
+    if width > 0:
+        pre_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for u, p in enumerate(prompts):
+            if len(p) > 1:
+                pre_ids[u, width - len(p) + 1:] = torch.tensor(p[:-1])
+                pre_mask_U_W[u, width - len(p) + 1:] = 1
+        pre_pos = (pre_mask_U_W.cumsum(-1) - 1).clamp(min=0)
+        backbone(input_ids=pre_ids, attention_mask=pre_mask_U_W, position_ids=pre_pos, past_key_values=cache,
+                 use_cache=True)
+        cache.batch_select_indices(row_prompt_B)
+    # Suffix per row: the prompt's last token, then the response but its last token.
+    S = max(int(n_B.max()), 1)
+    B = batch.size
+    pos_S = torch.arange(S)
+    take_B_S = (pos_S[None, :] < n_B[:, None].clamp(min=1))
+    src_B_S = (plen_B - 1)[:, None] + pos_S[None, :]
+    suf_ids = torch.where(take_B_S, batch.input_ids_B_L.gather(1, src_B_S.clamp(max=batch.input_ids_B_L.shape[1] - 1)), 0)
+    mask = torch.cat([pre_mask_U_W[row_prompt_B], take_B_S.long()], dim=1)
+    out = backbone(input_ids=suf_ids, attention_mask=mask, position_ids=src_B_S, past_key_values=cache,
+                   use_cache=True).last_hidden_state
+    assert out.shape[:2] == (B, S)
+    return out[pos_S[None, :] < n_B[:, None]]
+
+
+def _shared_prompt_plan(batch: TrainBatch):
+    """(distinct prompts, row → prompt index [B], response lengths [B]) when sharing prompts saves
+    at least a quarter of the token positions of a full forward; else None."""
+    B, L = batch.input_ids_B_L.shape
+    if B < 2:
+        return None
+    index: dict[tuple[int, ...], int] = {}
+    row_prompt = []
+    for b in range(B):
+        key = tuple(batch.input_ids_B_L[b, : int(batch.prompt_len_B[b])].tolist())
+        row_prompt.append(index.setdefault(key, len(index)))
+    n_B = batch.response_mask_B_T.sum(-1).long()
+    prompts = list(index)
+    shared_cost = len(prompts) * (max(len(p) for p in prompts) - 1) + B * max(int(n_B.max()), 1)
+    if shared_cost > 0.75 * B * L:
+        return None
+    return prompts, torch.tensor(row_prompt, dtype=torch.long), n_B
 
 
 def _scatter(values_N: Tensor, mask_B_T: Tensor) -> Tensor:

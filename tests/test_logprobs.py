@@ -65,3 +65,45 @@ def test_token_stats_match_full_logits(tiny, sampling):
     torch.testing.assert_close(got["logp"][finite], want[finite], rtol=1e-4, atol=1e-4)
     assert torch.equal(torch.isfinite(got["logp"]) | ~mask, torch.isfinite(want) | ~mask)
     assert (got["logp"][~mask] == 0).all() and (got["entropy"][mask] >= 0).all()
+
+
+def _group_batch():
+    """Two GRPO groups (prompts of 6 and 11 tokens, one of a single token) with responses of
+    different lengths, so rows share prompts and the shared-prompt forward is taken."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for gid, (p, lengths) in enumerate([(6, (5, 2, 9, 1)), (11, (3, 8, 8, 4)), (1, (4, 6))]):
+        prompt = torch.randint(10, 5000, (p,), generator=g).tolist()
+        for n in lengths:
+            rows.append(Rollout(prompt, torch.randint(10, 5000, (n,), generator=g).tolist(), [0.0] * n, "length",
+                                0, gid, gid))
+    return collate(rows, [0.0] * len(rows), pad_id=0, version=0)
+
+
+def test_shared_prompt_forward_equals_full_forward_with_gradients(tiny):
+    from rlkit.logprobs import _shared_prompt_plan
+
+    batch = _group_batch()
+    assert _shared_prompt_plan(batch) is not None
+    sampling = SamplingConfig(temperature=0.9)
+    model = tiny.train()
+    try:
+        got = token_stats(model, batch, temperature=0.9, chunk_size=4)["logp"]
+        mask = batch.response_mask_B_T
+        (got * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        # The reference: one full forward per row, no sharing.
+        want = torch.zeros_like(got)
+        for b in range(batch.size):
+            p, n = int(batch.prompt_len_B[b]), int(mask[b].sum())
+            ids = batch.input_ids_B_L[b, : p + n][None]
+            logits = model(input_ids=ids).logits[0, p - 1: p + n - 1]
+            want[b, :n] = support_logprobs(logits, sampling).gather(-1, ids[0, p:, None]).squeeze(-1)
+        (want * mask).sum().backward()
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    finally:
+        model.zero_grad()
+        model.eval()

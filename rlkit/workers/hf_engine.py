@@ -1,7 +1,11 @@
 """Hugging Face ``generate`` behind the engine contract (the fallback next to vLLM).
 
-Log-probs of sampled tokens come from ``output_scores``: the scores after the logits processors
-(temperature, top-k, top-p), i.e. the processed distribution the token was drawn from.
+The decoding loop is ours, on the model's own forward and ``DynamicCache``: each prompt is prefilled
+once for all of its samples, finished rows leave the batch, and tokens are drawn from
+:func:`rlkit.logprobs.support_logprobs` (temperature, top-k, top-p), the distribution the learner
+scores, so a sampled token's log-prob is exactly the processed distribution it was drawn from.
+Measured at the demo's shape (8 prompts x 8 samples x 48 tokens, SmolLM2, 2 threads) this is faster
+than ``generate``, which prefills every sample and spends ~90 ms per step in ``torch.multinomial``.
 """
 
 from __future__ import annotations
@@ -40,11 +44,11 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, seed: int) -> list[Generation]:
-        flat = [p for p in prompt_ids for _ in range(n)]
+        rng = torch.Generator().manual_seed(seed)
+        per_batch = max(1, self.batch_size // max(n, 1))
         out: list[Generation] = []
-        torch.manual_seed(seed)
-        for start in range(0, len(flat), self.batch_size):
-            out.extend(self._generate_batch(flat[start:start + self.batch_size], sampling, greedy=False))
+        for start in range(0, len(prompt_ids), per_batch):
+            out.extend(self._decode(prompt_ids[start:start + per_batch], n, sampling, rng))
         return out
 
     @torch.no_grad()
@@ -52,34 +56,65 @@ class HFEngine:
         sampling = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens)
         out: list[Generation] = []
         for start in range(0, len(prompt_ids), self.batch_size):
-            out.extend(self._generate_batch(prompt_ids[start:start + self.batch_size], sampling, greedy=True))
+            out.extend(self._decode(prompt_ids[start:start + self.batch_size], 1, sampling, None))
         return out
 
-    def _generate_batch(self, seqs: list[list[int]], sampling: SamplingConfig, greedy: bool) -> list[Generation]:
-        ids, attn = self._left_pad(seqs)
-        from transformers import GenerationConfig
+    def _decode(self, prompts: list[list[int]], n: int, sampling: SamplingConfig,
+                rng: torch.Generator | None) -> list[Generation]:
+        """``n`` completions per prompt (greedy when ``rng`` is None), prompt-major.
 
-        # A fresh GenerationConfig: no defaults inherited from the model folder (top_k=50 etc.).
-        gen_cfg = GenerationConfig(
-            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
-            max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-            output_scores=True, return_dict_in_generate=True,
-        )
-        res = self.model.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg)
-        new = res.sequences[:, ids.shape[1]:]
-        scores = torch.stack(res.scores, dim=1) if res.scores else torch.zeros(len(seqs), 0, 1)
-        logp = torch.log_softmax(scores.float(), dim=-1).gather(-1, new[:, : scores.shape[1], None]).squeeze(-1)
-        gens = []
-        for i, prompt in enumerate(seqs):
-            toks = new[i].tolist()
-            stop = toks.index(self.eos_id) + 1 if self.eos_id in toks else None
-            keep = toks[:stop] if stop else toks
-            gens.append(Generation(
-                prompt_ids=list(prompt), completion_ids=keep, logprobs=logp[i, : len(keep)].tolist(),
-                finish_reason="stop" if stop else "length",
-            ))
-        return gens
+        Each prompt is prefilled once and its KV cache repeated for its ``n`` samples; rows leave
+        the batch as soon as they emit EOS. Tokens are drawn by inverse-CDF sampling from
+        :func:`support_logprobs` (temperature, top-k, top-p): the same support the learner scores.
+        """
+        from transformers import DynamicCache
+
+        ids, attn = self._left_pad(prompts)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        if ids.shape[1] > 1:  # prefill all but the last prompt token, once per prompt
+            backbone = getattr(self.model, self.model.base_model_prefix)
+            backbone(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
+                     past_key_values=cache, use_cache=True)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            ids, attn, pos = (t.repeat_interleave(n, dim=0) for t in (ids, attn, pos))
+        rows = ids.shape[0]
+        alive = torch.arange(rows)
+        step_ids, step_pos = ids[:, -1:], pos[:, -1:]
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logps: list[list[float]] = [[] for _ in range(rows)]
+        stopped = [False] * rows
+        for _ in range(sampling.max_new_tokens):
+            logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            if rng is None:
+                lp = torch.log_softmax(logits, dim=-1)
+                nxt = lp.argmax(-1)
+            else:
+                lp = support_logprobs(logits, sampling)
+                cdf = lp.double().exp().cumsum(-1)
+                u = torch.rand(cdf.shape[0], 1, generator=rng, dtype=torch.float64) * cdf[:, -1:]
+                nxt = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=lp.shape[-1] - 1)
+            nxt_lp = lp.gather(-1, nxt[:, None]).squeeze(-1)
+            done = nxt == self.eos_id
+            for r, t, l, d in zip(alive.tolist(), nxt.tolist(), nxt_lp.tolist(), done.tolist()):
+                tokens[r].append(t)
+                logps[r].append(l)
+                stopped[r] = d
+            keep = (~done).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            attn = torch.cat([attn, torch.ones(attn.shape[0], 1, dtype=attn.dtype)], dim=1)
+            step_ids, step_pos = nxt[:, None], step_pos + 1
+            if keep.numel() < alive.numel():  # finished rows leave the batch
+                cache.batch_select_indices(keep)
+                alive, attn, step_ids, step_pos = alive[keep], attn[keep], step_ids[keep], step_pos[keep]
+        return [
+            Generation(prompt_ids=list(prompts[r // n]), completion_ids=tokens[r], logprobs=logps[r],
+                       finish_reason="stop" if stopped[r] else "length")
+            for r in range(rows)
+        ]
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
