@@ -24,6 +24,7 @@ import torch.distributed as dist
 from rlkit import algorithms
 from rlkit.algorithms.base import LossInputs, PairLossInputs
 from rlkit.logprobs import token_stats
+from rlkit.workers.lora_sync import LoraDelta, lora_deltas, merged_weight
 from rlkit.types import TrainBatch
 
 
@@ -312,25 +313,33 @@ class LearnerRank:
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
     def full_state(self, bucket_bytes: int) -> dict[str, Any]:
-        """Rank 0: full weights in HF names, packed in buckets of about ``bucket_bytes`` and put in
-        the object store once each (every rollout worker then reads the same objects)."""
+        """Rank 0: the policy's weights in HF names, packed in buckets of about ``bucket_bytes`` and
+        put in the object store once each (every rollout worker then reads the same objects).
+        With LoRA only the adapters travel (:mod:`rlkit.workers.lora_sync`)."""
         import ray
 
         buckets = self._buckets(bucket_bytes)
-        return {"refs": [ray.put(b) for b in buckets], "names": [n for b in buckets for n, _ in b],
-                "bytes": float(sum(t.numel() * t.element_size() for b in buckets for _, t in b))}
+        size = lambda item: item.nbytes if isinstance(item, LoraDelta) else item[1].numel() * item[1].element_size()  # noqa: E731
+        name = lambda item: item.name if isinstance(item, LoraDelta) else item[0]  # noqa: E731
+        return {"refs": [ray.put(b) for b in buckets], "names": [name(i) for b in buckets for i in b],
+                "bytes": float(sum(size(i) for b in buckets for i in b))}
 
-    def _buckets(self, bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    def _is_lora(self) -> bool:
+        return hasattr(self.engine.module, "merge_and_unload")
+
+    def _buckets(self, bucket_bytes: int) -> list[list]:
         model = self.engine.module
-        if hasattr(model, "merge_and_unload"):
-            named = _merged_lora_state(model)
+        if self._is_lora():
+            items = lora_deltas(model)
+            sizes = [d.nbytes for d in items]
         else:
             # No clone: ray.put serializes each bucket into the object store, which is the one copy.
-            named = [(n, p.detach()) for n, p in model.named_parameters()]
+            items = [(n, p.detach()) for n, p in model.named_parameters()]
+            sizes = [t.numel() * t.element_size() for _, t in items]
         buckets, cur, size = [], [], 0
-        for name, t in named:
-            cur.append((name, t))
-            size += t.numel() * t.element_size()
+        for item, nbytes in zip(items, sizes):
+            cur.append(item)
+            size += nbytes
             if size >= bucket_bytes:
                 buckets.append(cur)
                 cur, size = [], 0
@@ -338,8 +347,14 @@ class LearnerRank:
             buckets.append(cur)
         return buckets
 
+    @torch.no_grad()
     def checksum(self, names: list[str]) -> dict[str, float]:
-        state = dict(self.engine.module.named_parameters())
+        """Sums of the weights a rollout engine must hold under these HF names."""
+        model = self.engine.module
+        if self._is_lora():
+            deltas = {d.name: d for d in lora_deltas(model)}
+            return {n: float(merged_weight(model, n, deltas).double().sum()) for n in names}
+        state = dict(model.named_parameters())
         return {n: float(state[n].detach().double().sum()) for n in names}
 
     def param_vector(self) -> torch.Tensor:
@@ -379,14 +394,6 @@ class LearnerRank:
             self.critic.load_state_dict(state["model"])
             self.critic.opt.load_state_dict(state["opt"])
         return client or {}
-
-
-def _merged_lora_state(peft_model) -> list[tuple[str, torch.Tensor]]:
-    """Base weights with the LoRA deltas folded in, under the base model's HF names."""
-    import copy
-
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    return [(n, p.detach().clone()) for n, p in merged.named_parameters()]
 
 
 def _gap_metrics(sampler_logp: torch.Tensor, learner_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Rollout worker: a Ray actor that owns one generation engine (vLLM, or HF ``generate``).
 
 Several rollout workers share the prompts of a step. Each sample records the policy version of the
-weights that produced it. Weight sync arrives as buckets of named tensors; after loading them the
+weights that produced it. Weight sync arrives as buckets of named tensors (or, for a LoRA policy, of adapters merged here onto
+the frozen base weights); after loading them the
 worker reports checksums of a fixed set of tensors so the driver can prove the engine has the new
 weights (a skipped or partial sync is detected, not silently trained on).
 """
@@ -38,6 +39,8 @@ class RolloutWorker:
         self.engine = make_engine(engine, model_dir, dtype=dtype, threads=threads, seed=seed,
                                   max_model_len=max_model_len)
         self.worker_index = worker_index
+        self.model_dir = model_dir
+        self._base = None  # frozen base weights, read on the first LoRA sync
         self.version = 0
 
     def ready(self) -> dict[str, Any]:
@@ -64,13 +67,22 @@ class RolloutWorker:
         """Load weight buckets (each a list of (name, tensor), or an ObjectRef to one)."""
         import ray
 
+        from rlkit.workers.lora_sync import BaseWeights, LoraDelta
+
         t0 = time.perf_counter()
         nbytes = 0
         for bucket in buckets:
             if isinstance(bucket, ray.ObjectRef):
                 bucket = ray.get(bucket)
+            deltas = [d for d in bucket if isinstance(d, LoraDelta)]
+            if deltas:  # LoRA: adapters only; merge onto the frozen base weights here
+                if self._base is None:
+                    self._base = BaseWeights(self.model_dir)
+                nbytes += sum(d.nbytes for d in deltas)
+                bucket = self._base.merge(deltas)
+            else:
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             self.engine.load_weights(bucket)
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
         self.version = version
         return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
 
