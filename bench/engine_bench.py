@@ -1,4 +1,4 @@
-"""Generation throughput of the two rollout engines behind the same contract: vLLM vs HF generate.
+"""Generation throughput of the two rollout engines behind the same contract: vLLM vs rlkit's HF engine.
 
     .venv-vllm/bin/python bench/engine_bench.py                    # SmolLM2-135M, 8 prompts × 8 × 48
     .venv-vllm/bin/python bench/engine_bench.py --model tiny       # tiny random Llama, seconds
@@ -11,7 +11,7 @@ the other for cores or memory. Per engine: start-up seconds (construction, model
 KV-cache set-up), one short warm-up call, ``--repeats`` timed ``generate`` calls, then the time
 to load the model's full state back into the running engine in buckets (a weight sync). Tokens/s
 counts generated tokens only (EOS included, no padding), so the two engines are compared on
-the same work even though HF ``generate`` also computes the padded rows of finished sequences.
+the same work.
 """
 
 from __future__ import annotations

@@ -37,17 +37,19 @@ COMMANDS = {"e2e": "make bench-e2e", "sync": "make bench-sync", "scaling": "make
 # ----------------------------------------------------------------------------------------------
 
 
-def _kl_sizes(quick: bool) -> list[tuple[int, int, int]]:
+def _kl_sizes(quick: bool, headline_only: bool = False) -> list[tuple[int, int, int]]:
     """(N, D, V): the headline size first, then the growth in N and in V."""
     if quick:
-        return [(512, 576, 8192), (256, 576, 8192), (512, 576, 4096)]
-    return [(4096, 576, 49152), (1024, 576, 49152), (2048, 576, 49152), (4096, 576, 16384), (4096, 576, 8192)]
+        sizes = [(512, 576, 8192), (256, 576, 8192), (512, 576, 4096)]
+    else:
+        sizes = [(4096, 576, 49152), (1024, 576, 49152), (2048, 576, 49152), (4096, 576, 16384), (4096, 576, 8192)]
+    return sizes[:1] if headline_only else sizes
 
 
 def collect_kl(args: argparse.Namespace) -> dict[str, Any]:
     """Each (variant, size) in a fresh process, ``--repeats`` times: seconds and peak extra bytes."""
     rows = []
-    for n, d, v in _kl_sizes(args.quick):
+    for n, d, v in _kl_sizes(args.quick, args.kl_headline_only):
         for variant in ("naive", "trl", "fused", "fused-rc"):
             child = ["--child", variant, "--n", str(n), "--d", str(d), "--v", str(v), "--threads", str(args.threads)]
             good = [r for r in (_last_json(common.run_script("kl_bench.py", child, args.threads))
@@ -461,6 +463,7 @@ def main(argv=None) -> int:
     ap.add_argument("--collect", default="", help="comma list of kl, rewards, engine to run first")
     ap.add_argument("--quick", action="store_true", help="collect at tiny sizes, 1 repeat")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kl-headline-only", action="store_true", help="KL kernel at the headline size only")
     ap.add_argument("--engines", default="auto", help="engines to collect: auto (vllm,hf where .venv-vllm exists), "
                                                        "or a comma list of vllm, hf")
     ap.add_argument("--threads", type=int, default=2)

@@ -1,4 +1,4 @@
-"""Rollout worker: a Ray actor that owns one generation engine (vLLM, or HF ``generate``).
+"""Rollout worker: a Ray actor that owns one generation engine (vLLM, or the HF engine on transformers' forward).
 
 Several rollout workers share the prompts of a step. Each sample records the policy version of the
 weights that produced it. Weight sync arrives as buckets of named tensors (or, for a LoRA policy, of adapters merged here onto
