@@ -297,16 +297,19 @@ def section_sync(doc: Optional[dict]) -> list[str]:
     if not doc:
         return out + [NOT_MEASURED.format(name="sync", cmd=COMMANDS["sync"]), ""]
     out += [f"{doc['args']['model']}: {doc['bytes'] / 2**20:.1f} MiB per full sync, learner rank 0 → 1 rollout "
-            f"worker through `Runtime.sync` (Ray object store), {doc['args']['repeats']} repeats per bucket size. "
+            f"worker through `Runtime.sync`: the Ray object store per bucket size, and shared memory (row `shm`, "
+            f"the default when both share a node: the learner copies into one of two segments, the engine adopts "
+            f"views of it), {doc['args']['repeats']} repeats each. "
             f"Reference: `copy_` of the same bytes in the same process: {fmt(doc['memcpy'], '.2f', 1e-9)} GB/s "
             f"with {doc['memcpy']['threads']} threads, {fmt(doc['memcpy_1thread'], '.2f', 1e-9)} GB/s with 1 "
             f"(ratios use {doc.get('memcpy_reference_threads', doc['memcpy']['threads'])}).", "", _provenance(doc), ""]
-    rows = [[f"{r['bucket_mib']:g}", str(r["breakdown"]["buckets"]), fmt(r["seconds"], ".3f"),
+    rows = [["shm" if r.get("transport") == "shm" else f"{r['bucket_mib']:g}", str(r["breakdown"]["buckets"]),
+             fmt(r["seconds"], ".3f"),
              fmt(r["bytes_per_s"], ".3f", 1e-9), fmt(r["ratio_vs_memcpy"], ".3f"),
              f"{r['breakdown']['learner_pack_put_s']:.3f}", f"{r['breakdown']['worker_get_load_s']:.3f}"]
             for r in doc["buckets"]]
     return out + _table(["bucket MiB", "buckets", "sync s", "GB/s", "× memcpy (target ≥ 0.5)",
-                         "learner clone+put s", "worker get+load s"], rows) + [""]
+                         "learner copy/put s", "worker get/adopt s"], rows) + [""]
 
 
 def section_engine(doc: Optional[dict]) -> list[str]:

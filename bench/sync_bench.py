@@ -3,8 +3,10 @@
     .venv/bin/python bench/sync_bench.py            # SmolLM2-135M (540 MB fp32), buckets 1/8/64/512 MiB
     .venv/bin/python bench/sync_bench.py --quick    # tiny random Llama (26 MB), buckets 1/4/64 MiB
 
-A :class:`rlkit.runtime.Runtime` with one DeepSpeed learner and one HF-generate rollout worker (Ray
-local cluster, object-store transport on CPU). For each bucket size, ``--repeats`` calls of
+A :class:`rlkit.runtime.Runtime` with one DeepSpeed learner and one HF-engine rollout worker (Ray
+local cluster). Both transports: the object store, for each bucket size, and shared memory (the
+default when learner and rollout worker share a node: the learner copies its weights into one of
+two segments, the worker's engine adopts views of it; the row "shm"). For each object-store bucket size, ``--repeats`` calls of
 ``Runtime.sync(bucket_bytes=...)``: learner rank 0 clones its weights into buckets and puts each in
 the object store, the rollout worker gets them and copies them into its model, then the driver
 checks probe checksums. ``sync/seconds`` (transfer, without the checksum check) and ``sync/bytes``
@@ -73,6 +75,15 @@ def breakdown(rt, bucket_bytes: int) -> dict[str, float]:
     """One sync done by hand through the same actor calls as ``Runtime.sync``, timed per side."""
     import ray
 
+    if bucket_bytes == 0:  # shared memory
+        t0 = time.perf_counter()
+        state = ray.get(rt.learners[0].shm_state.remote(rt._shm_tag))
+        t1 = time.perf_counter()
+        loaded = ray.get(rt.rollout[0].load_shm.remote(rt.version, state["segment"], state["entries"]))
+        t2 = time.perf_counter()
+        rt.verify_sync()
+        return {"learner_pack_put_s": t1 - t0, "worker_get_load_s": loaded["seconds"], "worker_call_s": t2 - t1,
+                "buckets": 1, "total_s": t2 - t0, "bytes": state["bytes"]}
     t0 = time.perf_counter()
     state = ray.get(rt.learners[0].full_state.remote(bucket_bytes))
     t1 = time.perf_counter()
@@ -90,20 +101,25 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = tempfile.mkdtemp(prefix="sync-bench-")
     rt = make_runtime(args, run_dir)
     try:
-        rt.sync()  # warm-up: first object-store allocations, first load into the engine
-        for mib in args.buckets:
+        rt.sync(transport="object")  # warm-up: first object-store allocations, first load into the engine
+        shm = rt._sync_transport() == "shm"
+        if shm:
+            rt.sync(transport="shm")  # warm-up: create both segments, fault in their pages
+            rt.sync(transport="shm")
+        for mib in args.buckets + ([0] if shm else []):
             seconds, walls, nbytes = [], [], 0.0
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                m = rt.sync(bucket_bytes=int(mib * MiB))
+                m = rt.sync(bucket_bytes=int(mib * MiB), transport="shm" if mib == 0 else "object")
                 walls.append(time.perf_counter() - t0)
                 seconds.append(m["sync/seconds"])
                 nbytes = m["sync/bytes"]
             rate = common.summary(nbytes / s for s in seconds)
-            rows.append({"bucket_mib": mib, "bytes": nbytes, "seconds": common.summary(seconds),
+            rows.append({"bucket_mib": mib, "transport": "shm" if mib == 0 else "object", "bytes": nbytes, "seconds": common.summary(seconds),
                          "bytes_per_s": rate, "wall_with_check_s": common.summary(walls),
                          "breakdown": breakdown(rt, int(mib * MiB))})
-            print(f"[sync] bucket {mib:g} MiB: {common.fmt(rate, '.3g', 1e-9)} GB/s", flush=True)
+            label = "shared memory" if mib == 0 else f"bucket {mib:g} MiB"
+            print(f"[sync] {label}: {common.fmt(rate, '.3g', 1e-9)} GB/s", flush=True)
     finally:
         rt.shutdown()
     nbytes = int(rows[0]["bytes"])
@@ -125,7 +141,8 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"{'bucket MiB':>10} {'sync s':>22} {'GB/s':>22} {'× memcpy':>22} {'learner s':>10} {'worker s':>9}")
     for r in res["buckets"]:
         b = r["breakdown"]
-        print(f"{r['bucket_mib']:10g} {common.fmt(r['seconds'], '.3f'):>22} "
+        label = "shm" if r.get("transport") == "shm" else f"{r['bucket_mib']:g}"
+        print(f"{label:>10} {common.fmt(r['seconds'], '.3f'):>22} "
               f"{common.fmt(r['bytes_per_s'], '.3g', 1e-9):>22} {common.fmt(r['ratio_vs_memcpy'], '.3f'):>22} "
               f"{b['learner_pack_put_s']:10.3f} {b['worker_get_load_s']:9.3f}")
     print(f"target: ≥ {TARGET_RATIO} × memcpy")

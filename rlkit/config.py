@@ -51,6 +51,9 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(48, gt=0)
     threads: int = Field(2, ge=1)
     """torch threads inside each rollout worker."""
+    sync_transport: Literal["auto", "object"] = "auto"
+    """Weight sync: "auto" uses shared memory when every rollout worker shares learner rank 0's node
+    (one copy), else the Ray object store; "object" always uses the object store."""
     overlap: bool = False
     """Generate step k+1 while learning on step k (one-step off-policy; staleness is recorded).
     Exact resume holds for the synchronous mode; with overlap the in-flight batch is redrawn and

@@ -80,6 +80,10 @@ class Runtime:
         ray.get([w.ready.remote() for w in self.rollout] + [a.ready.remote() for a in self.learners])
         self.version = 0
         self._probe_names: list[str] = []
+        self._transport: Optional[str] = None
+        import uuid
+
+        self._shm_tag = uuid.uuid4().hex[:12]
         from rlkit import algorithms
 
         algo = algorithms.get(cfg.algorithm.name)
@@ -143,21 +147,49 @@ class Runtime:
         self.version += 1
         return {k: sum(r[k] for r in results) / n for k in results[0]}
 
-    def sync(self, bucket_bytes: int = 64 * 2**20, skip: tuple[int, ...] = ()) -> dict[str, float]:
-        """Send rank 0's full weights to every rollout worker, then prove they arrived."""
+    def sync(self, bucket_bytes: int = 64 * 2**20, skip: tuple[int, ...] = (),
+             transport: Optional[str] = None) -> dict[str, float]:
+        """Send rank 0's full weights to every rollout worker, then prove they arrived.
+
+        Transport: shared memory when every rollout worker shares learner rank 0's node (one copy,
+        :mod:`rlkit.workers.shm_sync`), else the Ray object store in buckets of ``bucket_bytes``.
+        ``transport`` forces one ("shm" or "object"); LoRA policies always use the object store
+        (only their adapters travel)."""
         import ray
 
         t0 = time.perf_counter()
-        state = ray.get(self.learners[0].full_state.remote(bucket_bytes))
-        ray.get([w.load_buckets.remote(self.version, state["refs"])
-                 for i, w in enumerate(self.rollout) if i not in skip])
-        del state["refs"]  # release the buckets from the object store
+        if (transport or self._sync_transport()) == "shm":
+            state = ray.get(self.learners[0].shm_state.remote(self._shm_tag))
+            ray.get([w.load_shm.remote(self.version, state["segment"], state["entries"])
+                     for i, w in enumerate(self.rollout) if i not in skip])
+        else:
+            state = ray.get(self.learners[0].full_state.remote(bucket_bytes))
+            ray.get([w.load_buckets.remote(self.version, state["refs"])
+                     for i, w in enumerate(self.rollout) if i not in skip])
+            del state["refs"]  # release the buckets from the object store
         seconds = time.perf_counter() - t0
         nbytes = state["bytes"]
         if not self._probe_names:
             self._probe_names = _probe_names(state["names"])
         self.verify_sync()
         return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/bytes_per_s": nbytes / max(seconds, 1e-9)}
+
+    def _sync_transport(self) -> str:
+        """"shm" when it can work here (decided once, at the first sync), else "object"."""
+        import ray
+
+        if self._transport is None:
+            self._transport = "object"
+            if self.cfg.rollout.sync_transport == "auto" and not self.cfg.learner.lora.enabled:
+                nodes = ray.get([a.node_id.remote() for a in [self.learners[0], *self.rollout]])
+                if len(set(nodes)) == 1 and _shm_free_bytes() > 2.2 * self._weight_bytes():
+                    self._transport = "shm"
+        return self._transport
+
+    def _weight_bytes(self) -> float:
+        import ray
+
+        return float(ray.get(self.learners[0].weight_bytes.remote()))
 
     def verify_sync(self) -> None:
         import ray
@@ -195,6 +227,11 @@ class Runtime:
     def shutdown(self) -> None:
         import ray
 
+        try:
+            ray.get(self.learners[0].close_shm.remote(), timeout=30)
+        except Exception:  # the learner's own exit releases the segments too
+            pass
+
         for w in self.rollout:
             try:
                 ray.get(w.close.remote(), timeout=30)
@@ -206,6 +243,14 @@ class Runtime:
             pass
         self.placement.remove()
         ray.shutdown()
+
+
+def _shm_free_bytes() -> int:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def _probe_names(names: list[str]) -> list[str]:

@@ -74,6 +74,9 @@ def test_grpo_three_steps_changes_weights_and_syncs(ray_session, tmp_path, tiny_
     assert torch.equal(after, other)
     assert rt.version == 3
     assert m["sync/bytes"] > 0 and "kl/mean" in m
+    # One node: syncs went through shared memory; the object-store path must agree with it.
+    assert rt._transport == "shm"
+    rt.sync(transport="object")
     # One more update on the stored batch, then a sync that deliberately skips the only rollout
     # worker: the driver must notice that the engine still holds the previous policy.
     rt.learn(None, {})

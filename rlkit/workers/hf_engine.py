@@ -127,6 +127,21 @@ class HFEngine:
             target.copy_(t.to(target.dtype))
 
     @torch.no_grad()
+    def adopt_weights(self, named: dict[str, Tensor]) -> None:
+        """Point the model's tensors at ``named`` (shared memory of a same-node sync), no copy;
+        a tensor of another dtype or shape is copied instead."""
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        for name, t in named.items():
+            target = params.get(name, buffers.get(name))
+            if target is None:
+                raise KeyError(f"weight sync: the engine has no tensor named '{name}'")
+            if t.dtype == target.dtype and t.shape == target.shape:
+                target.data = t
+            else:
+                target.data = t.to(target.dtype).reshape(target.shape).clone()
+
+    @torch.no_grad()
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], sampling: SamplingConfig) -> list[list[float]]:
         out = []
         for p, c in zip(prompt_ids, completion_ids):

@@ -114,6 +114,7 @@ class LearnerRank:
 
             self.critic = Critic(spec.model_dir, lr=spec.critic_lr, max_grad_norm=spec.max_grad_norm, seed=spec.seed)
         self.batch: Optional[TrainBatch] = None
+        self._shm = None  # shared-memory sync segments (rank 0, same-node rollout workers)
         self.version = 0
         # The sampler's truncated support, when it used top-k/top-p (log-prob contract).
         from rlkit.workers.engine import SamplingConfig
@@ -323,6 +324,31 @@ class LearnerRank:
         name = lambda item: item.name if isinstance(item, LoraDelta) else item[0]  # noqa: E731
         return {"refs": [ray.put(b) for b in buckets], "names": [name(i) for b in buckets for i in b],
                 "bytes": float(sum(size(i) for b in buckets for i in b))}
+
+    @torch.no_grad()
+    def shm_state(self, tag: str) -> dict[str, Any]:
+        """Rank 0, same-node sync: full weights copied into the next shared-memory slot."""
+        from rlkit.workers.shm_sync import ShmWriter
+
+        named = [(n, p.detach()) for n, p in self.engine.module.named_parameters()]
+        if self._shm is None:
+            self._shm = ShmWriter(named, tag)
+        segment = self._shm.write(named)
+        return {"segment": segment, "entries": self._shm.entries, "names": [n for n, _ in named],
+                "bytes": float(sum(t.numel() * t.element_size() for _, t in named))}
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.engine.module.parameters())
+
+    def close_shm(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def _is_lora(self) -> bool:
         return hasattr(self.engine.module, "merge_and_unload")

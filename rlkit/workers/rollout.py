@@ -41,6 +41,7 @@ class RolloutWorker:
         self.worker_index = worker_index
         self.model_dir = model_dir
         self._base = None  # frozen base weights, read on the first LoRA sync
+        self._shm = None  # shared-memory segments mapped for same-node syncs
         self.version = 0
 
     def ready(self) -> dict[str, Any]:
@@ -85,6 +86,28 @@ class RolloutWorker:
             self.engine.load_weights(bucket)
         self.version = version
         return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
+
+    def load_shm(self, version: int, segment: str, entries: list) -> dict[str, float]:
+        """Same-node sync: adopt (or copy) the weights the learner wrote into a shared segment."""
+        from rlkit.workers.shm_sync import ShmReader
+
+        t0 = time.perf_counter()
+        if self._shm is None:
+            self._shm = ShmReader()
+        views = self._shm.views(segment, entries)
+        adopt = getattr(self.engine, "adopt_weights", None)
+        if adopt is not None:
+            adopt(views)
+        else:
+            self.engine.load_weights(list(views.items()))
+        self.version = version
+        return {"seconds": time.perf_counter() - t0,
+                "bytes": float(sum(t.numel() * t.element_size() for t in views.values()))}
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def checksum(self, names: list[str]) -> dict[str, Any]:
         return {"version": self.version, "sums": self.engine.tensor_checksum(names)}
