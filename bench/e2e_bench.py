@@ -13,7 +13,7 @@ step per batch at lr 5e-6 constant, grad-norm clip 1, four micro-batches per ste
 
   trl            TRL ``GRPOTrainer``, HF ``generate`` (``use_vllm=False``), the baseline's GRPOConfig
                  with ``max_steps = --steps``.
-  rlkit          ``configs/grpo_demo.yaml`` with the same overrides: Ray actors (HF-generate rollout
+  rlkit          ``configs/grpo_demo.yaml`` with the same overrides: Ray actors (HF-engine rollout
                  worker, reward worker, one DeepSpeed ZeRO-2 learner), synchronous.
   rlkit-overlap  the same with ``rollout.overlap=true`` (generate step k+1 while learning on step
                  k). The child checks that rollouts of step ≥ 2 are actually one version stale; if

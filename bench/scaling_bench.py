@@ -4,7 +4,7 @@
     .venv/bin/python bench/scaling_bench.py --quick   # tiny random Llama: 2/4/8 prompts × 4, 8 tokens, 2 steps
 
 Every point is a fresh ``bench/e2e_bench.py --child rlkit`` process (the demo config, synchronous,
-HF-generate rollouts, one DeepSpeed learner), run one after the other. Tokens per step grow
+HF-engine rollouts, one DeepSpeed learner), run one after the other. Tokens per step grow
 through ``train.prompts_per_step`` (``--base-prompts`` × each of ``--multipliers``) at a fixed
 micro-batch (``--micro-batch``), so 2× tokens means 2× micro-batches, not bigger ones. The worker
 points split the same thread budget (``--threads``): 1 worker × 2 threads vs 2 workers × 1

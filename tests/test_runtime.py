@@ -1,4 +1,4 @@
-"""The whole actor graph, for real: Ray, HF-generate rollout workers, the reward worker in child
+"""The whole actor graph, for real: Ray, HF-engine rollout workers, the reward worker in child
 processes, and a 2-rank DeepSpeed ZeRO-2 learner group on gloo, with a tiny Llama model that uses
 SmolLM2's real tokenizer. One Ray session serves the module."""
 
