@@ -320,10 +320,8 @@ class LearnerRank:
         import ray
 
         buckets = self._buckets(bucket_bytes)
-        size = lambda item: item.nbytes if isinstance(item, LoraDelta) else item[1].numel() * item[1].element_size()  # noqa: E731
-        name = lambda item: item.name if isinstance(item, LoraDelta) else item[0]  # noqa: E731
-        return {"refs": [ray.put(b) for b in buckets], "names": [name(i) for b in buckets for i in b],
-                "bytes": float(sum(size(i) for b in buckets for i in b))}
+        return {"refs": [ray.put(b) for b in buckets], "names": [_item_name(i) for b in buckets for i in b],
+                "bytes": float(sum(_item_bytes(i) for b in buckets for i in b))}
 
     @torch.no_grad()
     def shm_state(self, tag: str) -> dict[str, Any]:
@@ -355,17 +353,12 @@ class LearnerRank:
 
     def _buckets(self, bucket_bytes: int) -> list[list]:
         model = self.engine.module
-        if self._is_lora():
-            items = lora_deltas(model)
-            sizes = [d.nbytes for d in items]
-        else:
-            # No clone: ray.put serializes each bucket into the object store, which is the one copy.
-            items = [(n, p.detach()) for n, p in model.named_parameters()]
-            sizes = [t.numel() * t.element_size() for _, t in items]
+        # No clone: ray.put serializes each bucket into the object store, which is the one copy.
+        items = lora_deltas(model) if self._is_lora() else [(n, p.detach()) for n, p in model.named_parameters()]
         buckets, cur, size = [], [], 0
-        for item, nbytes in zip(items, sizes):
+        for item in items:
             cur.append(item)
-            size += nbytes
+            size += _item_bytes(item)
             if size >= bucket_bytes:
                 buckets.append(cur)
                 cur, size = [], 0
@@ -420,6 +413,15 @@ class LearnerRank:
             self.critic.load_state_dict(state["model"])
             self.critic.opt.load_state_dict(state["opt"])
         return client or {}
+
+
+def _item_name(item) -> str:
+    """Name of a sync item: a (name, tensor) pair or a LoRA delta."""
+    return item.name if isinstance(item, LoraDelta) else item[0]
+
+
+def _item_bytes(item) -> int:
+    return item.nbytes if isinstance(item, LoraDelta) else item[1].numel() * item[1].element_size()
 
 
 def _gap_metrics(sampler_logp: torch.Tensor, learner_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
