@@ -63,6 +63,7 @@ class RolloutConfig(Section):
 class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage; 3 shards the weights too (each rank loads only its shard)."""
     threads: int = Field(2, ge=1)
     """torch threads inside each learner rank."""
     micro_batch_size: int = Field(16, gt=0)
@@ -172,11 +173,10 @@ class RunConfig(Section):
                 f"train.prompts_per_step × train.samples_per_prompt = {per_step} sequences per step "
                 f"is not divisible by learner.num_ranks = {ranks}"
             )
-        if self.learner.zero_stage == 3:
-            # The fused log-prob pass reads the LM-head weight outside the module's forward, where
-            # ZeRO-3 holds only a shard of it.
-            raise ValueError("learner.zero_stage 3 is not supported yet (the fused LM-head pass needs the "
-                             "full head weight); use stage 0-2")
+        if self.learner.zero_stage == 3 and self.learner.lora.enabled:
+            # A LoRA sync reads adapters and merged weights directly; under ZeRO-3 they are shards.
+            raise ValueError("learner.lora.enabled with learner.zero_stage 3 is not supported: LoRA keeps "
+                             "only adapters in the optimizer, so ZeRO-2 already shards what there is to shard")
         return self
 
     # Derived quantities: declared once above, computed here.

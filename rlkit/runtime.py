@@ -159,11 +159,11 @@ class Runtime:
 
         t0 = time.perf_counter()
         if (transport or self._sync_transport()) == "shm":
-            state = ray.get(self.learners[0].shm_state.remote(self._shm_tag))
+            state = self.on_learners("shm_state", self._shm_tag)
             ray.get([w.load_shm.remote(self.version, state["segment"], state["entries"])
                      for i, w in enumerate(self.rollout) if i not in skip])
         else:
-            state = ray.get(self.learners[0].full_state.remote(bucket_bytes))
+            state = self.on_learners("full_state", bucket_bytes)
             ray.get([w.load_buckets.remote(self.version, state["refs"])
                      for i, w in enumerate(self.rollout) if i not in skip])
             del state["refs"]  # release the buckets from the object store
@@ -173,6 +173,14 @@ class Runtime:
             self._probe_names = _probe_names(state["names"])
         self.verify_sync()
         return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/bytes_per_s": nbytes / max(seconds, 1e-9)}
+
+    def on_learners(self, method: str, *args) -> Any:
+        """Learner rank 0's answer to ``method``. Under ZeRO-3 every rank holds a shard of each
+        weight, so methods that read full weights run on all ranks together (they gather)."""
+        import ray
+
+        ranks = self.learners if self.cfg.learner.zero_stage == 3 else self.learners[:1]
+        return ray.get([getattr(a, method).remote(*args) for a in ranks])[0]
 
     def _sync_transport(self) -> str:
         """"shm" when it can work here (decided once, at the first sync), else "object"."""
@@ -194,7 +202,7 @@ class Runtime:
     def verify_sync(self) -> None:
         import ray
 
-        want = ray.get(self.learners[0].checksum.remote(self._probe_names))
+        want = self.on_learners("checksum", self._probe_names)
         for i, got in enumerate(ray.get([w.checksum.remote(self._probe_names) for w in self.rollout])):
             if got["version"] != self.version:
                 raise SyncError(f"rollout worker {i} holds policy version {got['version']}, learner is at {self.version}")

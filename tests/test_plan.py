@@ -78,7 +78,11 @@ def test_zero2_bf16_and_lora_accounting():
     # Mixed precision (ZeRO paper), stage 2: 2Ψ weights whole, 2Ψ grads and 12Ψ optimizer state /N.
     assert (m.weights, m.grads, m.optimizer) == (2 * psi, 2 * psi / 4, 12 * psi / 4)
     with pytest.raises(ConfigError, match="zero_stage 3 is not supported"):
-        _cfg(*DECLARED, "learner.zero_stage=3")
+        _cfg(*DECLARED, "learner.zero_stage=3", "learner.lora.enabled=true")
+    # Stage 3 also divides the weights.
+    m3 = plan(_cfg(*DECLARED, "learner.num_ranks=4", "learner.zero_stage=3", "model.dtype=bfloat16",
+                   "train.prompts_per_step=4"), prompt_len=10).memory["learner"]
+    assert (m3.weights, m3.grads, m3.optimizer) == (2 * psi / 4, 2 * psi / 4, 12 * psi / 4)
     lora = plan(_cfg(*DECLARED, "learner.lora.enabled=true", "learner.lora.r=8"), prompt_len=10)
     # q, k, v, o adapters: r·(in + out) with q/o 576↔576 and k/v 576→192, over 30 layers.
     assert lora.trainable == 30 * 8 * ((576 + 576) * 2 + (576 + 192) * 2)

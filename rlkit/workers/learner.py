@@ -5,17 +5,24 @@ and KL come from the fused kernel (:mod:`rlkit.logprobs`); the loss comes from t
 registry. Gradient accumulation keeps the algorithm's global normalization exact: each micro-batch
 loss is normalized by counts over the whole optimizer step (all micro-batches, all ranks), and
 since DeepSpeed *averages* gradients over ranks, the loss is multiplied by the world size.
+
+DeepSpeed wraps :class:`Scorer`, whose forward is the whole log-prob pass (backbone and fused LM
+head). Under ZeRO-3 every rank holds a shard of each weight; the head weight is registered as an
+external parameter of the Scorer, so it is gathered for the pass and its backward even though the
+fused kernel reads it outside the head module. Whatever needs full weights (sync, checksums, the HF
+checkpoint) gathers them group by group on every rank (:meth:`LearnerRank.full_groups`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -23,7 +30,7 @@ import torch.distributed as dist
 
 from rlkit import algorithms
 from rlkit.algorithms.base import LossInputs, PairLossInputs
-from rlkit.logprobs import token_stats
+from rlkit.logprobs import split_lm, token_stats
 from rlkit.workers.lora_sync import LoraDelta, lora_deltas, merged_weight
 from rlkit.types import TrainBatch
 
@@ -81,6 +88,23 @@ def _lr_lambda(spec: LearnerSpec):
     return f
 
 
+class Scorer(torch.nn.Module):
+    """The policy as DeepSpeed sees it: forward = per-token log-probs (and entropy, KL) of a batch's
+    response tokens through the fused kernel (:func:`rlkit.logprobs.token_stats`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: TrainBatch, **kwargs) -> dict[str, torch.Tensor]:
+        return token_stats(self.model, batch, **kwargs)
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter's full tensor (ZeRO-3 keeps only a shard in ``p``)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def load_frozen(model_dir: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
@@ -132,20 +156,6 @@ class LearnerRank:
         from transformers import AutoModelForCausalLM
 
         s = self.spec
-        model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32)
-        if s.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        if s.freeze_embeddings:
-            model.get_input_embeddings().weight.requires_grad_(False)
-        if s.lora.get("enabled"):
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(
-                r=s.lora["r"], lora_alpha=s.lora["alpha"], lora_dropout=s.lora["dropout"],
-                target_modules=s.lora["target_modules"], task_type="CAUSAL_LM"))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s))
         ds_config = {
             "train_micro_batch_size_per_gpu": s.micro_batch_size,
             "gradient_accumulation_steps": 1,
@@ -156,8 +166,62 @@ class LearnerRank:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+        zero_init = None
+        if s.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # While it lives, from_pretrained loads each rank's shard only (deepspeed.zero.Init), so
+            # no rank holds the full policy. Dropped right after: the frozen reference and teacher
+            # are plain replicas.
+            zero_init = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32)
+        del zero_init
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if s.freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        if s.lora.get("enabled"):
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(
+                r=s.lora["r"], lora_alpha=s.lora["alpha"], lora_dropout=s.lora["dropout"],
+                target_modules=s.lora["target_modules"], task_type="CAUSAL_LM"))
+        scorer = Scorer(model)
+        if s.zero_stage == 3:
+            deepspeed.zero.register_external_parameter(scorer, split_lm(model)[1])
+        params = [p for p in scorer.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s))
+        engine, *_ = deepspeed.initialize(model=scorer, optimizer=opt, lr_scheduler=sched, config=ds_config)
         return engine
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The HF (or PEFT) model being trained; under ZeRO-3 its parameters are shards."""
+        return self.engine.module.model
+
+    def _gathered(self, params: list[torch.Tensor]):
+        """Full tensors of ``params`` for the ``with`` block (a collective under ZeRO-3)."""
+        if self.spec.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def full_groups(self, group_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The policy's full weights in HF names, in groups of about ``group_bytes``.
+
+        The tensors are valid until the next group is requested (under ZeRO-3 each group is
+        gathered from every rank for that long), and every rank must exhaust the iterator."""
+        group, size = [], 0
+        named = list(self.policy.named_parameters())
+        for i, (name, p) in enumerate(named):
+            group.append((name, p))
+            size += _full_numel(p) * p.element_size()
+            if size >= group_bytes or i == len(named) - 1:
+                with self._gathered([q for _, q in group]):
+                    yield [(n, q.detach()) for n, q in group]
+                group, size = [], 0
 
     # ---------------------------------------------------------------- passes
     def ready(self) -> dict[str, Any]:
@@ -174,7 +238,7 @@ class LearnerRank:
         kw = dict(temperature=s.temperature, chunk_size=s.chunk_size)
         if self.needs.old_logp and s.updates_per_step > 1:
             out["old_logp"] = self._in_micro_batches(
-                lambda mb: token_stats(self.engine.module, mb, truncation=self.truncation, **kw)["logp"])
+                lambda mb: self.engine(mb, truncation=self.truncation, **kw)["logp"])
         if self.ref is not None and (self.needs.ref_logp or self.needs.pairs):
             out["ref_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw)["logp"])
         phi = self.needs.ref_temper_phi
@@ -257,8 +321,8 @@ class LearnerRank:
         if self.algo.kind == "preference":
             return self._pair_loss(micro, seqs / 2)
         s = self.spec
-        stats = token_stats(
-            self.engine.module, micro, temperature=s.temperature, chunk_size=s.chunk_size, with_entropy=True,
+        stats = self.engine(
+            micro, temperature=s.temperature, chunk_size=s.chunk_size, with_entropy=True,
             ref_model=self.ref if self.needs.ref_full_kl else None, truncation=self.truncation,
         )
         logp, mask = stats["logp"], micro.response_mask_B_T
@@ -296,7 +360,7 @@ class LearnerRank:
     def _pair_loss(self, micro: TrainBatch, pairs_global: float):
         """Rows come pair-major: 2p is the chosen response of pair p, 2p+1 the rejected one."""
         s = self.spec
-        stats = token_stats(self.engine.module, micro, temperature=s.temperature, chunk_size=s.chunk_size,
+        stats = self.engine(micro, temperature=s.temperature, chunk_size=s.chunk_size,
                             ref_model=self.ref if self.needs.ref_full_kl else None)
         logp, mask, ref = stats["logp"], micro.response_mask_B_T, micro.extras["ref_logp"]
         kl_full = stats.get("ref_full_kl")
@@ -312,6 +376,8 @@ class LearnerRank:
         return loss, metrics
 
     # ---------------------------------------------------------------- weights
+    # Under ZeRO-3 the methods below gather weights: the driver calls them on every rank together
+    # (Runtime.on_learners) and uses rank 0's answer.
     @torch.no_grad()
     def full_state(self, bucket_bytes: int) -> dict[str, Any]:
         """Rank 0: the policy's weights in HF names, packed in buckets of about ``bucket_bytes`` and
@@ -319,24 +385,46 @@ class LearnerRank:
         With LoRA only the adapters travel (:mod:`rlkit.workers.lora_sync`)."""
         import ray
 
-        buckets = self._buckets(bucket_bytes)
-        return {"refs": [ray.put(b) for b in buckets], "names": [_item_name(i) for b in buckets for i in b],
-                "bytes": float(sum(_item_bytes(i) for b in buckets for i in b))}
+        if self._is_lora():
+            buckets = _pack(lora_deltas(self.policy), bucket_bytes)
+        else:
+            # No clone: ray.put serializes each bucket into the object store, which is the one copy
+            # (made while the bucket is gathered under ZeRO-3).
+            buckets = self.full_groups(bucket_bytes)
+        refs, names, nbytes = [], [], 0
+        for bucket in buckets:
+            if self.rank == 0:
+                refs.append(ray.put(bucket))
+                names += [_item_name(i) for i in bucket]
+                nbytes += sum(_item_bytes(i) for i in bucket)
+        return {"refs": refs, "names": names, "bytes": float(nbytes)}
 
     @torch.no_grad()
-    def shm_state(self, tag: str) -> dict[str, Any]:
+    def shm_state(self, tag: str, group_bytes: int = 64 * 2**20) -> dict[str, Any]:
         """Rank 0, same-node sync: full weights copied into the next shared-memory slot."""
         from rlkit.workers.shm_sync import ShmWriter
 
-        named = [(n, p.detach()) for n, p in self.engine.module.named_parameters()]
+        named = [(n, p) for n, p in self.policy.named_parameters()]
+        full_shapes = [(n, torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=p.dtype, device="meta"))
+                       for n, p in named]
+        items = (item for group in self.full_groups(group_bytes) for item in group)
+        if self.rank != 0:
+            for _ in items:  # join every gather
+                pass
+            return {}
         if self._shm is None:
-            self._shm = ShmWriter(named, tag)
-        segment = self._shm.write(named)
+            self._shm = ShmWriter(full_shapes, tag)
+        segment = self._shm.write(items)
         return {"segment": segment, "entries": self._shm.entries, "names": [n for n, _ in named],
-                "bytes": float(sum(t.numel() * t.element_size() for _, t in named))}
+                "bytes": float(sum(t.numel() * t.element_size() for _, t in full_shapes))}
+
+    def param_elems(self) -> dict[str, int]:
+        """Parameter elements this rank holds, and in the full model (equal unless ZeRO-3)."""
+        params = list(self.policy.parameters())
+        return {"local": sum(p.numel() for p in params), "full": sum(_full_numel(p) for p in params)}
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.engine.module.parameters())
+        return sum(_full_numel(p) * p.element_size() for p in self.policy.parameters())
 
     def close_shm(self) -> None:
         if self._shm is not None:
@@ -349,35 +437,22 @@ class LearnerRank:
         return ray.get_runtime_context().get_node_id()
 
     def _is_lora(self) -> bool:
-        return hasattr(self.engine.module, "merge_and_unload")
-
-    def _buckets(self, bucket_bytes: int) -> list[list]:
-        model = self.engine.module
-        # No clone: ray.put serializes each bucket into the object store, which is the one copy.
-        items = lora_deltas(model) if self._is_lora() else [(n, p.detach()) for n, p in model.named_parameters()]
-        buckets, cur, size = [], [], 0
-        for item in items:
-            cur.append(item)
-            size += _item_bytes(item)
-            if size >= bucket_bytes:
-                buckets.append(cur)
-                cur, size = [], 0
-        if cur:
-            buckets.append(cur)
-        return buckets
+        return hasattr(self.policy, "merge_and_unload")
 
     @torch.no_grad()
     def checksum(self, names: list[str]) -> dict[str, float]:
         """Sums of the weights a rollout engine must hold under these HF names."""
-        model = self.engine.module
+        model = self.policy
         if self._is_lora():
             deltas = {d.name: d for d in lora_deltas(model)}
             return {n: float(merged_weight(model, n, deltas).double().sum()) for n in names}
         state = dict(model.named_parameters())
-        return {n: float(state[n].detach().double().sum()) for n in names}
+        with self._gathered([state[n] for n in names]):
+            return {n: float(state[n].detach().double().sum()) for n in names}
 
+    @torch.no_grad()
     def param_vector(self) -> torch.Tensor:
-        return torch.cat([p.detach().flatten().clone() for p in self.engine.module.parameters()])
+        return torch.cat([t.flatten().clone() for group in self.full_groups(64 * 2**20) for _, t in group])
 
     # ---------------------------------------------------------------- checkpoint
     def save(self, directory: str, client_state: dict) -> None:
@@ -390,13 +465,19 @@ class LearnerRank:
         if self.critic is not None:
             torch.save({"model": self.critic.state_dict(), "opt": self.critic.opt.state_dict()},
                        d / f"critic_rank{self.rank}.pt")
-        if self.rank == 0:
-            model = self.engine.module
-            if hasattr(model, "merge_and_unload"):  # LoRA: the adapter, plus merged full weights
+        model = self.policy
+        if self._is_lora():  # LoRA (stage ≤ 2): the adapter, plus merged full weights
+            if self.rank == 0:
                 model.save_pretrained(str(d / "adapter"), safe_serialization=True)
                 import copy
 
-                model = copy.deepcopy(model).merge_and_unload()
+                copy.deepcopy(model).merge_and_unload().save_pretrained(str(d / "hf"), safe_serialization=True)
+        elif self.spec.zero_stage == 3:
+            # Gathered group by group; only rank 0 keeps (CPU) copies.
+            state = {n: t.clone() for group in self.full_groups(64 * 2**20) for n, t in group if self.rank == 0}
+            if self.rank == 0:
+                model.save_pretrained(str(d / "hf"), state_dict=state, safe_serialization=True)
+        elif self.rank == 0:
             model.save_pretrained(str(d / "hf"), safe_serialization=True)
         dist.barrier()
 
@@ -413,6 +494,18 @@ class LearnerRank:
             self.critic.load_state_dict(state["model"])
             self.critic.opt.load_state_dict(state["opt"])
         return client or {}
+
+
+def _pack(items: list, bucket_bytes: int) -> list[list]:
+    """Sync items in buckets of about ``bucket_bytes``."""
+    buckets, cur, size = [], [], 0
+    for item in items:
+        cur.append(item)
+        size += _item_bytes(item)
+        if size >= bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+    return buckets + ([cur] if cur else [])
 
 
 def _item_name(item) -> str:
