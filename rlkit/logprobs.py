@@ -92,64 +92,76 @@ def token_stats(model, batch: TrainBatch, *, temperature: float, chunk_size: int
 def response_hidden(backbone, batch: TrainBatch, sel_B_L: Tensor) -> Tensor:
     """Final hidden states [N, D] at the positions that score response tokens (``sel_B_L`` order).
 
-    Rows sharing a prompt (a GRPO group) share one forward of that prompt: its KV cache is computed
-    once and repeated for every row, and only the responses run per row. Gradients flow back through
-    the shared cache, so this is the same computation as one full forward per row (up to float
-    summation order). It is used when it saves work; gradient checkpointing (which drops the cache)
-    and batches without repeated prompts take a plain full forward.
+    Rows that share a prompt (a GRPO group) are packed into one sequence: the prompt once, then each
+    row's response (but its last token), with an attention mask that lets a response see the prompt
+    and its own earlier tokens only, and position ids that continue from the prompt. This is the
+    same computation as one full forward per row (up to float summation order), without running a
+    prompt more than once and without padding responses to the longest one. It is used when it
+    saves at least a quarter of the token positions and the attention implementation takes a
+    custom mask; otherwise one plain forward of the padded batch.
     """
-    plan = _shared_prompt_plan(batch)
-    if plan is None or getattr(backbone, "is_gradient_checkpointing", False):
+    plan = _packed_plan(batch, backbone.config)
+    if plan is None:
         return backbone(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_mask_B_L).last_hidden_state[sel_B_L]
-    from transformers import DynamicCache
-
-    prompts, row_prompt_B, n_B = plan
-    plen_B = batch.prompt_len_B
-    # Prefix: every distinct prompt but its last token, left-padded, once.
-    width = max(len(p) for p in prompts) - 1
-    cache = DynamicCache(config=backbone.config)
-    pre_mask_U_W = torch.zeros(len(prompts), width, dtype=torch.long)
-    if width > 0:
-        pre_ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        for u, p in enumerate(prompts):
-            if len(p) > 1:
-                pre_ids[u, width - len(p) + 1:] = torch.tensor(p[:-1])
-                pre_mask_U_W[u, width - len(p) + 1:] = 1
-        pre_pos = (pre_mask_U_W.cumsum(-1) - 1).clamp(min=0)
-        backbone(input_ids=pre_ids, attention_mask=pre_mask_U_W, position_ids=pre_pos, past_key_values=cache,
-                 use_cache=True)
-        cache.batch_select_indices(row_prompt_B)
-    # Suffix per row: the prompt's last token, then the response but its last token.
-    S = max(int(n_B.max()), 1)
-    B = batch.size
-    pos_S = torch.arange(S)
-    take_B_S = (pos_S[None, :] < n_B[:, None].clamp(min=1))
-    src_B_S = (plen_B - 1)[:, None] + pos_S[None, :]
-    suf_ids = torch.where(take_B_S, batch.input_ids_B_L.gather(1, src_B_S.clamp(max=batch.input_ids_B_L.shape[1] - 1)), 0)
-    mask = torch.cat([pre_mask_U_W[row_prompt_B], take_B_S.long()], dim=1)
-    out = backbone(input_ids=suf_ids, attention_mask=mask, position_ids=src_B_S, past_key_values=cache,
-                   use_cache=True).last_hidden_state
-    assert out.shape[:2] == (B, S)
-    return out[pos_S[None, :] < n_B[:, None]]
+    ids_U_S, pos_U_S, mask_U_1_S_S, take_N = plan
+    out_U_S_D = backbone(input_ids=ids_U_S, attention_mask=mask_U_1_S_S, position_ids=pos_U_S).last_hidden_state
+    return out_U_S_D.flatten(0, 1)[take_N]
 
 
-def _shared_prompt_plan(batch: TrainBatch):
-    """(distinct prompts, row → prompt index [B], response lengths [B]) when sharing prompts saves
-    at least a quarter of the token positions of a full forward; else None."""
+def _packed_plan(batch: TrainBatch, config):
+    """Packed rows (one per distinct prompt): ids and position ids [U, S], the boolean attention
+    mask [U, 1, S, S] (True = attend) and, in ``sel_B_L`` order, the flat index into [U·S] of the
+    hidden state that scores each response token. None when packing does not pay or cannot apply."""
     B, L = batch.input_ids_B_L.shape
-    if B < 2:
+    if B < 2 or getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return None
+    if getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", False):
+        return None  # a custom mask would override the window
+    n_B = batch.response_mask_B_T.sum(-1).long().tolist()
+    plen_B = batch.prompt_len_B.tolist()
     index: dict[tuple[int, ...], int] = {}
-    row_prompt = []
+    members: list[list[int]] = []
     for b in range(B):
-        key = tuple(batch.input_ids_B_L[b, : int(batch.prompt_len_B[b])].tolist())
-        row_prompt.append(index.setdefault(key, len(index)))
-    n_B = batch.response_mask_B_T.sum(-1).long()
+        key = tuple(batch.input_ids_B_L[b, : plen_B[b]].tolist())
+        u = index.setdefault(key, len(index))
+        if u == len(members):
+            members.append([])
+        members[u].append(b)
     prompts = list(index)
-    shared_cost = len(prompts) * (max(len(p) for p in prompts) - 1) + B * max(int(n_B.max()), 1)
-    if shared_cost > 0.75 * B * L:
+    lengths = [len(p) + sum(max(n_B[b] - 1, 0) for b in rows) for p, rows in zip(prompts, members)]
+    S = max(lengths)
+    if len(prompts) * S > 0.75 * B * L:
         return None
-    return prompts, torch.tensor(row_prompt, dtype=torch.long), n_B
+    U = len(prompts)
+    ids = torch.zeros(U, S, dtype=torch.long)
+    pos = torch.zeros(U, S, dtype=torch.long)
+    seg = torch.full((U, S), -1, dtype=torch.long)  # -1 padding, 0 prompt, j + 1 the j-th response
+    start_B = [0] * B  # packed offset of each row's response tokens
+    for u, (p, rows) in enumerate(zip(prompts, members)):
+        ids[u, : len(p)] = torch.tensor(p)
+        pos[u, : len(p)] = torch.arange(len(p))
+        seg[u, : len(p)] = 0
+        off = len(p)
+        for j, b in enumerate(rows):
+            k = max(n_B[b] - 1, 0)
+            start_B[b] = off
+            ids[u, off: off + k] = batch.input_ids_B_L[b, plen_B[b]: plen_B[b] + k]
+            pos[u, off: off + k] = torch.arange(plen_B[b], plen_B[b] + k)
+            seg[u, off: off + k] = j + 1
+            off += k
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    mask = causal & (k >= 0) & ((k == 0) | (k == q))
+    mask |= torch.eye(S, dtype=torch.bool)  # padding attends to itself (no all-masked softmax rows)
+    take = []
+    for b in range(B):
+        if n_B[b] == 0:
+            continue
+        u = index[tuple(batch.input_ids_B_L[b, : plen_B[b]].tolist())]
+        base = u * S
+        take.append(base + plen_B[b] - 1)  # the prompt's last token scores response token 0
+        take.extend(range(base + start_B[b], base + start_B[b] + n_B[b] - 1))
+    return ids, pos, mask[:, None], torch.tensor(take, dtype=torch.long)
 
 
 def _scatter(values_N: Tensor, mask_B_T: Tensor) -> Tensor:

@@ -81,10 +81,10 @@ def _group_batch():
 
 
 def test_shared_prompt_forward_equals_full_forward_with_gradients(tiny):
-    from rlkit.logprobs import _shared_prompt_plan
+    from rlkit.logprobs import _packed_plan
 
     batch = _group_batch()
-    assert _shared_prompt_plan(batch) is not None
+    assert _packed_plan(batch, tiny.config) is not None
     sampling = SamplingConfig(temperature=0.9)
     model = tiny.train()
     try:
