@@ -16,8 +16,9 @@ step per batch at lr 5e-6 constant, grad-norm clip 1, four micro-batches per ste
   rlkit          ``configs/grpo_demo.yaml`` with the same overrides: Ray actors (HF-engine rollout
                  worker, reward worker, one DeepSpeed ZeRO-2 learner), synchronous.
   rlkit-overlap  the same with ``rollout.overlap=true`` (generate step k+1 while learning on step
-                 k). The child checks that rollouts of step ≥ 2 are actually one version stale; if
-                 they are not, the option is not wired into the trainer, and the row says so.
+                 k), with the threads split between the rollout worker and the learner (they run at
+                 the same time). The child checks that rollouts of step ≥ 2 are actually one version
+                 stale; if they are not, the option is not wired into the trainer, and the row says so.
 
 Each side runs in a fresh subprocess, one after the other, with ``OMP_NUM_THREADS = --threads``
 (default 2, the whole 2-core machine) and ``torch.set_num_threads(--threads)`` in every process
@@ -236,11 +237,14 @@ def rlkit_config(args: argparse.Namespace, run_dir: str, overlap: bool):
     mdir = "smollm2" if args.model == "smollm2" else str(common.model_dir(args.model))
     seqs = args.prompts * args.samples
     workers = args.rollout_workers
+    # The thread budget is the machine: several rollout workers split it, and with overlap generation
+    # and learning run at the same time, so they split it too (rollout half, learner the rest).
+    gen_threads = args.threads // 2 if overlap and args.threads > 1 else args.threads
+    learn_threads = args.threads - gen_threads if overlap and args.threads > 1 else args.threads
     overrides = [
         f"run_dir={run_dir}", f"model.path={mdir}", "rollout.engine=hf", f"rollout.num_workers={workers}",
-        # The thread budget is the machine: several rollout workers split it.
-        f"rollout.threads={max(1, args.threads // workers)}", f"rollout.max_new_tokens={args.new_tokens}",
-        "rollout.temperature=1.0", f"rollout.overlap={str(overlap).lower()}", f"learner.threads={args.threads}",
+        f"rollout.threads={max(1, gen_threads // workers)}", f"rollout.max_new_tokens={args.new_tokens}",
+        "rollout.temperature=1.0", f"rollout.overlap={str(overlap).lower()}", f"learner.threads={learn_threads}",
         "learner.num_ranks=1", f"learner.micro_batch_size={args.micro_batch or max(1, seqs // 4)}", "learner.lr=5.0e-6",
         "learner.lr_schedule=constant", f"train.steps={args.steps}", f"train.prompts_per_step={args.prompts}",
         f"train.samples_per_prompt={args.samples}", "train.max_minutes=null", "eval.num_problems=0",

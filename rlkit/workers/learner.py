@@ -190,7 +190,10 @@ class LearnerRank:
         if s.zero_stage == 3:
             deepspeed.zero.register_external_parameter(scorer, split_lm(model)[1])
         params = [p for p in scorer.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
+        # The fused kernel (one pass over all tensors) also runs on CPU: 0.58 → 0.07 s per step for
+        # SmolLM2's 135M fp32 parameters here.
+        opt = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay,
+                                fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s))
         engine, *_ = deepspeed.initialize(model=scorer, optimizer=opt, lr_scheduler=sched, config=ds_config)
         return engine
