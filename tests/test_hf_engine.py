@@ -22,6 +22,31 @@ def engine(tmp_path_factory):
     return eng
 
 
+def test_packed_linears_equal_plain_and_follow_weight_changes(engine):
+    """Inference runs linears on oneDNN-packed weight copies: equal to F.linear, and rebuilt after
+    every weight change (a sync writes the parameters, never the packed copies)."""
+    if not engine.packed.enabled:
+        pytest.skip("oneDNN packed linear ops are not available in this torch build")
+    ids = torch.tensor([_prompts()[1]])
+
+    def packed_and_plain():
+        with torch.no_grad():
+            packed = engine.model(input_ids=ids).logits
+        return packed, engine.model(input_ids=ids).logits.detach()  # grad enabled: plain F.linear
+
+    packed, plain = packed_and_plain()
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
+    name = next(n for n, _ in engine.model.named_parameters() if n.endswith("0.self_attn.q_proj.weight"))
+    old = dict(engine.model.named_parameters())[name].detach().clone()
+    try:
+        engine.load_weights([(name, old * 3.0)])
+        packed2, plain2 = packed_and_plain()
+        assert (packed2 - packed).abs().max() > 1e-2  # the new weight reached the packed copy
+        torch.testing.assert_close(packed2, plain2, rtol=1e-4, atol=1e-4)
+    finally:
+        engine.load_weights([(name, old)])
+
+
 def _prompts(lengths=(5, 9, 3)) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(10, 5000, (n,), generator=g).tolist() for n in lengths]
@@ -37,8 +62,8 @@ def test_sampled_logprobs_are_the_processed_distribution(engine, sampling):
     assert len(gens) == 12 and [g.prompt_ids for g in gens] == [p for p in prompts for _ in range(4)]
     for g in gens:
         ids = torch.tensor([g.prompt_ids + g.completion_ids])
-        with torch.no_grad():
-            logits = engine.model(input_ids=ids).logits[0, len(g.prompt_ids) - 1: -1]
+        # With gradients enabled the model runs plain F.linear (not the engine's packed weights).
+        logits = engine.model(input_ids=ids).logits[0, len(g.prompt_ids) - 1: -1].detach()
         ref = support_logprobs(logits, sampling).gather(-1, ids[0, len(g.prompt_ids):, None]).squeeze(-1)
         assert torch.isfinite(ref).all(), "a sampled token lies outside the sampler's support"
         torch.testing.assert_close(torch.tensor(g.logprobs), ref, atol=2e-5, rtol=0)
@@ -59,8 +84,7 @@ def test_samples_are_reproducible_per_seed_and_cover_the_distribution(engine):
     prompt = _prompts((6,))[0]
     first = torch.tensor([g.completion_ids[0] for g in engine.generate(
         [prompt], 2000, SamplingConfig(temperature=8.0, max_new_tokens=1), seed=3)])
-    with torch.no_grad():
-        p = torch.softmax(engine.model(input_ids=torch.tensor([prompt])).logits[0, -1] / 8.0, -1)
+    p = torch.softmax(engine.model(input_ids=torch.tensor([prompt])).logits[0, -1].detach() / 8.0, -1)
     top = torch.topk(p, 5).indices
     assert p[top].sum() > 0.2 and p[top[0]] < 0.9  # a spread-out distribution, so the check bites
     freq = torch.stack([(first == t).float().mean() for t in top])
@@ -81,3 +105,18 @@ def test_greedy_equals_transformers_generate(engine):
         if engine.eos_id in ref:
             ref = ref[: ref.index(engine.eos_id) + 1]
         assert g.completion_ids == ref
+
+
+def test_two_level_draw_matches_the_distribution_and_never_leaves_its_support():
+    from rlkit.workers.hf_engine import draw
+
+    V = 1000  # not a multiple of the block: the last block is padded with zero mass
+    support = torch.tensor([3, 255, 256, 700, 999])
+    probs = torch.tensor([0.05, 0.3, 0.15, 0.1, 0.4])
+    lp = torch.full((20000, V), float("-inf"))
+    lp[:, support] = probs.log()
+    got = draw(lp, torch.Generator().manual_seed(0))
+    assert torch.isin(got, support).all()
+    freq = torch.stack([(got == t).float().mean() for t in support])
+    # 20,000 draws: standard error at most sqrt(0.25 / 20000) ~ 0.0035; 4 sigma.
+    assert (freq - probs).abs().max() < 0.014, freq
