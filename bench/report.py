@@ -224,9 +224,11 @@ def section_e2e(doc: Optional[dict]) -> list[str]:
             f"steps 2..{w['steps']}. Roofline: step model FLOPs (2·P per prefill and generated token, 6·P per "
             f"trained token) ÷ (step seconds × the fp32 2048² matmul rate measured in the same process: "
             f"{fmt(doc['matmul_gflops'], '.0f')} GFLOP/s in the parent). These are the workload's nominal FLOPs, the "
-            f"same count for both sides: rlkit prefills and trains each prompt once per group (its KV cache is "
-            f"shared by the group's samples) and skips finished rows while decoding, so it executes fewer FLOPs "
-            f"than the count and its fraction measures workload throughput, not arithmetic-unit utilization.",
+            f"same count for both sides: rlkit prefills each prompt once per group (its KV cache is shared by "
+            f"the group's samples), skips finished rows while decoding, and trains each group as one packed "
+            f"sequence (the prompt once, the responses unpadded), so it executes fewer FLOPs than the count "
+            f"(the fraction can exceed 1) and its fraction measures workload throughput, not arithmetic-unit "
+            f"utilization.",
             "", _provenance(doc), ""]
     rows = []
     for r in doc["results"]:
