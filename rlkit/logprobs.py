@@ -97,8 +97,9 @@ def response_hidden(backbone, batch: TrainBatch, sel_B_L: Tensor) -> Tensor:
     and its own earlier tokens only, and position ids that continue from the prompt. This is the
     same computation as one full forward per row (up to float summation order), without running a
     prompt more than once and without padding responses to the longest one. It is used when it
-    saves at least a quarter of the token positions and the attention implementation takes a
-    custom mask; otherwise one plain forward of the padded batch.
+    saves at least a quarter of the cost (token positions plus attended pairs, see
+    :func:`_packed_plan`) and the attention implementation takes a custom mask; otherwise one plain
+    forward of the padded batch.
     """
     plan = _packed_plan(batch, backbone.config)
     if plan is None:
@@ -129,10 +130,14 @@ def _packed_plan(batch: TrainBatch, config):
         members[u].append(b)
     prompts = list(index)
     lengths = [len(p) + sum(max(n_B[b] - 1, 0) for b in rows) for p, rows in zip(prompts, members)]
-    S = max(lengths)
-    if len(prompts) * S > 0.75 * B * L:
+    S, U = max(lengths), len(prompts)
+    # Cost in token-equivalents: a position's linear layers vs 4·d FLOPs per attended (query, key)
+    # pair; the dense mask makes a pack's attention quadratic in its length, so long responses are
+    # cheaper unpacked.
+    d, f = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    pairs_per_token = 2 * d + 1.5 * f
+    if U * S + U * S * S / pairs_per_token > 0.75 * (B * L + B * L * L / pairs_per_token):
         return None
-    U = len(prompts)
     ids = torch.zeros(U, S, dtype=torch.long)
     pos = torch.zeros(U, S, dtype=torch.long)
     seg = torch.full((U, S), -1, dtype=torch.long)  # -1 padding, 0 prompt, j + 1 the j-th response

@@ -107,3 +107,17 @@ def test_shared_prompt_forward_equals_full_forward_with_gradients(tiny):
     finally:
         model.zero_grad()
         model.eval()
+
+
+def test_long_responses_are_not_packed(tiny):
+    """A pack's dense mask makes its attention quadratic in the pack's length: with long responses
+    the padded per-row forward is cheaper, and the plan says so (short groups still pack)."""
+    from rlkit.logprobs import _packed_plan
+
+    def group(n_tokens):
+        rows = [Rollout(list(range(10, 30)), list(range(100, 100 + n_tokens)), [0.0] * n_tokens, "length", 0, 0, 0)
+                for _ in range(4)]
+        return collate(rows, [0.0] * 4, pad_id=0, version=0)
+
+    assert _packed_plan(group(20), tiny.config) is not None
+    assert _packed_plan(group(2000), tiny.config) is None
