@@ -25,8 +25,9 @@ BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
 
 def draw(lp_R_V: Tensor, rng: torch.Generator) -> Tensor:
     """One token per row from the distribution ``exp(lp)`` by inverse CDF, in two levels: the block
-    of ``BLOCK`` tokens, then the token inside it. Cumulative sums run over 192 block masses and one
-    block (in float64), not over the whole vocabulary; a zero-probability token is never drawn."""
+    of ``BLOCK`` tokens, then the token inside it. Cumulative sums run over V / BLOCK block masses
+    and one block (in float64), not over the whole vocabulary; a zero-probability token is never
+    drawn."""
     R, V = lp_R_V.shape
     p = lp_R_V.exp()
     pad = -V % BLOCK
