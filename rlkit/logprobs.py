@@ -122,12 +122,14 @@ def _packed_plan(batch: TrainBatch, config):
     plen_B = batch.prompt_len_B.tolist()
     index: dict[tuple[int, ...], int] = {}
     members: list[list[int]] = []
+    row_u = []
     for b in range(B):
         key = tuple(batch.input_ids_B_L[b, : plen_B[b]].tolist())
         u = index.setdefault(key, len(index))
         if u == len(members):
             members.append([])
         members[u].append(b)
+        row_u.append(u)
     prompts = list(index)
     lengths = [len(p) + sum(max(n_B[b] - 1, 0) for b in rows) for p, rows in zip(prompts, members)]
     S, U = max(lengths), len(prompts)
@@ -162,8 +164,7 @@ def _packed_plan(batch: TrainBatch, config):
     for b in range(B):
         if n_B[b] == 0:
             continue
-        u = index[tuple(batch.input_ids_B_L[b, : plen_B[b]].tolist())]
-        base = u * S
+        base = row_u[b] * S
         take.append(base + plen_B[b] - 1)  # the prompt's last token scores response token 0
         take.extend(range(base + start_B[b], base + start_B[b] + n_B[b] - 1))
     return ids, pos, mask[:, None], torch.tensor(take, dtype=torch.long)
