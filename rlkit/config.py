@@ -106,7 +106,12 @@ class EvalConfig(Section):
     """0: evaluate only before and after training."""
     num_problems: int = Field(200, ge=0)
     max_new_tokens: int = Field(48, gt=0)
-    batch_size: int = Field(50, gt=0)
+    n: int = Field(1, ge=1)
+    """Samples per problem; with n > 1 the evaluation also reports mean@n, pass@k and maj@k."""
+    k: list[int] = []
+    """The k of pass@k and maj@k (each ≤ n); empty: k = n when n > 1."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature of the n samples (the greedy accuracy is always computed too)."""
     at_start: bool = True
     at_minutes: list[float] = []
     """Also evaluate at the first step ending past each of these minutes of training time."""
@@ -161,7 +166,11 @@ class RunConfig(Section):
     without spilling to disk."""
     ray_address: Optional[str] = None
     """None: start a local Ray cluster; "auto" or an address: join that cluster."""
-    tensorboard: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Experiment trackers (TRL's convention); metrics always go to ``metrics.jsonl`` as well."""
+    run_name: Optional[str] = None
+    """Name of the run in the trackers (None: the last part of ``run_dir``)."""
+    tags: list[str] = []
     progress: bool = True
 
     @model_validator(mode="after")
@@ -173,6 +182,9 @@ class RunConfig(Section):
                 f"train.prompts_per_step × train.samples_per_prompt = {per_step} sequences per step "
                 f"is not divisible by learner.num_ranks = {ranks}"
             )
+        bad_k = [k for k in self.eval.k if not 1 <= k <= self.eval.n]
+        if bad_k:
+            raise ValueError(f"eval.k = {bad_k}: every k must lie in 1..eval.n = {self.eval.n}")
         if self.learner.zero_stage == 3 and self.learner.lora.enabled:
             # A LoRA sync reads adapters and merged weights directly; under ZeRO-3 they are shards.
             raise ValueError("learner.lora.enabled with learner.zero_stage 3 is not supported: LoRA keeps "

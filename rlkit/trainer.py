@@ -79,7 +79,7 @@ class Trainer:
             self._restore(ckpt)
         else:
             self.runtime.sync()  # engines start from the learner's exact weights (version 0)
-        log = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume=ckpt is not None)
+        log = MetricsLogger(self.run_dir, tensorboard="tensorboard" in cfg.report_to, resume=ckpt is not None)
         if ckpt is not None:
             log.truncate_after(self.state.step)
         progress = Progress(cfg.train.steps, initial=self.state.step, enabled=cfg.progress)

@@ -49,7 +49,7 @@ def _config(tmp_path: Path, model_dir: Path):
         "rollout.max_new_tokens=6", "rollout.threads=1", "learner.threads=1", "learner.num_ranks=2",
         "learner.micro_batch_size=4", "learner.lr=1.0e-3", "train.prompts_per_step=2",
         "train.samples_per_prompt=4", "train.steps=2", "eval.num_problems=0", "progress=false",
-        "tensorboard=false", "algorithm.name=grpo", "resources.placement=separate",
+        "report_to=[]", "algorithm.name=grpo", "resources.placement=separate",
         f"resources.custom={custom}",
     ])
 

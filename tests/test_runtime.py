@@ -26,7 +26,7 @@ def tiny_config(tmp_path: Path, model_dir: Path, algorithm: str = "grpo", args: 
         "rollout.max_new_tokens=8", "rollout.threads=1", "learner.threads=1", "learner.num_ranks=2",
         "learner.micro_batch_size=4", "learner.lr=1.0e-3", "train.prompts_per_step=4",
         "train.samples_per_prompt=4", "train.steps=3", "eval.num_problems=0", "progress=false",
-        "tensorboard=false", f"algorithm.name={algorithm}",
+        "report_to=[]", f"algorithm.name={algorithm}",
     ]
     overrides += [f"algorithm.args.{k}={v}" for k, v in (args or {}).items()]
     overrides += [f"{k}={v}" for k, v in over.items()]
@@ -214,7 +214,7 @@ def config_at_tiny_size(path: Path, tmp_path: Path, model: Path, teacher: Path):
         f"run_dir={tmp_path / 'run'}", f"model.path={model}", "rollout.max_new_tokens=8", "rollout.threads=1",
         "learner.threads=1", "learner.num_ranks=2", "learner.micro_batch_size=4", "learner.lr=1.0e-3",
         "train.prompts_per_step=4", "train.samples_per_prompt=4", "eval.num_problems=0", "progress=false",
-        "tensorboard=false", f"rewards.rewards=[{{name: '{TOY_REWARD}'}}]",
+        "report_to=[]", f"rewards.rewards=[{{name: '{TOY_REWARD}'}}]",
     ]
     if raw["data"]["kind"] == "arithmetic":
         over += ["data.num_train=64", "data.num_eval=8"]
