@@ -41,6 +41,31 @@ class Needs:
     pairs: bool = False
     """Preference pairs (chosen/rejected) instead of scored rollout groups (f-DPO, TDPO)."""
 
+    @property
+    def reference(self) -> bool:
+        """A frozen reference model must be loaded: some pass reads its log-probs or distribution."""
+        return self.ref_logp or self.ref_full_kl or self.ref_temper_phi is not None
+
+
+@dataclass(frozen=True)
+class FilterPolicy:
+    """How the driver honours an algorithm's group filter (e.g. DAPO's dynamic sampling).
+
+    The driver draws generation batches until ``prompts_per_step`` groups survive the filter or
+    ``max_rounds`` batches were drawn (0 = unlimited); surplus groups carry over to the next step.
+    When rounds run out short, ``on_short="raise"`` stops the run with the counts, and
+    ``on_short="train"`` trains on the groups it has and logs ``filter/short_groups``.
+    """
+
+    max_rounds: int = 1
+    on_short: Literal["raise", "train"] = "train"
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 0:
+            raise ValueError(f"FilterPolicy.max_rounds must be >= 0 (0 = unlimited), got {self.max_rounds}")
+        if self.on_short not in ("raise", "train"):
+            raise ValueError(f"FilterPolicy.on_short must be 'raise' or 'train', got {self.on_short!r}")
+
 
 @dataclass
 class AdvantageInputs:
@@ -127,7 +152,6 @@ class Algorithm:
     name: str
     config_cls: type
     """A dataclass whose fields carry the paper's defaults (documented, mapped to paper symbols)."""
-    kind: Literal["online", "preference"]
     needs: Callable[[Any], Needs]
     loss: Callable[[Any, Any], tuple[Tensor, Metrics]]
     """online: (LossInputs, cfg) -> (loss, metrics); preference: (PairLossInputs, cfg) -> ..."""
@@ -135,6 +159,9 @@ class Algorithm:
     """online only: -> (advantages_B_T, metrics)."""
     group_filter: Optional[Callable[[Tensor, Tensor, Any], Tensor]] = None
     """(raw_rewards_B, group_ids_B, cfg) -> keep_B bool; e.g. DAPO's dynamic sampling."""
+    filter_policy: Callable[[Any], FilterPolicy] = lambda cfg: FilterPolicy()
+    """cfg -> how many generation batches the driver may draw for the filter, and what it does
+    when they run out short (only read when ``group_filter`` is set)."""
     make_controller: Optional[Callable[[Any], Controller]] = None
     critic_loss: Optional[Callable[[LossInputs, Any], tuple[Tensor, Metrics]]] = None
     """Loss of the critic's values (``Needs.values``); trained beside the policy in the learner."""
@@ -142,6 +169,11 @@ class Algorithm:
     """The loss is linear in A where unclipped, so truncated IS may scale A per token."""
     returns: Optional[Callable[[AdvantageInputs, Any], Tensor]] = None
     """Value targets R_B_T for the critic (with ``critic_loss``), from the same inputs as the advantage."""
+
+    @property
+    def kind(self) -> Literal["online", "preference"]:
+        """"preference" when the algorithm trains on chosen/rejected pairs (``Needs.pairs``)."""
+        return "preference" if self.needs(self.config_cls()).pairs else "online"
 
     def make_config(self, overrides: Mapping[str, Any] | None = None, source: str = "<config>"):
         """Build this algorithm's config, failing with the key and ``source`` on a bad field."""
@@ -182,6 +214,6 @@ def names() -> list[str]:
 
 
 __all__ = [
-    "Algorithm", "AdvantageInputs", "Controller", "LossInputs", "Metrics", "Needs",
+    "Algorithm", "AdvantageInputs", "Controller", "FilterPolicy", "LossInputs", "Metrics", "Needs",
     "PairLossInputs", "get", "names", "register",
 ]

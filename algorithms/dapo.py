@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
+from .base import AdvantageInputs, Algorithm, FilterPolicy, LossInputs, Metrics, Needs, register
 from .common import (
     finish_loss, global_counts,
     AGG_MODES,
@@ -166,8 +166,10 @@ def dapo_loss(inp: LossInputs, cfg: DAPOConfig) -> tuple[Tensor, Metrics]:
 
 
 DAPO = register(Algorithm(
-    name="dapo", config_cls=DAPOConfig, kind="online", needs=dapo_needs, loss=dapo_loss,
+    name="dapo", config_cls=DAPOConfig, needs=dapo_needs, loss=dapo_loss,
     advantages=dapo_advantages, group_filter=dapo_group_filter,
+    # verl RayDAPOTrainer.fit: draw up to max_num_gen_batches (≤ 0 = unlimited), then raise.
+    filter_policy=lambda cfg: FilterPolicy(max_rounds=max(0, cfg.max_num_gen_batches), on_short="raise"),
 ))
 
 __all__ = ["DAPO", "DAPOConfig", "dapo_advantages", "dapo_group_filter", "dapo_loss", "dapo_needs",

@@ -155,5 +155,5 @@ def exopd_needs(cfg: ExOPDConfig) -> Needs:
     return Needs(old_logp=True, teacher_logp=True, ref_logp=cfg.needs_reference)
 
 
-EXOPD = register(Algorithm(name="exopd", config_cls=ExOPDConfig, kind="online", needs=exopd_needs,
+EXOPD = register(Algorithm(name="exopd", config_cls=ExOPDConfig, needs=exopd_needs,
                            loss=exopd_loss, advantages=exopd_advantages))

@@ -149,5 +149,4 @@ def fdpo_needs(cfg: FDPOConfig) -> Needs:
     return Needs(old_logp=False, ref_logp=True, pairs=True)
 
 
-FDPO = register(Algorithm(name="fdpo", config_cls=FDPOConfig, kind="preference",
-                          needs=fdpo_needs, loss=fdpo_loss))
+FDPO = register(Algorithm(name="fdpo", config_cls=FDPOConfig, needs=fdpo_needs, loss=fdpo_loss))

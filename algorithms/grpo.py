@@ -161,7 +161,7 @@ def grpo_loss(inp: LossInputs, cfg: GRPOConfig) -> tuple[Tensor, Metrics]:
 
 
 GRPO = register(Algorithm(
-    name="grpo", config_cls=GRPOConfig, kind="online", needs=grpo_needs,
+    name="grpo", config_cls=GRPOConfig, needs=grpo_needs,
     loss=grpo_loss, advantages=grpo_advantages,
 ))
 

@@ -232,9 +232,9 @@ def clip_cov_loss(inp: LossInputs, cfg: ClipCovConfig) -> tuple[Tensor, Metrics]
     return _finish(tok, m, inp, cfg)
 
 
-KL_COV = register(Algorithm(name="kl_cov", config_cls=KLCovConfig, kind="online", needs=_needs,
+KL_COV = register(Algorithm(name="kl_cov", config_cls=KLCovConfig, needs=_needs,
                             loss=kl_cov_loss, advantages=_advantages))
-CLIP_COV = register(Algorithm(name="clip_cov", config_cls=ClipCovConfig, kind="online", needs=_needs,
+CLIP_COV = register(Algorithm(name="clip_cov", config_cls=ClipCovConfig, needs=_needs,
                               loss=clip_cov_loss, advantages=_advantages))
 
 __all__ = [

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from rlkit.kl import kl_estimate
 
-from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
+from .base import AdvantageInputs, Algorithm, FilterPolicy, LossInputs, Metrics, Needs, register
 from .common import broadcast_advantages, check_choice, group_advantages, masked
 
 BASELINES = ("mean", "loo", "partition")
@@ -166,7 +166,9 @@ def pmd_needs(cfg: PMDMeanConfig) -> Needs:
 
 
 PMD_MEAN = register(Algorithm(
-    name="pmd_mean", config_cls=PMDMeanConfig, kind="online", needs=pmd_needs, loss=pmd_loss,
+    name="pmd_mean", config_cls=PMDMeanConfig, needs=pmd_needs, loss=pmd_loss,
     advantages=pmd_advantages, group_filter=pmd_group_filter,
+    # One generation batch per step: filtered prompts leave the batch, none are redrawn.
+    filter_policy=lambda cfg: FilterPolicy(max_rounds=1, on_short="train"),
     linear_in_advantage=False,  # the squared loss: per-token IS scaling of A would be wrong (§15 item 11)
 ))

@@ -197,5 +197,5 @@ def rapo_needs(cfg: RAPOConfig) -> Needs:
     return Needs(old_logp=True, ref_logp=True, ref_temper_phi=temper, entropy=cfg.entropy_coef != 0)
 
 
-RAPO = register(Algorithm(name="rapo", config_cls=RAPOConfig, kind="online", needs=rapo_needs,
+RAPO = register(Algorithm(name="rapo", config_cls=RAPOConfig, needs=rapo_needs,
                           loss=rapo_loss, advantages=rapo_advantages))

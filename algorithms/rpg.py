@@ -230,7 +230,7 @@ def rpg_loss(inp: LossInputs, cfg: RPGConfig) -> tuple[Tensor, Metrics]:
 
 
 RPG = register(Algorithm(
-    name="rpg", config_cls=RPGConfig, kind="online", needs=rpg_needs, loss=rpg_loss,
+    name="rpg", config_cls=RPGConfig, needs=rpg_needs, loss=rpg_loss,
     advantages=rpg_advantages,
 ))
 

@@ -399,6 +399,6 @@ def safe_needs(cfg: SAFEConfig) -> Needs:
     return Needs(old_logp=True, ref_logp=True, values=True, entropy=True)
 
 
-SAFE = register(Algorithm(name="safe", config_cls=SAFEConfig, kind="online", needs=safe_needs,
+SAFE = register(Algorithm(name="safe", config_cls=SAFEConfig, needs=safe_needs,
                           loss=safe_loss, advantages=safe_advantages, make_controller=SafeController,
                           critic_loss=safe_critic_loss, returns=safe_returns))
