@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 OnError = Literal["zero", "drop_group", "stop"]
 ON_ERROR_CHOICES = ("zero", "drop_group", "stop")
@@ -63,6 +63,10 @@ class RewardConfig:
     hist_bins: int = 10
     hist_range: tuple[float, float] = (0.0, 1.0)
     """Each component's score histogram: ``hist_bins`` equal bins over this range, plus below/above."""
+    outcome: Optional[str] = None
+    """The component that is the task's verified outcome: what dynamic sampling (DAPO) filters on,
+    what ``reward/accuracy`` and the evaluation count as correct. None: the built-in ``math``
+    verifier when it is listed, else the weighted total score (no accuracy metric then)."""
     max_consecutive_timeouts: int = 8
     """After this many timeouts in a row on single samples of one reward, its remaining samples in
     the call are marked ``timeout`` without running (a reward that always hangs must not stall a
@@ -80,6 +84,28 @@ class RewardConfig:
         self.hist_range = tuple(float(x) for x in self.hist_range)  # type: ignore[assignment]
         if len(self.hist_range) != 2 or not self.hist_range[0] < self.hist_range[1]:
             raise ValueError(f"hist_range must be (low, high) with low < high, got {self.hist_range!r}")
+        names = self.component_names()
+        if self.outcome is not None and self.outcome not in names:
+            raise ValueError(f"outcome {self.outcome!r} is not one of the reward components {names}")
+
+    def component_names(self) -> list[str]:
+        """Metric/column name per reward: the built-in name or the function name, de-duplicated
+        with ``_2``, ``_3``."""
+        from .registry import BUILTINS
+
+        names: list[str] = []
+        seen: dict[str, int] = {}
+        for s in self.rewards:
+            base = s.name if s.name in BUILTINS else s.name.rpartition(":")[2]
+            seen[base] = seen.get(base, 0) + 1
+            names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+        return names
+
+    def outcome_name(self) -> Optional[str]:
+        """The outcome component (see ``outcome``), or None for the weighted total."""
+        if self.outcome is not None:
+            return self.outcome
+        return "math" if "math" in self.component_names() else None
 
 
 def _as_spec(r: Any) -> RewardSpec:

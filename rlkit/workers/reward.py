@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from rlkit.rewards.config import RewardConfig, RewardSpec
-from rlkit.rewards.registry import BUILTINS, STATUSES, resolve
+from rlkit.rewards.registry import STATUSES, resolve
 
 from .reward_pool import Outcome, RewardPool, Task
 
@@ -64,16 +64,6 @@ class RewardBatchResult:
     """The first messages of non-ok samples: ``"sample 3 [math] timeout: ..."``."""
 
 
-def component_names(specs: list[RewardSpec]) -> list[str]:
-    """Metric/column name per spec: the builtin name or the function name, de-duplicated with ``_2``, ``_3``."""
-    names, seen = [], Counter()
-    for s in specs:
-        base = s.name if s.name in BUILTINS else s.name.rpartition(":")[2]
-        seen[base] += 1
-        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
-    return names
-
-
 class RewardWorker:
     """Runs ``cfg.rewards`` over batches in ``cfg.num_procs`` persistent child processes."""
 
@@ -81,7 +71,7 @@ class RewardWorker:
         if isinstance(cfg, dict):
             cfg = RewardConfig(**cfg)
         self.cfg = cfg
-        self.names = component_names(cfg.rewards)
+        self.names = cfg.component_names()
         # Resolve here first: a bad name or signature fails in the driver, naming the function.
         resolved = [resolve(s.name, s.kwargs) for s in cfg.rewards]
         self.labels = [r.label for r in resolved]
