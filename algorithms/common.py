@@ -22,17 +22,12 @@ import math
 import torch
 from torch import Tensor
 
-from rlkit.kl import importance_weight, kl_estimate
+# check_choice is defined once, in the lower layer, and re-exported for the algorithms.
+from rlkit.kl import check_choice, importance_weight, kl_estimate
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ADV_SCALES = ("group", "batch", "none")
 SINGLETON_RULES = ("raw", "zero")
-
-
-def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming ``name`` and the valid choices if ``value`` is not one of them."""
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 def masked(x_B_T: Tensor, mask_B_T: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ def _loss_fn(variant: str, h, W, y, adv, chunk):
             from trl.trainer.utils import selective_log_softmax
             logp = selective_log_softmax(logits, y)
         return -(adv * logp).sum() / n
-    from rlkit.kl import fused_token_logprobs, fused_token_loss
+    from rlkit.kl_fused import fused_token_logprobs, fused_token_loss
 
     if variant == "fused":
         loss, _ = fused_token_loss(h, W, y, lambda rows, lp, e, k: -adv[rows] * lp / n, chunk_size=chunk)

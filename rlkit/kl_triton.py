@@ -1,6 +1,6 @@
-"""Triton row kernels of the fused log-prob / entropy / KL pass (CUDA twin of ``rlkit.kl``).
+"""Triton row kernels of the fused log-prob / entropy / KL pass (CUDA twin of ``rlkit.kl_fused``).
 
-The chunk loop of ``rlkit.kl._sweep`` keeps the LM-head matmuls in cuBLAS and calls these two
+The chunk loop of ``rlkit.kl_fused._sweep`` keeps the LM-head matmuls in cuBLAS and calls these two
 row kernels on each [C, V] chunk of scaled logits, as Liger-Kernel's fused linear losses do:
 
 * ``row_stats``: one online-softmax sweep over the vocabulary per row giving logsumexp, the
@@ -8,9 +8,10 @@ row kernels on each [C, V] chunk of scaled logits, as Liger-Kernel's fused linea
   reference log-probs — no [C, V] temporary at all.
 * ``row_dlogits``: G = Σ_k c_k ∂out_k/∂z written in place over the logits buffer.
 
-Formulas and the 0·log 0 = 0 conventions are those of ``rlkit.kl._row_stats`` /
-``rlkit.kl._row_dlogits``, which are the oracle of tests/test_kl_triton.py. Triton is optional:
-``available()`` is False without it or without CUDA, and ``rlkit.kl`` then stays on torch.
+Formulas and the 0·log 0 = 0 conventions are those of ``rlkit.kl_fused._row_stats`` /
+``rlkit.kl_fused._row_dlogits``, which are the oracle of tests/test_kl_triton.py. Triton is
+optional: ``available()`` is False without it or without CUDA, and ``rlkit.kl_fused`` then stays on
+torch.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ if triton is not None:
 
 
 def row_stats(z: Tensor, y: Tensor, r: Tensor | None, direction: str, want_entropy: bool):
-    """CUDA twin of ``rlkit.kl._row_stats``; returns (None, lse, logp, ez | None, kl | None).
+    """CUDA twin of ``rlkit.kl_fused._row_stats``; returns (None, lse, logp, ez | None, kl | None).
 
     No probability buffer is built (the CPU twin returns p); ``row_dlogits`` recomputes it.
     Shapes: z [C, V] (contiguous rows), y [C], r [C, V] reference log-probs or None.
@@ -127,7 +128,7 @@ def row_stats(z: Tensor, y: Tensor, r: Tensor | None, direction: str, want_entro
 
 
 def row_dlogits(z, p, y, lse, ez, kl, r, direction, c_logp, c_ent, c_kl) -> Tensor:
-    """CUDA twin of ``rlkit.kl._row_dlogits``: writes G over z and returns it (p is unused)."""
+    """CUDA twin of ``rlkit.kl_fused._row_dlogits``: writes G over z and returns it (p is unused)."""
     c, v = z.shape
     dummy = lse
     rr = r if r is not None else z

@@ -1,7 +1,7 @@
 """Per-token log-probs, entropy and exact KL of response tokens, through the fused kernel.
 
 Logits are computed only at positions that score a response token (never at prompt positions),
-chunk by chunk inside :func:`rlkit.kl.fused_token_logprobs`, so no [tokens × vocab] tensor exists.
+chunk by chunk inside :func:`rlkit.kl_fused.fused_token_logprobs`, so no [tokens × vocab] tensor exists.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlkit import kl
+from rlkit import kl_fused
 from rlkit.types import TrainBatch
 
 
@@ -76,7 +76,7 @@ def token_stats(model, batch: TrainBatch, *, temperature: float, chunk_size: int
     if truncation is not None and (truncation.top_k or truncation.top_p < 1.0):
         out = _truncated_stats(hidden_N_D, weight, bias, labels_N, truncation)
     else:
-        out = kl.fused_token_logprobs(
+        out = kl_fused.fused_token_logprobs(
             hidden_N_D, weight, labels_N, temperature=temperature, chunk_size=chunk_size,
             with_entropy=with_entropy, bias_V=bias, **ref_kwargs,
         )
@@ -175,7 +175,7 @@ def _scatter(values_N: Tensor, mask_B_T: Tensor) -> Tensor:
     return out.masked_scatter(mask_B_T, values_N)
 
 
-def _truncated_stats(hidden_N_D: Tensor, weight: Tensor, bias, labels_N: Tensor, sampling) -> "kl.FusedOut":
+def _truncated_stats(hidden_N_D: Tensor, weight: Tensor, bias, labels_N: Tensor, sampling) -> "kl_fused.FusedOut":
     """Log-probs and entropy of the sampler's truncated distribution (top-k/top-p after temperature)."""
     logits = hidden_N_D.float() @ weight.float().T
     if bias is not None:
@@ -184,4 +184,4 @@ def _truncated_stats(hidden_N_D: Tensor, weight: Tensor, bias, labels_N: Tensor,
     logp_N = lp_N_V.gather(-1, labels_N[:, None]).squeeze(-1)
     p = lp_N_V.exp()
     entropy_N = -torch.where(p > 0, p * lp_N_V, torch.zeros_like(p)).sum(-1)
-    return kl.FusedOut(logp_N, entropy_N, None)
+    return kl_fused.FusedOut(logp_N, entropy_N, None)

@@ -5,12 +5,8 @@ import math
 import pytest
 import torch
 
-from rlkit.kl import (
-    entropy_from_logits,
-    full_kl,
-    fused_token_logprobs,
-    fused_token_loss,
-)
+from rlkit.kl import entropy_from_logits, full_kl
+from rlkit.kl_fused import fused_token_logprobs, fused_token_loss
 
 N, D, V, DR = 11, 5, 9, 4
 F64 = {"rtol": 1e-10, "atol": 1e-12}
@@ -212,3 +208,23 @@ def test_memory_no_n_by_v_allocation():
     allocs = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
     assert allocs, "profiler recorded no allocations"
     assert max(allocs) <= chunk * v * 4 * 1.01 < n * v * 4 / 8
+
+
+def test_older_import_path_and_import_order():
+    """rlkit.kl still hands out the fused names, whichever of the two modules is imported first."""
+    import subprocess
+    import sys
+
+    for first in ("rlkit.kl_fused", "rlkit.kl"):
+        code = (f"import sys, importlib; importlib.import_module('{first}');"
+                " from rlkit.kl import FusedOut, KL_DIRECTIONS, fused_token_logprobs, fused_token_loss;"
+                " import rlkit.kl, rlkit.kl_fused as f;"
+                " assert rlkit.kl.fused_token_loss is f.fused_token_loss and rlkit.kl.FusedOut is f.FusedOut;"
+                " assert rlkit.kl.check_choice is f.check_choice;"
+                " bad = {'triton', 'transformers', 'ray', 'deepspeed', 'vllm'} & set(sys.modules);"
+                " assert not bad, bad")
+        subprocess.run([sys.executable, "-c", code], check=True)
+    import rlkit.kl
+
+    with pytest.raises(AttributeError):
+        rlkit.kl.no_such_name  # noqa: B018
