@@ -169,6 +169,10 @@ class Algorithm:
     """The loss is linear in A where unclipped, so truncated IS may scale A per token."""
     returns: Optional[Callable[[AdvantageInputs, Any], Tensor]] = None
     """Value targets R_B_T for the critic (with ``critic_loss``), from the same inputs as the advantage."""
+    advantage_reads: Optional[frozenset[str]] = None
+    """The side-pass tensors (``old_logp``, ``ref_logp``, ``ref_tempered_logp``, ``teacher_logp``,
+    ``values``) that ``advantages``/``returns`` read: only these travel from the learners back to
+    the driver; the rest stay with the learner's shard for the loss. None: all of them."""
 
     @property
     def kind(self) -> Literal["online", "preference"]:
@@ -189,6 +193,26 @@ class Algorithm:
             return self.config_cls(**overrides)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: algorithm '{self.name}': {e}") from e
+
+
+@dataclass(frozen=True)
+class AlgorithmSetup:
+    """An algorithm with its validated config and the passes that config needs: built once per run
+    (:meth:`build`) and handed to the driver, the runtime, every learner rank and ``rlkit plan``."""
+
+    algo: Algorithm
+    cfg: Any
+    needs: Needs
+
+    @classmethod
+    def build(cls, name: str, args: Mapping[str, Any] | None = None, source: str = "<config>") -> "AlgorithmSetup":
+        algo = get(name)
+        cfg = algo.make_config(args, source=source)
+        return cls(algo, cfg, algo.needs(cfg))
+
+    @property
+    def filter_policy(self) -> FilterPolicy:
+        return self.algo.filter_policy(self.cfg)
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -214,6 +238,6 @@ def names() -> list[str]:
 
 
 __all__ = [
-    "Algorithm", "AdvantageInputs", "Controller", "FilterPolicy", "LossInputs", "Metrics", "Needs",
+    "Algorithm", "AlgorithmSetup", "AdvantageInputs", "Controller", "FilterPolicy", "LossInputs", "Metrics", "Needs",
     "PairLossInputs", "get", "names", "register",
 ]

@@ -248,7 +248,7 @@ def rlkit_config(args: argparse.Namespace, run_dir: str, overlap: bool):
         "learner.num_ranks=1", f"learner.micro_batch_size={args.micro_batch or max(1, seqs // 4)}", "learner.lr=5.0e-6",
         "learner.lr_schedule=constant", f"train.steps={args.steps}", f"train.prompts_per_step={args.prompts}",
         f"train.samples_per_prompt={args.samples}", "train.max_minutes=null", "eval.num_problems=0",
-        "checkpoint.every_steps=0", "progress=false", "tensorboard=false",
+        "checkpoint.every_steps=0", "progress=false", "report_to=[]",
         f"object_store_mb={256 if args.model == 'tiny' else 2048}", *data_overrides(args),
     ]
     return load_config(common.ROOT / "configs" / "grpo_demo.yaml", overrides)
@@ -259,15 +259,15 @@ def run_rlkit(args: argparse.Namespace, overlap: bool = False) -> dict[str, Any]
 
     from rlkit.metrics import StageTimer
     from rlkit.runtime import Runtime
-    from rlkit.trainer import Trainer
+    from rlkit.trainer import Trainer, model_dir
 
     torch.set_num_threads(args.threads)
     run_dir = tempfile.mkdtemp(prefix="e2e-rlkit-")
     cfg = rlkit_config(args, run_dir, overlap)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
     seen: list = []
     try:
-        rt = trainer.runtime = Runtime(cfg, trainer.model_dir)
+        rt = trainer.runtime
         rt.sync()  # the engines start from the learner's weights, as in Trainer.fit
         collect = rt.collect
 

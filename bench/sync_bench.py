@@ -63,7 +63,7 @@ def make_runtime(args: argparse.Namespace, run_dir: str):
     cfg = load_config(common.ROOT / "configs" / "grpo_demo.yaml", [
         f"run_dir={run_dir}", f"model.path={mdir}", "rollout.num_workers=1", "learner.num_ranks=1",
         f"rollout.threads={args.threads}", f"learner.threads={args.threads}", "eval.num_problems=0",
-        "progress=false", "tensorboard=false", "data.num_train=8", "data.num_eval=0",
+        "progress=false", "report_to=[]", "data.num_train=8", "data.num_eval=0",
         # room for two full copies of the weights (the buckets of one sync, and a lagging release)
         f"object_store_mb={max(256, 3 * args.weight_mb)}",
     ])
@@ -77,11 +77,11 @@ def breakdown(rt, bucket_bytes: int) -> dict[str, float]:
 
     if bucket_bytes == 0:  # shared memory
         t0 = time.perf_counter()
-        state = ray.get(rt.learners[0].shm_state.remote(rt._shm_tag))
+        state = ray.get(rt.learners[0].shm_state.remote(rt.weight_sync.transport.tag))
         t1 = time.perf_counter()
         loaded = ray.get(rt.rollout[0].load_shm.remote(rt.version, state["segment"], state["entries"]))
         t2 = time.perf_counter()
-        rt.verify_sync()
+        rt.weight_sync.verify(rt.version, state["sums"])
         return {"learner_pack_put_s": t1 - t0, "worker_get_load_s": loaded["seconds"], "worker_call_s": t2 - t1,
                 "buckets": 1, "total_s": t2 - t0, "bytes": state["bytes"]}
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def breakdown(rt, bucket_bytes: int) -> dict[str, float]:
     loaded = ray.get(rt.rollout[0].load_buckets.remote(rt.version, state["refs"]))
     t2 = time.perf_counter()
     n_buckets = len(state.pop("refs"))  # dropping the refs releases the buckets, as Runtime.sync does
-    rt.verify_sync()
+    rt.weight_sync.verify(rt.version, state["sums"])
     return {"learner_pack_put_s": t1 - t0, "worker_get_load_s": loaded["seconds"], "worker_call_s": t2 - t1,
             "buckets": n_buckets, "total_s": t2 - t0, "bytes": state["bytes"]}
 
@@ -102,7 +102,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rt = make_runtime(args, run_dir)
     try:
         rt.sync(transport="object")  # warm-up: first object-store allocations, first load into the engine
-        shm = rt._sync_transport() == "shm"
+        shm = rt.weight_sync._choose().name == "shm"
         if shm:
             rt.sync(transport="shm")  # warm-up: create both segments, fault in their pages
             rt.sync(transport="shm")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 
 class Section(BaseModel):
@@ -58,6 +58,15 @@ class RolloutConfig(Section):
     """Generate step k+1 while learning on step k (one-step off-policy; staleness is recorded).
     Exact resume holds for the synchronous mode; with overlap the in-flight batch is redrawn and
     regenerated from the checkpoint's weights."""
+
+    @property
+    def sampling(self):
+        """The sampling settings as one :class:`rlkit.types.SamplingConfig`, read by the rollout
+        workers and by the learner (which scores tokens over the same truncated support)."""
+        from rlkit.types import SamplingConfig
+
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens)
 
 
 class LearnerConfig(Section):
@@ -172,6 +181,17 @@ class RunConfig(Section):
     """Name of the run in the trackers (None: the last part of ``run_dir``)."""
     tags: list[str] = []
     progress: bool = True
+    _algorithm: Any = PrivateAttr(default=None)
+
+    @property
+    def algorithm_setup(self):
+        """The algorithm, its validated config and its needs (:class:`rlkit.algorithms.base.AlgorithmSetup`),
+        built once (at validation by :func:`load_config`, else on first use)."""
+        if self._algorithm is None:
+            from rlkit.algorithms.base import AlgorithmSetup
+
+            self._algorithm = AlgorithmSetup.build(self.algorithm.name, self.algorithm.args)
+        return self._algorithm
 
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
@@ -262,17 +282,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate_components(cfg: RunConfig, source: str) -> None:
     """Check the sections owned by other modules (algorithm, data, rewards) against their types."""
-    from rlkit import algorithms
+    from rlkit.algorithms.base import AlgorithmSetup
 
     try:
-        algo = algorithms.get(cfg.algorithm.name)
+        setup = AlgorithmSetup.build(cfg.algorithm.name, cfg.algorithm.args, source=f"{source}: key 'algorithm.args'")
     except KeyError as e:
         raise ConfigError(f"{source}: key 'algorithm.name': {e.args[0]}") from None
-    try:
-        algo.make_config(cfg.algorithm.args, source=f"{source}: key 'algorithm.args'")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    algo_needs = algo.needs(algo.make_config(cfg.algorithm.args))
+    cfg._algorithm = setup
+    algo, algo_needs = setup.algo, setup.needs
     if algo_needs.teacher_logp and not cfg.model.teacher_path:
         raise ConfigError(f"{source}: key 'model.teacher_path': algorithm '{algo.name}' needs a teacher model")
     if cfg.learner.tis_cap is not None and not algo.linear_in_advantage:

@@ -6,25 +6,26 @@ driver one method per stage. Nothing here knows how many nodes the cluster has.
 
 from __future__ import annotations
 
-import os
-import time
+import dataclasses
 from typing import Any, Optional
 
 import torch
 
 from rlkit.cluster import init_ray
 from rlkit.config import RunConfig, build_reward_config
+from rlkit.groups import generation_seed
+from rlkit.sync import SyncError, WeightSync, on_learners
 from rlkit.types import Rollout, TrainBatch
 from rlkit.workers.learner import LearnerSpec
 
-
-class SyncError(RuntimeError):
-    """A rollout engine does not hold the weights the learner just sent."""
+__all__ = ["Runtime", "SyncError"]
 
 
 class Runtime:
-    def __init__(self, cfg: RunConfig, model_dir: str, ref_dir: Optional[str] = None,
-                 teacher_dir: Optional[str] = None):
+    """The actors of one run. ``learners=False`` starts only the rollout and reward workers
+    (evaluation of a model folder)."""
+
+    def __init__(self, cfg: RunConfig, model_dir: str, *, learners: bool = True):
         import ray
 
         from rlkit.placement import Placement
@@ -38,49 +39,52 @@ class Runtime:
         r, l = cfg.rollout, cfg.learner
         Rollout_ = ray.remote(RolloutWorker)
         self.rollout = [
-            Rollout_.options(**self.placement.options("rollout", i)).remote(model_dir, engine=r.engine, dtype=cfg.model.dtype, threads=r.threads,
-                            seed=cfg.train.seed + i, worker_index=i)
+            Rollout_.options(**self.placement.options("rollout", i)).remote(
+                model_dir, engine=r.engine, dtype=cfg.model.dtype, threads=r.threads, seed=cfg.train.seed + i,
+                worker_index=i)
             for i in range(r.num_workers)
         ]
         self.reward = make_reward_actor(build_reward_config(cfg), **self.placement.options("reward", 0))
-        spec = LearnerSpec(
-            model_dir=model_dir, algorithm=cfg.algorithm.name, algorithm_args=cfg.algorithm.args,
-            dtype=cfg.model.dtype, zero_stage=l.zero_stage, threads=l.threads,
-            micro_batch_size=l.micro_batch_size, chunk_size=l.chunk_size, lr=l.lr,
-            weight_decay=l.weight_decay, betas=tuple(l.betas), max_grad_norm=l.max_grad_norm,
-            lr_schedule=l.lr_schedule, warmup_steps=l.warmup_steps, total_steps=max(1, cfg.train.steps),
-            updates_per_step=l.updates_per_step, critic_lr=l.critic_lr, max_response_len=r.max_new_tokens,
-            top_p=r.top_p, top_k=r.top_k, temperature=r.temperature, tis_cap=l.tis_cap,
-            freeze_embeddings=cfg.model.freeze_embeddings, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=l.lora.model_dump(),
-            ref_dir=ref_dir, teacher_dir=teacher_dir, seed=cfg.train.seed,
-        )
-        # Rank 0's node IP and a free port there, found before any rank blocks in the rendezvous.
-        addr, port = self.placement.master_endpoint()
-        Learner_ = ray.remote(LearnerRank)
-        self.learners = [Learner_.options(**self.placement.options("learner", rank)).remote(
-            rank, l.num_ranks, addr, port, spec) for rank in range(l.num_ranks)]
+        self.learners: list = []
+        if learners:
+            spec = LearnerSpec.from_config(cfg, model_dir)
+            # Rank 0's node IP and a free port there, found before any rank blocks in the rendezvous.
+            addr, port = self.placement.master_endpoint()
+            Learner_ = ray.remote(LearnerRank)
+            self.learners = [Learner_.options(**self.placement.options("learner", rank)).remote(
+                rank, l.num_ranks, addr, port, spec) for rank in range(l.num_ranks)]
         ray.get([w.ready.remote() for w in self.rollout] + [a.ready.remote() for a in self.learners])
         self.version = 0
-        self._probe_names: list[str] = []
-        self._transport: Optional[str] = None
-        import uuid
-
-        self._shm_tag = uuid.uuid4().hex[:12]
-        from rlkit import algorithms
-
-        algo = algorithms.get(cfg.algorithm.name)
-        self.unit = 2 if algo.needs(algo.make_config(cfg.algorithm.args)).pairs else 1
+        self.weight_sync = WeightSync(self.learners, self.rollout, zero_stage=l.zero_stage, lora=l.lora.enabled,
+                                      mode=r.sync_transport)
+        self.unit = 2 if cfg.algorithm_setup.needs.pairs else 1
 
     # ------------------------------------------------------------------ stages
-    def generate_async(self, prompts: list[tuple[int, int, list[int]]], step: int) -> list:
-        """Split a step's prompts over the rollout workers; returns Ray refs."""
-        r = self.cfg.rollout
-        sampling = dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+    def generate_async(self, prompts: list[tuple[int, int, list[int]]], step: int, round_: int = 0) -> list:
+        """Split a generation batch's prompts (group id, row index, token ids) over the rollout
+        workers; returns Ray refs. Each worker's share of each (step, round) has its own seed."""
+        sampling = dataclasses.asdict(self.cfg.rollout.sampling)
         n = len(self.rollout)
         shards = [prompts[i::n] for i in range(n)]
         return [w.generate.remote(shard, self.cfg.train.samples_per_prompt, sampling,
-                                  seed=self.cfg.train.seed * 1_000_003 + step * 101 + i)
+                                  seed=generation_seed(self.cfg.train.seed, step, round_, i))
                 for i, (w, shard) in enumerate(zip(self.rollout, shards)) if shard]
+
+    def sample(self, prompt_ids: list[list[int]], n: int, temperature: float, max_new_tokens: int,
+               seed: int) -> list[list[dict]]:
+        """``n`` samples per prompt at ``temperature`` (no top-k/top-p), as dicts with
+        ``completion_ids`` and ``finish_reason``, in prompt order (evaluation)."""
+        import ray
+
+        sampling = {"temperature": temperature, "max_new_tokens": max_new_tokens}
+        k = len(self.rollout)
+        shards = [[(j, j, p) for j, p in enumerate(prompt_ids) if j % k == i] for i in range(k)]
+        refs = [w.generate.remote(shard, n, sampling, seed=generation_seed(seed, 0, 0, i))
+                for i, (w, shard) in enumerate(zip(self.rollout, shards)) if shard]
+        out: list[list[dict]] = [[] for _ in prompt_ids]
+        for r in (r for part in ray.get(refs) for r in part):
+            out[r.group_id].append({"completion_ids": r.completion_ids, "finish_reason": r.finish_reason})
+        return out
 
     def collect(self, refs: list) -> list[Rollout]:
         import ray
@@ -102,8 +106,10 @@ class Runtime:
     def shard(self, batch: TrainBatch) -> list[TrainBatch]:
         return [batch.select(rows) for rows in self.shard_rows(batch.size)]
 
-    def side_passes(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """Store each rank's shard on it and run the detached passes (π_old, π_ref, teacher)."""
+    def side_passes(self, batch: TrainBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Store each rank's shard on it and run the detached passes (π_old, π_ref, teacher,
+        critic). Returns the full-batch tensors the algorithm's advantage reads, and ``kl/mean``
+        (k1 of the sampler against π_ref per token) when the reference was scored."""
         import ray
 
         shards = self.shard(batch)
@@ -111,15 +117,21 @@ class Runtime:
         parts = ray.get([a.side_passes.remote() for a in self.learners])
         rows = self.shard_rows(batch.size)
         out = {}
-        for key in parts[0]:
-            full = torch.zeros(batch.size, *parts[0][key].shape[1:])
+        for key in parts[0]["tensors"]:
+            first = parts[0]["tensors"][key]
+            full = torch.zeros(batch.size, *first.shape[1:])
             for idx, p in zip(rows, parts):
-                full[idx] = p[key]
+                full[idx] = p["tensors"][key]
             out[key] = full
-        return out
+        metrics = {}
+        if parts[0]["kl"]:
+            tokens = sum(p["kl"]["tokens"] for p in parts)
+            metrics["kl/mean"] = sum(p["kl"]["sum"] for p in parts) / max(tokens, 1.0)
+        return out, metrics
 
     def learn(self, advantages_B_T: Optional[torch.Tensor], controller: dict[str, float],
               returns_B_T: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """One update on the stored shards; each rank receives its own rows of the advantages."""
         import ray
 
         n = len(self.learners)
@@ -131,66 +143,13 @@ class Runtime:
 
     def sync(self, bucket_bytes: int = 64 * 2**20, skip: tuple[int, ...] = (),
              transport: Optional[str] = None) -> dict[str, float]:
-        """Send rank 0's full weights to every rollout worker, then prove they arrived.
-
-        Transport: shared memory when every rollout worker shares learner rank 0's node (one copy,
-        :mod:`rlkit.workers.shm_sync`), else the Ray object store in buckets of ``bucket_bytes``.
-        ``transport`` forces one ("shm" or "object"); LoRA policies always use the object store
-        (only their adapters travel)."""
-        import ray
-
-        t0 = time.perf_counter()
-        if (transport or self._sync_transport()) == "shm":
-            state = self.on_learners("shm_state", self._shm_tag)
-            ray.get([w.load_shm.remote(self.version, state["segment"], state["entries"])
-                     for i, w in enumerate(self.rollout) if i not in skip])
-        else:
-            state = self.on_learners("full_state", bucket_bytes)
-            ray.get([w.load_buckets.remote(self.version, state["refs"])
-                     for i, w in enumerate(self.rollout) if i not in skip])
-            del state["refs"]  # release the buckets from the object store
-        seconds = time.perf_counter() - t0
-        nbytes = state["bytes"]
-        if not self._probe_names:
-            self._probe_names = _probe_names(state["names"])
-        self.verify_sync()
-        return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/bytes_per_s": nbytes / max(seconds, 1e-9)}
+        """Send the learner's weights to every rollout worker and verify every tensor
+        (:class:`rlkit.sync.WeightSync`); ``skip`` leaves workers out (tests), ``transport`` forces
+        "shm" or "object"."""
+        return self.weight_sync.sync(self.version, bucket_bytes=bucket_bytes, skip=skip, transport=transport)
 
     def on_learners(self, method: str, *args) -> Any:
-        """Learner rank 0's answer to ``method``. Under ZeRO-3 every rank holds a shard of each
-        weight, so methods that read full weights run on all ranks together (they gather)."""
-        import ray
-
-        ranks = self.learners if self.cfg.learner.zero_stage == 3 else self.learners[:1]
-        return ray.get([getattr(a, method).remote(*args) for a in ranks])[0]
-
-    def _sync_transport(self) -> str:
-        """"shm" when it can work here (decided once, at the first sync), else "object"."""
-        import ray
-
-        if self._transport is None:
-            self._transport = "object"
-            if self.cfg.rollout.sync_transport == "auto" and not self.cfg.learner.lora.enabled:
-                nodes = ray.get([a.node_id.remote() for a in [self.learners[0], *self.rollout]])
-                if len(set(nodes)) == 1 and _shm_free_bytes() > 2.2 * self._weight_bytes():
-                    self._transport = "shm"
-        return self._transport
-
-    def _weight_bytes(self) -> float:
-        import ray
-
-        return float(ray.get(self.learners[0].weight_bytes.remote()))
-
-    def verify_sync(self) -> None:
-        import ray
-
-        want = self.on_learners("checksum", self._probe_names)
-        for i, got in enumerate(ray.get([w.checksum.remote(self._probe_names) for w in self.rollout])):
-            if got["version"] != self.version:
-                raise SyncError(f"rollout worker {i} holds policy version {got['version']}, learner is at {self.version}")
-            for name, value in want.items():
-                if not torch.isclose(torch.tensor(got["sums"][name]), torch.tensor(value), rtol=1e-5, atol=1e-6):
-                    raise SyncError(f"rollout worker {i}: tensor '{name}' checksum {got['sums'][name]} != learner {value}")
+        return on_learners(self.learners, self.cfg.learner.zero_stage, method, *args)
 
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
         import ray
@@ -218,7 +177,7 @@ class Runtime:
         import ray
 
         try:
-            ray.get(self.learners[0].close_shm.remote(), timeout=30)
+            ray.get([a.close_shm.remote() for a in self.learners[:1]], timeout=30)
         except Exception:  # the learner's own exit releases the segments too
             pass
 
@@ -233,20 +192,3 @@ class Runtime:
             pass
         self.placement.remove()
         ray.shutdown()
-
-
-def _shm_free_bytes() -> int:
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return 0
-    return st.f_bavail * st.f_frsize
-
-
-def _probe_names(names: list[str]) -> list[str]:
-    """A fixed sample of tensors to checksum after each sync: first, middle and last."""
-    if len(names) <= 3:
-        return list(names)
-    return [names[0], names[len(names) // 2], names[-1]]
-
-

@@ -12,11 +12,11 @@ from typing import Optional
 
 import torch
 
-from rlkit import algorithms, checkpoint
+from rlkit import checkpoint, groups
 from rlkit.algorithms.base import AdvantageInputs
-from rlkit.config import RunConfig, build_data_spec, dump_config
-from rlkit.kl import kl_estimate
-from rlkit.types import Rollout, collate
+from rlkit.config import RunConfig, build_data_spec, build_reward_config, dump_config
+from rlkit.groups import ScoredGroup
+from rlkit.types import collate
 
 
 @dataclass
@@ -26,8 +26,8 @@ class TrainerState:
     step: int = 0
     sampler: dict = field(default_factory=dict)
     controller: dict = field(default_factory=dict)
-    carry: list = field(default_factory=list)
-    """Dynamic sampling: kept groups not yet trained on, carried to the next step."""
+    carry: list[ScoredGroup] = field(default_factory=list)
+    """Group filter: kept groups not yet trained on, carried to the next step."""
     eval_base: dict = field(default_factory=dict)
     marks_done: list = field(default_factory=list)
     """``eval.at_minutes`` marks already evaluated."""
@@ -36,18 +36,22 @@ class TrainerState:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
-        from rlkit.assets import load_tokenizer, smollm2_dir
+    """The driver of one run. ``runtime`` is built by :meth:`fit` unless one is given (a test or a
+    benchmark that drives :meth:`step` itself): ``Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))``."""
+
+    def __init__(self, cfg: RunConfig, runtime=None):
+        from rlkit.assets import load_tokenizer
         from rlkit.data import PromptSampler, load_prompts
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.model_dir = str(smollm2_dir()) if cfg.model.path == "smollm2" else cfg.model.path
+        self.model_dir = model_dir(cfg)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.algo = algorithms.get(cfg.algorithm.name)
-        self.algo_cfg = self.algo.make_config(cfg.algorithm.args)
-        self.needs = self.algo.needs(self.algo_cfg)
+        setup = cfg.algorithm_setup
+        self.algo, self.algo_cfg, self.needs = setup.algo, setup.cfg, setup.needs
+        self.filter_policy = setup.filter_policy
+        self.outcome = build_reward_config(cfg).outcome_name()
         self.controller = self.algo.make_controller(self.algo_cfg) if self.algo.make_controller else None
         spec = build_data_spec(cfg)
         # Preference algorithms read pairs from a file (TRL's formats) when the data is a file;
@@ -62,7 +66,7 @@ class Trainer:
             self.train_rows, self.eval_rows = load_prompts(spec, self.tokenizer)
         self.sampler = PromptSampler(self.train_rows, cfg.train.prompts_per_step, cfg.train.seed)
         self.state = TrainerState()
-        self.runtime = None
+        self.runtime = runtime
         self._pending: Optional[tuple[list, list]] = None
         """Rows and in-flight generation refs of the next step (``rollout.overlap``)."""
         self._sampler_before_pending: dict = {}
@@ -73,7 +77,8 @@ class Trainer:
         from rlkit.runtime import Runtime
 
         cfg = self.cfg
-        self.runtime = Runtime(cfg, self.model_dir, ref_dir=cfg.model.ref_path, teacher_dir=cfg.model.teacher_path)
+        if self.runtime is None:
+            self.runtime = Runtime(cfg, self.model_dir)
         ckpt = checkpoint.resolve(resume, self.run_dir)
         if ckpt is not None:
             self._restore(ckpt)
@@ -126,118 +131,90 @@ class Trainer:
         return bool(due) or (bool(e.every_steps) and self.state.step % e.every_steps == 0)
 
     def step(self, timer) -> dict[str, float]:
-        """One training step; returns its metrics."""
+        """One training step: sample and score groups, side passes, advantages, learn, sync."""
         rt = self.runtime
         with timer("generate"):
-            if self.pair_file:
-                groups, reward_metrics = self._file_pairs(), {}
-            else:
-                groups, reward_metrics = self._collect_groups(timer)
-        if self.needs.pairs and not self.pair_file:
-            groups = _rank_pairs(groups)
-            reward_metrics["pairs/count"] = float(len(groups))
-        rollouts = [r for g in groups for r in g["rollouts"]]
-        rewards = [x for g in groups for x in g["rewards"]]
+            scored, group_metrics = self._groups(timer)
+        rollouts, rewards = groups.flatten(scored)
         if not rollouts:
             raise RuntimeError(f"step {self.state.step}: no trainable samples (every group filtered or tied)")
         batch = collate(rollouts, rewards, self.tokenizer.pad_token_id, rt.version)
         with timer("reference"):
-            batch.extras.update(rt.side_passes(batch))
+            extras, side_metrics = rt.side_passes(batch)
+            batch.extras.update(extras)
         advantages, returns, adv_metrics = self._advantages(batch)
         with timer("learn"):
             learn_metrics = rt.learn(advantages, self.controller.values() if self.controller else {}, returns)
         with timer("sync"):
             sync_metrics = rt.sync()
-        metrics = {**reward_metrics, **adv_metrics, **learn_metrics, **sync_metrics,
+        metrics = {**group_metrics, **side_metrics, **adv_metrics, **learn_metrics, **sync_metrics,
                    **self._batch_metrics(batch)}
         if self.controller is not None:
             metrics.update({f"controller/{k}": v for k, v in self.controller.update(metrics).items()})
         return metrics
 
     # ------------------------------------------------------------------ stages
-    def _collect_groups(self, timer) -> tuple[list[dict], dict[str, float]]:
-        """Sample and score prompt groups; with a group filter (DAPO), resample until full."""
-        cfg = self.cfg
-        want = cfg.train.prompts_per_step
+    def _groups(self, timer) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """The step's training groups: preference pairs from the dataset, or sampled and scored
+        groups (ranked into pairs for a preference algorithm)."""
+        if self.pair_file:
+            return groups.file_pairs(self.sampler.next_batch(), self._encode, self.tokenizer.eos_token_id), {}
+        scored, metrics = self._collect_groups(timer)
+        if self.needs.pairs:
+            scored = groups.rank_pairs(scored)
+            metrics["pairs/count"] = float(len(scored))
+        return scored, metrics
+
+    def _collect_groups(self, timer) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """Sample and score generation batches; with a group filter (DAPO), draw further batches as
+        the algorithm's :class:`FilterPolicy` allows until enough groups survive. Surplus groups
+        carry over to the next step; a short batch raises or is logged, as the policy says."""
+        want, policy = self.cfg.train.prompts_per_step, self.filter_policy
+        max_rounds = policy.max_rounds if self.algo.group_filter is not None else 1
         kept, metrics, rounds = list(self.state.carry), {}, 0
-        # With a group filter, draw further generation batches (up to the algorithm's
-        # ``max_num_gen_batches``) until enough groups survive; surplus groups carry over.
-        max_rounds = getattr(self.algo_cfg, "max_num_gen_batches", 1) if self.algo.group_filter else 1
-        while len(kept) < want and rounds < max(1, max_rounds):
+        while groups.more_rounds(len(kept), want, rounds, max_rounds):
             if self._pending is not None and rounds == 0:
                 rows, refs = self._pending  # generated while the previous step learned
             else:
                 rows = self.sampler.next_batch()
-                refs = self._launch(rows, self.state.step * 16 + rounds)
+                refs = self._launch(rows, self.state.step, rounds)
             rollouts = self.runtime.collect(refs)
             self._pending = None
-            if cfg.rollout.overlap and rounds == 0:
+            if self.cfg.rollout.overlap and rounds == 0:
                 # One-step off-policy: the next step's samples are generated by the current weights
                 # while this step scores and learns; the sync that follows queues behind them on the
                 # rollout worker, and each sample records its policy version (staleness 1).
                 self._sampler_before_pending = self.sampler.state_dict()
                 nxt = self.sampler.next_batch()
-                self._pending = (nxt, self._launch(nxt, (self.state.step + 1) * 16))
+                self._pending = (nxt, self._launch(nxt, self.state.step + 1, 0))
             with timer("score"):
-                groups, m = self._score(rows, rollouts)
+                new, m = self._score(rows, rollouts)
             metrics = metrics or m
-            kept.extend(groups)
+            kept.extend(new)
             rounds += 1
+        if self.algo.group_filter is not None:
+            metrics.update(groups.check_short(len(kept), want, rounds, policy.on_short, self.state.step))
         self.state.carry = kept[want:]
-        return kept[:want], metrics
+        return groups.renumber(kept[:want]), metrics
 
-    def _launch(self, rows, seed_step: int) -> list:
+    def _launch(self, rows, step: int, round_: int) -> list:
         prompts = [(i, row.index, self._encode(row.prompt_text)) for i, row in enumerate(rows)]
-        return self.runtime.generate_async(prompts, seed_step)
+        return self.runtime.generate_async(prompts, step, round_)
 
-    def _file_pairs(self) -> list[dict]:
-        """A step's preference pairs from the dataset, as (chosen, rejected) rollouts."""
-        eos = self.tokenizer.eos_token_id
-        groups = []
-        for g, row in enumerate(self.sampler.next_batch()):
-            prompt = self._encode(row.prompt_text)
-            pair = []
-            for text in (row.chosen_text, row.rejected_text):
-                ids = self._encode(text) + [eos]
-                pair.append(Rollout(prompt, ids, [0.0] * len(ids), "stop", -1, g, row.index))
-            groups.append({"rollouts": pair, "rewards": [1.0, 0.0]})
-        return groups
-
-    def _score(self, rows, rollouts: list[Rollout]) -> tuple[list[dict], dict[str, float]]:
+    def _score(self, rows, rollouts) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """Score one generation batch; its groups after the reward worker's drop_group policy and
+        the algorithm's group filter, and the reward metrics of every sample."""
         texts = self.tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
         row_of = [rows[r.group_id] for r in rollouts]
         fields = [{**row.fields, "answer": row.answer, "group_id": r.group_id,
                    "completion_len": len(r.completion_ids)} for row, r in zip(row_of, rollouts)]
         res = self.runtime.score(texts, [row.prompt_text for row in row_of], fields,
                                  [row.data_source for row in row_of])
-        G = self.cfg.train.samples_per_prompt
-        groups = []
-        for g in range(len(rows)):
-            idx = list(range(g * G, (g + 1) * G))
-            if res.keep and not all(res.keep[i] for i in idx):
-                continue  # the reward worker's drop_group policy: counted in its metrics
-            groups.append({"rollouts": [rollouts[i] for i in idx], "rewards": [float(res.scores[i]) for i in idx]})
-        raw = torch.tensor([float(s) for s in res.scores])
-        if self.algo.group_filter is not None and groups:
-            # The filter sees the raw verifier outcome (the first reward component, unweighted),
-            # not the shaped reward: spread that comes only from length shaping must not count.
-            outcome = next(iter(res.components.values()))
-            pos = {id(r): i for i, r in enumerate(rollouts)}
-            for grp in groups:
-                grp["outcome"] = [float(outcome[pos[id(r)]] or 0.0) for r in grp["rollouts"]]
-            ids = torch.tensor([g for g, grp in enumerate(groups) for _ in grp["outcome"]])
-            keep = self.algo.group_filter(torch.tensor([x for grp in groups for x in grp["outcome"]]), ids, self.algo_cfg)
-            groups = [grp for g, grp in enumerate(groups) if bool(keep[g * G])]
-        metrics = {"reward/mean": float(raw.mean()), "reward/std": float(raw.std()) if raw.numel() > 1 else 0.0,
-                   **{f"reward/{k}": float(v) for k, v in res.metrics.items()}}
-        if "math" in res.components:
-            vals = [1.0 if v == 1.0 else 0.0 for v in res.components["math"]]
-            metrics["reward/accuracy"] = sum(vals) / max(1, len(vals))
-        # Renumber groups 0..k-1 in the order kept, so group ids stay unique within a step.
-        for g, grp in enumerate(groups):
-            for r in grp["rollouts"]:
-                r.group_id = g
-        return groups, metrics
+        outcome = groups.outcome_values(res.components, res.scores, self.outcome)
+        built = groups.build_groups(rollouts, res.scores, outcome, res.status, res.keep,
+                                    self.cfg.train.samples_per_prompt)
+        kept = groups.apply_filter(built, self.algo.group_filter, self.algo_cfg)
+        return kept, groups.reward_metrics(res.scores, outcome, res.metrics, self.outcome is not None)
 
     def _advantages(self, batch) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], dict[str, float]]:
         if self.algo.advantages is None:
@@ -263,9 +240,6 @@ class Trainer:
                "response/truncated_frac": float(batch.truncated_B.float().mean()),
                "rollout/staleness_mean": float(batch.staleness_B.float().mean()),
                "rollout/tokens": float(lengths.sum())}
-        if "ref_logp" in batch.extras:
-            k1 = kl_estimate(batch.sampler_logp_B_T, batch.extras["ref_logp"], "k1", mask=mask)
-            out["kl/mean"] = float(k1.sum() / mask.sum().clamp(min=1))
         return out
 
     def _encode(self, text: str) -> list[int]:
@@ -281,8 +255,8 @@ class Trainer:
         fields = [{**r.fields, "answer": r.answer, "completion_len": len(g["completion_ids"])}
                   for r, g in zip(rows, gens)]
         res = self.runtime.score(texts, [r.prompt_text for r in rows], fields, [r.data_source for r in rows])
-        comp = res.components.get("math", res.scores)
-        correct = [1.0 if v == 1.0 else 0.0 for v in comp]
+        outcome = groups.outcome_values(res.components, res.scores, self.outcome)
+        correct = [1.0 if v == 1.0 else 0.0 for v in outcome]
         lengths = [len(g["completion_ids"]) for g in gens]
         if base:
             self.state.eval_base = {"brief": [i for i, g in enumerate(gens)
@@ -303,13 +277,15 @@ class Trainer:
         self.state.controller = self.controller.state_dict() if self.controller else {}
         self.runtime.save(str(tmp), {"step": self.state.step})
         self.tokenizer.save_pretrained(str(tmp / "hf"))  # the folder loads in transformers/vLLM as is
-        return checkpoint.commit(tmp, self.state.step, self.state.__dict__ | {"version": self.runtime.version},
-                                 dump_config(self.cfg), self.cfg.checkpoint.keep)
+        state = self.state.__dict__ | {"carry": [g.to_dict() for g in self.state.carry],
+                                       "version": self.runtime.version}
+        return checkpoint.commit(tmp, self.state.step, state, dump_config(self.cfg), self.cfg.checkpoint.keep)
 
     def _restore(self, ckpt: Path) -> None:
         saved = checkpoint.load_trainer_state(ckpt)
         self.runtime.load(str(ckpt))
         self.runtime.version = saved.pop("version")
+        saved["carry"] = [ScoredGroup.from_dict(g) for g in saved.get("carry", [])]
         self.state = TrainerState(**saved)
         self.sampler.load_state_dict(self.state.sampler)
         if self.controller is not None and self.state.controller:
@@ -321,13 +297,8 @@ class Trainer:
             self.runtime.shutdown()
 
 
-def _rank_pairs(groups: list[dict]) -> list[dict]:
-    """On-policy pairs: in each group the best- and worst-scored completions (ties skipped)."""
-    pairs = []
-    for grp in groups:
-        r = grp["rewards"]
-        best, worst = max(range(len(r)), key=r.__getitem__), min(range(len(r)), key=r.__getitem__)
-        if r[best] > r[worst]:
-            pairs.append({"rollouts": [grp["rollouts"][best], grp["rollouts"][worst]],
-                          "rewards": [r[best], r[worst]]})
-    return pairs
+def model_dir(cfg: RunConfig) -> str:
+    """The policy's model folder: ``model.path``, or the embedded SmolLM2 for ``smollm2``."""
+    from rlkit.assets import smollm2_dir
+
+    return str(smollm2_dir()) if cfg.model.path == "smollm2" else cfg.model.path

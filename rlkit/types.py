@@ -12,6 +12,22 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the rollout samples, and hence over which distribution the learner scores its tokens."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k truncation."""
+    max_new_tokens: int = 48
+
+    @property
+    def truncates(self) -> bool:
+        """Top-k or top-p cut the support: log-probs are renormalized over what is left."""
+        return bool(self.top_k) or self.top_p < 1.0
+
+
 @dataclass
 class Rollout:
     """One sampled completion and where it came from."""

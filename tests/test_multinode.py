@@ -62,15 +62,15 @@ def _actor_node(actor) -> str:
 def test_rollout_and_learners_on_different_nodes_sync_across(two_nodes, tmp_path, tiny_llama_dir):
     from rlkit.metrics import StageTimer
     from rlkit.runtime import Runtime
-    from rlkit.trainer import Trainer
+    from rlkit.trainer import Trainer, model_dir
 
     node_of = {name: n["NodeID"] for n in ray.nodes() if n["Alive"] for name in ("node_a", "node_b")
                if name in n["Resources"]}
     assert len(set(node_of.values())) == 2, node_of
 
     cfg = _config(tmp_path, tiny_llama_dir)
-    trainer = Trainer(cfg)
-    rt = trainer.runtime = Runtime(cfg, trainer.model_dir)
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
     try:
         assert _actor_node(rt.rollout[0]) == node_of["node_a"]
         assert _actor_node(rt.reward) == node_of["node_a"]
@@ -90,7 +90,7 @@ def test_rollout_and_learners_on_different_nodes_sync_across(two_nodes, tmp_path
         assert first["sync/bytes"] == pytest.approx(n_bytes, rel=0.01)
         assert all(m["sync/bytes"] == pytest.approx(n_bytes, rel=0.01) for m in metrics)
         # The engine on node_a holds exactly the weights rank 0 on node_b has now.
-        names = rt._probe_names
+        names = ray.get(rt.learners[0].full_state.remote(1 << 30))["names"]  # every tensor a sync sends
         want = ray.get(rt.learners[0].checksum.remote(names))
         got = ray.get(rt.rollout[0].checksum.remote(names))
         assert got["version"] == 2

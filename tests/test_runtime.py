@@ -51,13 +51,12 @@ def ray_session():
 
 def test_grpo_three_steps_changes_weights_and_syncs(ray_session, tmp_path, tiny_model):
     from rlkit.metrics import StageTimer
-    from rlkit.trainer import Trainer
+    from rlkit.runtime import Runtime, SyncError
+    from rlkit.trainer import Trainer, model_dir
 
     cfg = tiny_config(tmp_path, tiny_model, "grpo", {"beta": 0.04})
-    trainer = Trainer(cfg)
-    from rlkit.runtime import Runtime, SyncError
-
-    rt = trainer.runtime = Runtime(cfg, trainer.model_dir)
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
     rt.sync()
     before = ray.get(rt.learners[0].param_vector.remote())
     timer = StageTimer()
@@ -75,7 +74,7 @@ def test_grpo_three_steps_changes_weights_and_syncs(ray_session, tmp_path, tiny_
     assert rt.version == 3
     assert m["sync/bytes"] > 0 and "kl/mean" in m
     # One node: syncs went through shared memory; the object-store path must agree with it.
-    assert rt._transport == "shm"
+    assert rt.weight_sync.transport.name == "shm"
     rt.sync(transport="object")
     # One more update on the stored batch, then a sync that deliberately skips the only rollout
     # worker: the driver must notice that the engine still holds the previous policy.
@@ -89,12 +88,12 @@ def test_grpo_three_steps_changes_weights_and_syncs(ray_session, tmp_path, tiny_
 def test_lora_trains_adapters_and_syncs_only_them(ray_session, tmp_path, tiny_model):
     from rlkit.metrics import StageTimer
     from rlkit.runtime import Runtime
-    from rlkit.trainer import Trainer
+    from rlkit.trainer import Trainer, model_dir
 
     cfg = tiny_config(tmp_path, tiny_model, "grpo", None, **{"learner.lora.enabled": "true", "learner.lora.r": "4",
                                                              "learner.lora.alpha": "8"})
-    trainer = Trainer(cfg)
-    rt = trainer.runtime = Runtime(cfg, trainer.model_dir)
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
     full_bytes = sum(t.numel() * t.element_size() for t in _tiny_weights(tiny_model).values())
     timer = StageTimer()
     metrics = [trainer.step(timer) for _ in range(3)]
@@ -126,14 +125,14 @@ def test_zero3_shards_weights_matches_zero2_and_syncs(ray_session, tmp_path, tin
 
     from rlkit.metrics import StageTimer
     from rlkit.runtime import Runtime, SyncError
-    from rlkit.trainer import Trainer
+    from rlkit.trainer import Trainer, model_dir
 
     first: dict[int, torch.Tensor] = {}
     for stage in (2, 3):
         cfg = tiny_config(tmp_path / f"z{stage}", tiny_model, "grpo", {"beta": 0.04},
                           **{"learner.zero_stage": stage})
-        trainer = Trainer(cfg)
-        rt = trainer.runtime = Runtime(cfg, trainer.model_dir)
+        trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+        rt = trainer.runtime
         try:
             rt.sync()
             before = rt.on_learners("param_vector")
@@ -150,7 +149,7 @@ def test_zero3_shards_weights_matches_zero2_and_syncs(ray_session, tmp_path, tin
             for _ in range(2):
                 m = trainer.step(timer)
                 assert m["gap/kl"] < 1e-4, m  # the engine samples from the full, synced policy
-            assert rt._transport == "shm"
+            assert rt.weight_sync.transport.name == "shm"
             rt.sync(transport="object")  # verified by checksums, like every sync
             rt.learn(None, {})
             with pytest.raises(SyncError):
@@ -226,11 +225,10 @@ def config_at_tiny_size(path: Path, tmp_path: Path, model: Path, teacher: Path):
 def _three_steps(cfg) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     from rlkit.metrics import StageTimer
     from rlkit.runtime import Runtime
-    from rlkit.trainer import Trainer
+    from rlkit.trainer import Trainer, model_dir
 
-    trainer = Trainer(cfg)
-    rt = trainer.runtime = Runtime(cfg, trainer.model_dir, ref_dir=cfg.model.ref_path,
-                                   teacher_dir=cfg.model.teacher_path)
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
     try:
         rt.sync()
         before = ray.get(rt.learners[0].param_vector.remote())
@@ -266,10 +264,10 @@ def test_tiny_model_learns_the_toy_task(ray_session, tmp_path, tiny_model):
                          "learner.lr": 1.0e-2, "learner.micro_batch_size": 16})
     from rlkit.metrics import StageTimer
     from rlkit.runtime import Runtime
-    from rlkit.trainer import Trainer
+    from rlkit.trainer import Trainer, model_dir
 
-    trainer = Trainer(cfg)
-    rt = trainer.runtime = Runtime(cfg, trainer.model_dir)
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
     try:
         rt.sync()
         timer = StageTimer()

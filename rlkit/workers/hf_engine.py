@@ -1,6 +1,7 @@
-"""Hugging Face ``generate`` behind the engine contract (the fallback next to vLLM).
+"""rlkit's own decoding engine on a Hugging Face model's forward: the CPU default, and the engine
+next to vLLM wherever vLLM is not installed.
 
-The decoding loop is ours, on the model's own forward and a KV cache that appends in place: each
+The decoding loop is ours (not ``generate``), on the model's own forward and a KV cache that appends in place: each
 prompt is prefilled once for all of its samples, finished rows leave the batch, and tokens are drawn
 from :func:`rlkit.logprobs.support_logprobs` (temperature, top-k, top-p), the distribution the
 learner scores, so a sampled token's log-prob is exactly the processed distribution it was drawn
@@ -281,7 +282,7 @@ class HFEngine:
 
     def tensor_checksum(self, names: list[str]) -> dict[str, float]:
         state = self.model.state_dict()
-        return {n: float(state[n].double().sum()) for n in names}
+        return {n: float(torch.sum(state[n], dtype=torch.float64)) for n in names}
 
     def close(self) -> None:
         self.model = None

@@ -15,56 +15,43 @@ checkpoint) gathers them group by group on every rank (:meth:`LearnerRank.full_g
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from rlkit import algorithms
-from rlkit.algorithms.base import LossInputs, PairLossInputs
+from rlkit.algorithms.base import AlgorithmSetup, LossInputs, PairLossInputs
+from rlkit.config import LearnerConfig, ModelConfig, RunConfig
 from rlkit.logprobs import split_lm, token_stats
-from rlkit.workers.lora_sync import LoraDelta, lora_deltas, merged_weight
-from rlkit.types import TrainBatch
+from rlkit.types import SamplingConfig, TrainBatch
+from rlkit.workers import weights
 
 
 @dataclass
 class LearnerSpec:
+    """What a learner rank is built from: the run config's own sections, not copies of their fields."""
+
     model_dir: str
-    algorithm: str
-    algorithm_args: dict
-    dtype: str = "float32"
-    zero_stage: int = 2
-    threads: int = 1
-    micro_batch_size: int = 16
-    chunk_size: int = 1024
-    lr: float = 5e-6
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    max_grad_norm: float = 1.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
+    model: ModelConfig
+    learner: LearnerConfig
+    sampling: SamplingConfig
+    """The rollout's sampling settings: log-probs are scored at its temperature, over its support."""
+    algorithm: AlgorithmSetup
     total_steps: int = 1
-    updates_per_step: int = 1
-    max_response_len: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    tis_cap: Optional[float] = None
-    freeze_embeddings: bool = False
-    gradient_checkpointing: bool = False
-    lora: dict = field(default_factory=dict)
-    critic_lr: float = 1e-5
-    ref_dir: Optional[str] = None
-    teacher_dir: Optional[str] = None
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, model_dir: str) -> "LearnerSpec":
+        return cls(model_dir=model_dir, model=cfg.model, learner=cfg.learner, sampling=cfg.rollout.sampling,
+                   algorithm=cfg.algorithm_setup, total_steps=max(1, cfg.train.steps), seed=cfg.train.seed)
 
 
 def _patch_deepspeed_shm() -> None:
@@ -77,14 +64,14 @@ def _patch_deepspeed_shm() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def _lr_lambda(spec: LearnerSpec):
+def _lr_lambda(lc: LearnerConfig, total_steps: int):
     def f(step: int) -> float:
-        if spec.warmup_steps and step < spec.warmup_steps:
-            return (step + 1) / spec.warmup_steps
-        if spec.lr_schedule == "constant":
+        if lc.warmup_steps and step < lc.warmup_steps:
+            return (step + 1) / lc.warmup_steps
+        if lc.lr_schedule == "constant":
             return 1.0
-        frac = min(1.0, (step - spec.warmup_steps) / max(1, spec.total_steps - spec.warmup_steps))
-        return 1.0 - frac if spec.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+        frac = min(1.0, (step - lc.warmup_steps) / max(1, total_steps - lc.warmup_steps))
+        return 1.0 - frac if lc.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return f
 
 
@@ -98,11 +85,6 @@ class Scorer(torch.nn.Module):
 
     def forward(self, batch: TrainBatch, **kwargs) -> dict[str, torch.Tensor]:
         return token_stats(self.model, batch, **kwargs)
-
-
-def _full_numel(p: torch.Tensor) -> int:
-    """Elements of a parameter's full tensor (ZeRO-3 keeps only a shard in ``p``)."""
-    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def load_frozen(model_dir: str, dtype: str):
@@ -120,31 +102,26 @@ class LearnerRank:
                           WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
         from rlkit.workers import claim_cpu
 
-        claim_cpu(spec.threads)
+        lc, mc = spec.learner, spec.model
+        claim_cpu(lc.threads)
         random.seed(spec.seed + rank)
         np.random.seed(spec.seed + rank)
         torch.manual_seed(spec.seed)
-        self.algo = algorithms.get(spec.algorithm)
-        self.algo_cfg = self.algo.make_config(spec.algorithm_args)
-        self.needs = self.algo.needs(self.algo_cfg)
+        self.algo, self.algo_cfg, self.needs = spec.algorithm.algo, spec.algorithm.cfg, spec.algorithm.needs
         self.engine = self._init_engine()
-        self.ref = load_frozen(spec.ref_dir or spec.model_dir, spec.dtype) if (
-            self.needs.ref_logp or self.needs.ref_full_kl or self.needs.ref_temper_phi is not None
-            or self.needs.pairs) else None
-        self.teacher = load_frozen(spec.teacher_dir, spec.dtype) if self.needs.teacher_logp else None
+        # Preference algorithms always read reference log-probs (Needs.ref_logp), so they load it too.
+        self.ref = load_frozen(mc.ref_path or spec.model_dir, mc.dtype) if self.needs.reference else None
+        self.teacher = load_frozen(mc.teacher_path, mc.dtype) if self.needs.teacher_logp else None
         self.critic = None
         if self.needs.values:
             from rlkit.workers.critic import Critic
 
-            self.critic = Critic(spec.model_dir, lr=spec.critic_lr, max_grad_norm=spec.max_grad_norm, seed=spec.seed)
+            self.critic = Critic(spec.model_dir, lr=lc.critic_lr, max_grad_norm=lc.max_grad_norm, seed=spec.seed)
         self.batch: Optional[TrainBatch] = None
-        self._shm = None  # shared-memory sync segments (rank 0, same-node rollout workers)
-        self.version = 0
+        """This rank's shard of the step's batch (``set_batch``), with its side-pass tensors."""
+        self._shm: dict = {}  # the shared-memory sync writer (rank 0, same-node rollout workers)
         # The sampler's truncated support, when it used top-k/top-p (log-prob contract).
-        from rlkit.workers.engine import SamplingConfig
-
-        self.truncation = (SamplingConfig(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k)
-                           if spec.top_k or spec.top_p < 1.0 else None)
+        self.truncation = spec.sampling if spec.sampling.truncates else None
 
     def _init_engine(self):
         import deepspeed
@@ -155,19 +132,19 @@ class LearnerRank:
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
         from transformers import AutoModelForCausalLM
 
-        s = self.spec
+        s, lc = self.spec, self.spec.learner
         ds_config = {
-            "train_micro_batch_size_per_gpu": s.micro_batch_size,
+            "train_micro_batch_size_per_gpu": lc.micro_batch_size,
             "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False,
-            "gradient_clipping": s.max_grad_norm,
-            "zero_optimization": {"stage": s.zero_stage},
-            "bf16": {"enabled": s.dtype == "bfloat16"},
+            "gradient_clipping": lc.max_grad_norm,
+            "zero_optimization": {"stage": lc.zero_stage},
+            "bf16": {"enabled": s.model.dtype == "bfloat16"},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
         zero_init = None
-        if s.zero_stage == 3:
+        if lc.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             # While it lives, from_pretrained loads each rank's shard only (deepspeed.zero.Init), so
@@ -176,25 +153,25 @@ class LearnerRank:
             zero_init = HfDeepSpeedConfig(ds_config)
         model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32)
         del zero_init
-        if s.gradient_checkpointing:
+        if s.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if s.freeze_embeddings:
+        if s.model.freeze_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
-        if s.lora.get("enabled"):
+        if lc.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(
-                r=s.lora["r"], lora_alpha=s.lora["alpha"], lora_dropout=s.lora["dropout"],
-                target_modules=s.lora["target_modules"], task_type="CAUSAL_LM"))
+                r=lc.lora.r, lora_alpha=lc.lora.alpha, lora_dropout=lc.lora.dropout,
+                target_modules=list(lc.lora.target_modules), task_type="CAUSAL_LM"))
         scorer = Scorer(model)
-        if s.zero_stage == 3:
+        if lc.zero_stage == 3:
             deepspeed.zero.register_external_parameter(scorer, split_lm(model)[1])
         params = [p for p in scorer.parameters() if p.requires_grad]
         # The fused kernel (one pass over all tensors) also runs on CPU: 0.58 → 0.07 s per step for
         # SmolLM2's 135M fp32 parameters here.
-        opt = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay,
+        opt = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
                                 fused=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(lc, s.total_steps))
         engine, *_ = deepspeed.initialize(model=scorer, optimizer=opt, lr_scheduler=sched, config=ds_config)
         return engine
 
@@ -202,29 +179,6 @@ class LearnerRank:
     def policy(self) -> torch.nn.Module:
         """The HF (or PEFT) model being trained; under ZeRO-3 its parameters are shards."""
         return self.engine.module.model
-
-    def _gathered(self, params: list[torch.Tensor]):
-        """Full tensors of ``params`` for the ``with`` block (a collective under ZeRO-3)."""
-        if self.spec.zero_stage == 3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        return contextlib.nullcontext()
-
-    def full_groups(self, group_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """The policy's full weights in HF names, in groups of about ``group_bytes``.
-
-        The tensors are valid until the next group is requested (under ZeRO-3 each group is
-        gathered from every rank for that long), and every rank must exhaust the iterator."""
-        group, size = [], 0
-        named = list(self.policy.named_parameters())
-        for i, (name, p) in enumerate(named):
-            group.append((name, p))
-            size += _full_numel(p) * p.element_size()
-            if size >= group_bytes or i == len(named) - 1:
-                with self._gathered([q for _, q in group]):
-                    yield [(n, q.detach()) for n, q in group]
-                group, size = [], 0
 
     # ---------------------------------------------------------------- passes
     def ready(self) -> dict[str, Any]:
@@ -235,22 +189,26 @@ class LearnerRank:
         return batch.size
 
     @torch.no_grad()
-    def side_passes(self) -> dict[str, torch.Tensor]:
-        """Detached per-token log-probs of the stored shard under π_old, π_ref, the teacher."""
-        b, s, out = self.batch, self.spec, {}
-        kw = dict(temperature=s.temperature, chunk_size=s.chunk_size)
-        if self.needs.old_logp and s.updates_per_step > 1:
+    def side_passes(self) -> dict[str, Any]:
+        """Detached per-token log-probs of the stored shard under π_old, π_ref, the teacher (and
+        critic values), kept with the shard for the loss. Returns ``tensors``: those the algorithm's
+        advantage and return functions read (``Algorithm.advantage_reads``), and ``kl``: the sum
+        of k1(π_sampler‖π_ref) over the shard's tokens and their count, when π_ref was scored."""
+        b, out = self.batch, {}
+        T, chunk = self.spec.sampling.temperature, self.spec.learner.chunk_size
+        kw = dict(temperature=T, chunk_size=chunk)
+        if self.needs.old_logp and self.spec.learner.updates_per_step > 1:
             out["old_logp"] = self._in_micro_batches(
                 lambda mb: self.engine(mb, truncation=self.truncation, **kw)["logp"])
-        if self.ref is not None and (self.needs.ref_logp or self.needs.pairs):
+        if self.needs.ref_logp:
             out["ref_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw)["logp"])
         phi = self.needs.ref_temper_phi
         if phi is not None:
             # log q_φ(y) = φ·z_y − logsumexp(φ·z) with z = ref logits / T: the log-softmax at
-            # temperature T/φ, i.e. the exact normalized tempered reference (spec §2.5). φ = 0 is
-            # the uniform distribution over the vocabulary: −log V at every token.
+            # temperature T/φ, i.e. the exact normalized tempered reference (docs/algorithms.md
+            # § RAPO). φ = 0 is the uniform distribution over the vocabulary: −log V at every token.
             if phi > 0:
-                kw_phi = dict(kw, temperature=s.temperature / phi)
+                kw_phi = dict(kw, temperature=T / phi)
                 out["ref_tempered_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw_phi)["logp"])
             else:
                 V = self.ref.get_output_embeddings().weight.shape[0]
@@ -260,25 +218,31 @@ class LearnerRank:
         if self.teacher is not None:
             out["teacher_logp"] = self._in_micro_batches(lambda mb: token_stats(self.teacher, mb, **kw)["logp"])
         self.batch.extras.update(out)
-        return out
+        reads = self.algo.advantage_reads
+        kl = {}
+        if "ref_logp" in out:
+            from rlkit.kl import kl_estimate
+
+            mask = b.response_mask_B_T
+            kl = {"sum": float(kl_estimate(b.sampler_logp_B_T, out["ref_logp"], "k1", mask=mask).sum()),
+                  "tokens": float(mask.sum())}
+        return {"tensors": {k: v for k, v in out.items() if reads is None or k in reads}, "kl": kl}
 
     def _in_micro_batches(self, fn) -> torch.Tensor:
-        n, mb = self.batch.size, self.spec.micro_batch_size
+        n, mb = self.batch.size, self.spec.learner.micro_batch_size
         parts = [fn(self.batch.select(list(range(i, min(n, i + mb))))) for i in range(0, n, mb)]
         return torch.cat(parts, 0)
 
     # ---------------------------------------------------------------- update
     def train(self, advantages_B_T: Optional[torch.Tensor], controller: dict[str, float],
               returns_B_T: Optional[torch.Tensor] = None) -> dict[str, float]:
-        """All optimizer steps for the stored shard; returns metrics averaged over micro-batches."""
-        b = self.batch
-        if advantages_B_T is not None:
-            b.advantages_B_T = advantages_B_T
-        if returns_B_T is not None:
-            b.extras["returns"] = returns_B_T
+        """All optimizer steps for the stored shard, with this shard's advantages (and critic
+        returns); returns metrics averaged over micro-batches."""
+        extras = dict(self.batch.extras, **({"returns": returns_B_T} if returns_B_T is not None else {}))
+        b = dataclasses.replace(self.batch, advantages_B_T=advantages_B_T, extras=extras)
         t0 = time.perf_counter()
         order = torch.arange(b.size)
-        minis = torch.tensor_split(order, self.spec.updates_per_step)
+        minis = torch.tensor_split(order, self.spec.learner.updates_per_step)
         sums: dict[str, float] = {}
         self._grad_norms: list[float] = []
         for mini in minis:
@@ -288,20 +252,19 @@ class LearnerRank:
             metrics["learn/grad_norm"] = float(np.mean(self._grad_norms))
         metrics["learn/lr"] = float(self.engine.get_lr()[0])
         metrics["learn/seconds"] = time.perf_counter() - t0
-        self.version += 1
         return metrics
 
     def _global_counts(self, mini: TrainBatch) -> tuple[float, float, int]:
         local = torch.tensor([mini.response_mask_B_T.sum().item(),
                               float((mini.response_mask_B_T.sum(-1) > 0).sum().item())], dtype=torch.float64)
         dist.all_reduce(local)
-        n_micro = torch.tensor([math.ceil(mini.size / self.spec.micro_batch_size)], dtype=torch.long)
+        n_micro = torch.tensor([math.ceil(mini.size / self.spec.learner.micro_batch_size)], dtype=torch.long)
         dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
         return float(local[0]), float(local[1]), int(n_micro)
 
     def _optimizer_step(self, mini: TrainBatch, controller: dict, sums: dict) -> None:
         tokens, seqs, n_micro = self._global_counts(mini)
-        mb = self.spec.micro_batch_size
+        mb = self.spec.learner.micro_batch_size
         for i in range(n_micro):
             idx = list(range(i * mb, min(mini.size, (i + 1) * mb)))
             # A rank with fewer rows still joins every collective: a zero-weight micro-batch.
@@ -325,17 +288,17 @@ class LearnerRank:
             return self._pair_loss(micro, seqs / 2)
         s = self.spec
         stats = self.engine(
-            micro, temperature=s.temperature, chunk_size=s.chunk_size, with_entropy=True,
+            micro, temperature=s.sampling.temperature, chunk_size=s.learner.chunk_size, with_entropy=True,
             ref_model=self.ref if self.needs.ref_full_kl else None, truncation=self.truncation,
         )
         logp, mask = stats["logp"], micro.response_mask_B_T
         old = micro.extras.get("old_logp", logp.detach())
         adv = micro.advantages_B_T if micro.advantages_B_T is not None else torch.zeros_like(logp)
         metrics = _gap_metrics(micro.sampler_logp_B_T, old, mask)
-        if s.tis_cap is not None:
+        if s.learner.tis_cap is not None:
             # Truncated IS for the sampler/learner mismatch. Losses are linear in A where unclipped,
             # so scaling A by the detached weight w = min(π_old/π_sampler, cap) equals weighting each token.
-            w = torch.exp(old - micro.sampler_logp_B_T).clamp(max=s.tis_cap) * mask
+            w = torch.exp(old - micro.sampler_logp_B_T).clamp(max=s.learner.tis_cap) * mask
             adv = adv * w
         entropy = stats["entropy"] if self.needs.entropy else stats["entropy"].detach()
         inputs = LossInputs(
@@ -344,7 +307,7 @@ class LearnerRank:
             ref_tempered_logp_B_T=micro.extras.get("ref_tempered_logp"),
             teacher_logp_B_T=micro.extras.get("teacher_logp"), entropy_B_T=entropy,
             ref_full_kl_B_T=stats.get("ref_full_kl"), rewards_B=micro.rewards_B,
-            max_response_len=s.max_response_len, controller=controller,
+            max_response_len=s.sampling.max_new_tokens, controller=controller,
         )
         loss, algo_metrics = self.algo.loss(inputs, self.algo_cfg)
         if self.critic is not None:
@@ -363,7 +326,7 @@ class LearnerRank:
     def _pair_loss(self, micro: TrainBatch, pairs_global: float):
         """Rows come pair-major: 2p is the chosen response of pair p, 2p+1 the rejected one."""
         s = self.spec
-        stats = self.engine(micro, temperature=s.temperature, chunk_size=s.chunk_size,
+        stats = self.engine(micro, temperature=s.sampling.temperature, chunk_size=s.learner.chunk_size,
                             ref_model=self.ref if self.needs.ref_full_kl else None)
         logp, mask, ref = stats["logp"], micro.response_mask_B_T, micro.extras["ref_logp"]
         kl_full = stats.get("ref_full_kl")
@@ -380,104 +343,58 @@ class LearnerRank:
 
     # ---------------------------------------------------------------- weights
     # Under ZeRO-3 the methods below gather weights: the driver calls them on every rank together
-    # (Runtime.on_learners) and uses rank 0's answer.
-    @torch.no_grad()
+    # (rlkit.sync.on_learners) and uses rank 0's answer. The work is in rlkit.workers.weights.
     def full_state(self, bucket_bytes: int) -> dict[str, Any]:
-        """Rank 0: the policy's weights in HF names, packed in buckets of about ``bucket_bytes`` and
-        put in the object store once each (every rollout worker then reads the same objects).
-        With LoRA only the adapters travel (:mod:`rlkit.workers.lora_sync`)."""
-        import ray
+        return weights.object_state(self.policy, self.rank, self._zero, bucket_bytes)
 
-        if self._is_lora():
-            buckets = _pack(lora_deltas(self.policy), bucket_bytes)
-        else:
-            # No clone: ray.put serializes each bucket into the object store, which is the one copy
-            # (made while the bucket is gathered under ZeRO-3).
-            buckets = self.full_groups(bucket_bytes)
-        refs, names, nbytes = [], [], 0
-        for bucket in buckets:
-            if self.rank == 0:
-                refs.append(ray.put(bucket))
-                names += [_item_name(i) for i in bucket]
-                nbytes += sum(_item_bytes(i) for i in bucket)
-        return {"refs": refs, "names": names, "bytes": float(nbytes)}
+    def shm_state(self, tag: str) -> dict[str, Any]:
+        return weights.shm_state(self.policy, self.rank, self._zero, self._shm, tag)
 
-    @torch.no_grad()
-    def shm_state(self, tag: str, group_bytes: int = 64 * 2**20) -> dict[str, Any]:
-        """Rank 0, same-node sync: full weights copied into the next shared-memory slot."""
-        from rlkit.workers.shm_sync import ShmWriter
+    def checksum(self, names: list[str]) -> dict[str, float]:
+        return weights.checksum(self.policy, self._zero, names)
 
-        named = [(n, p) for n, p in self.policy.named_parameters()]
-        full_shapes = [(n, torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=p.dtype, device="meta"))
-                       for n, p in named]
-        items = (item for group in self.full_groups(group_bytes) for item in group)
-        if self.rank != 0:
-            for _ in items:  # join every gather
-                pass
-            return {}
-        if self._shm is None:
-            self._shm = ShmWriter(full_shapes, tag)
-        segment = self._shm.write(items)
-        return {"segment": segment, "entries": self._shm.entries, "names": [n for n, _ in named],
-                "bytes": float(sum(t.numel() * t.element_size() for _, t in full_shapes))}
+    def param_vector(self) -> torch.Tensor:
+        return weights.param_vector(self.policy, self._zero)
 
     def param_elems(self) -> dict[str, int]:
-        """Parameter elements this rank holds, and in the full model (equal unless ZeRO-3)."""
-        params = list(self.policy.parameters())
-        return {"local": sum(p.numel() for p in params), "full": sum(_full_numel(p) for p in params)}
+        return weights.param_elems(self.policy)
 
     def weight_bytes(self) -> int:
-        return sum(_full_numel(p) * p.element_size() for p in self.policy.parameters())
+        return weights.weight_bytes(self.policy)
 
     def close_shm(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
+        if self._shm.get("writer") is not None:
+            self._shm.pop("writer").close()
 
     def node_id(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
 
-    def _is_lora(self) -> bool:
-        return hasattr(self.policy, "merge_and_unload")
-
-    @torch.no_grad()
-    def checksum(self, names: list[str]) -> dict[str, float]:
-        """Sums of the weights a rollout engine must hold under these HF names."""
-        model = self.policy
-        if self._is_lora():
-            deltas = {d.name: d for d in lora_deltas(model)}
-            return {n: float(merged_weight(model, n, deltas).double().sum()) for n in names}
-        state = dict(model.named_parameters())
-        with self._gathered([state[n] for n in names]):
-            return {n: float(state[n].detach().double().sum()) for n in names}
-
-    @torch.no_grad()
-    def param_vector(self) -> torch.Tensor:
-        return torch.cat([t.flatten().clone() for group in self.full_groups(64 * 2**20) for _, t in group])
+    @property
+    def _zero(self) -> int:
+        return self.spec.learner.zero_stage
 
     # ---------------------------------------------------------------- checkpoint
     def save(self, directory: str, client_state: dict) -> None:
         d = Path(directory)
         self.engine.save_checkpoint(str(d / "deepspeed"), tag="state", client_state=client_state,
                                     save_latest=False)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "version": self.version}
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         torch.save(rng, d / f"rng_rank{self.rank}.pt")
         if self.critic is not None:
             torch.save({"model": self.critic.state_dict(), "opt": self.critic.opt.state_dict()},
                        d / f"critic_rank{self.rank}.pt")
         model = self.policy
-        if self._is_lora():  # LoRA (stage ≤ 2): the adapter, plus merged full weights
+        if weights.is_lora(model):  # LoRA (stage ≤ 2): the adapter, plus merged full weights
             if self.rank == 0:
                 model.save_pretrained(str(d / "adapter"), safe_serialization=True)
                 import copy
 
                 copy.deepcopy(model).merge_and_unload().save_pretrained(str(d / "hf"), safe_serialization=True)
-        elif self.spec.zero_stage == 3:
+        elif self._zero == 3:
             # Gathered group by group; only rank 0 keeps (CPU) copies.
-            state = {n: t.clone() for group in self.full_groups(64 * 2**20) for n, t in group if self.rank == 0}
+            state = {n: t.clone() for group in weights.full_groups(model, 3) for n, t in group if self.rank == 0}
             if self.rank == 0:
                 model.save_pretrained(str(d / "hf"), state_dict=state, safe_serialization=True)
         elif self.rank == 0:
@@ -491,33 +408,11 @@ class LearnerRank:
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        self.version = rng["version"]
         if self.critic is not None:
             state = torch.load(d / f"critic_rank{self.rank}.pt", weights_only=False)
             self.critic.load_state_dict(state["model"])
             self.critic.opt.load_state_dict(state["opt"])
         return client or {}
-
-
-def _pack(items: list, bucket_bytes: int) -> list[list]:
-    """Sync items in buckets of about ``bucket_bytes``."""
-    buckets, cur, size = [], [], 0
-    for item in items:
-        cur.append(item)
-        size += _item_bytes(item)
-        if size >= bucket_bytes:
-            buckets.append(cur)
-            cur, size = [], 0
-    return buckets + ([cur] if cur else [])
-
-
-def _item_name(item) -> str:
-    """Name of a sync item: a (name, tensor) pair or a LoRA delta."""
-    return item.name if isinstance(item, LoraDelta) else item[0]
-
-
-def _item_bytes(item) -> int:
-    return item.nbytes if isinstance(item, LoraDelta) else item[1].numel() * item[1].element_size()
 
 
 def _gap_metrics(sampler_logp: torch.Tensor, learner_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
