@@ -25,7 +25,8 @@ from torch import Tensor
 # check_choice is defined once, in the lower layer, and re-exported for the algorithms.
 from rlkit.kl import check_choice, importance_weight, kl_estimate
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
+             "token-sum")
 ADV_SCALES = ("group", "batch", "none")
 SINGLETON_RULES = ("raw", "zero")
 
@@ -50,15 +51,17 @@ def agg_loss(
     num_seqs: float | None = None,
     max_response_len: int | None = None,
 ) -> Tensor:
-    """Reduce a per-token loss to a scalar by one of the four modes of spec §3.5 (verl ``agg_loss``).
+    """Reduce a per-token loss to a scalar by one of the five modes of verl ``agg_loss``.
 
-    With N = Σ m, S = number of rows with Σ_t m > 0, n_i = Σ_t m_{i,t}:
+    docs/algorithms.md § Loss aggregation. With N = Σ m, S = number of rows with Σ_t m > 0,
+    n_i = Σ_t m_{i,t}:
 
     ==========================  ============================================================
     ``token-mean`` (DAPO)       Σ_{i,t} m·L / N
     ``seq-mean-token-sum``      (1/S) Σ_i Σ_t m·L
     ``seq-mean-token-mean``     (1/S) Σ_i [Σ_t m·L / n_i]      (GRPO paper; empty row → 0)
     ``seq-mean-token-sum-norm`` (1/S) Σ_i Σ_t m·L / T_norm     (Dr. GRPO)
+    ``token-sum``               Σ_{i,t} m·L                    (verl ≥ 0.9.0; no normalizer)
     ==========================  ============================================================
 
     ``num_tokens`` / ``num_seqs`` are the *global* N and S of the whole optimizer step (all
@@ -66,7 +69,9 @@ def agg_loss(
     the micro-batch results equals the full-batch loss, with the same gradient (verl ≥ 0.7.0
     ``batch_num_tokens`` / ``global_batch_size``; TRL ``loss_type="dapo"``). ``None`` uses the local
     counts (verl with one micro-batch and one rank). Rows are counted only when non-empty (verl ≥
-    0.6.1); TRL ``loss_type="grpo"`` would count empty rows too.
+    0.6.1); TRL ``loss_type="grpo"`` would count empty rows too. ``token-sum`` has no normalizer and
+    ignores both counts: the micro-batch sums already add up to the full-batch sum (verl returns
+    ``masked_sum × dp_size``; here the dp_size factor is the learner's, as for every mode, below).
 
     Data parallelism: the contract is "Σ over all micro-batches of all ranks = full-batch loss".
     DDP/DeepSpeed *average* gradients over the dp ranks, so a learner that backpropagates this value
@@ -75,7 +80,7 @@ def agg_loss(
 
     ``seq-mean-token-sum-norm`` follows verl ≥ 0.7.1 (with the division by S) and takes T_norm =
     ``max_response_len``, a true constant, never the padded width (which changes per batch and would
-    break micro-batch invariance; spec §15 item 14). It equals TRL ``dr_grpo`` when no row is empty.
+    break micro-batch invariance). It equals TRL ``dr_grpo`` when no row is empty.
 
     A zero denominator (no valid token at all) gives 0, not verl ≥ 0.7.0's inf/NaN. Garbage at
     masked positions never leaks (module docstring).
@@ -88,6 +93,8 @@ def agg_loss(
     if mode == "token-mean":
         n = float(keep.sum()) if num_tokens is None else float(num_tokens)
         return per_tok.sum() / n if n > 0 else per_tok.sum() * 0.0
+    if mode == "token-sum":
+        return per_tok.sum()
     n_i = keep.sum(-1)
     row_sum = per_tok.sum(-1)
     if mode == "seq-mean-token-sum":

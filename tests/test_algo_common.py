@@ -33,6 +33,7 @@ def _hand_batch():
     ("seq-mean-token-sum", 3.0),      # rows sums 3 and 3, S = 2 non-empty rows → 6/2
     ("seq-mean-token-mean", 2.25),    # row means 1.5 and 3 → 4.5/2
     ("seq-mean-token-sum-norm", 0.75),  # (3/4 + 3/4)/2 with T_norm = 4
+    ("token-sum", 6.0),               # 1+2+3, no normalizer
 ])
 def test_agg_loss_hand_worked_and_nan_safe(mode, expected):
     loss, mask = _hand_batch()
@@ -49,6 +50,21 @@ def test_agg_loss_gradient_formulas():
     # d/dL_{i,t} = 1/(S·n_i): row 0 has n=2 → 1/4, row 1 has n=1 → 1/2.
     expected = torch.tensor([[0.25, 0.25, 0], [0.5, 0, 0], [0, 0, 0]])
     torch.testing.assert_close(loss.grad, expected)
+
+
+def test_token_sum_hand_worked_gradient_and_global_counts():
+    loss, mask = _hand_batch()
+    out = agg_loss(loss, mask, "token-sum")
+    out.backward()
+    # d/dL_{i,t} = m_{i,t}: every valid token has weight 1, whatever its row's length.
+    torch.testing.assert_close(loss.grad, mask.to(loss.dtype))
+    # Global counts do not enter: a sum needs no normalizer to be micro-batch invariant.
+    assert agg_loss(loss, mask, "token-sum", num_tokens=40, num_seqs=9).item() == 6.0
+    # token-sum = N·token-mean on one micro-batch (N = 3 valid tokens).
+    assert out.item() == pytest.approx(3 * agg_loss(loss, mask, "token-mean").item())
+    # Gradient accumulation: rows {0} and {1, 2} give 3 and 3, the full batch 6.
+    parts = [agg_loss(loss[r], mask[r], "token-sum").item() for r in (slice(0, 1), slice(1, 3))]
+    assert parts == [3.0, 3.0] and sum(parts) == out.item()
 
 
 def test_agg_loss_trl_equivalences():
