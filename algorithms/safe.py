@@ -1,45 +1,53 @@
 """SAFE: L = L_PPO + P_KL − c_H·H, P_KL = 0.1·g·(kl_short − τ_t)² when kl_short > τ_t (+ critic 0.5·L_V).
 
 Paper: Maity, "SAFE: Stable Alignment Finetuning with Entropy-Aware Predictive Control for RLHF",
-arXiv 2602.04651. Spec: ALGORITHMS.md §10, decision §15.1 item 3. Reference implementation:
-ryyzn9/SAFE @ 183daf7 (no licence: nothing copied; behaviour re-derived from the spec):
-``EntropyAwarePredictiveController.compute_penalty``, ``PIDController``, ``PhaseDetector``,
-``DoubleCritic.soft_min``, ``SAFETrainer.train_step``, ``RewardNormalizer``.
+arXiv 2602.04651 (the soft-min critic V_soft, the entropy-gated penalty L_EPC = g_t·L_base and the
+threshold τ_t = (τ_base + PID(r_t))·φ_t). Formulas, defaults and decisions: docs/algorithms.md
+§ SAFE. Reference implementation: ryyzn9/SAFE @ 183daf7 (no licence: nothing copied, behaviour
+re-implemented from its description): ``EntropyAwarePredictiveController.compute_penalty``,
+``PIDController``, ``PhaseDetector``, ``AsymmetricKLController``, ``DoubleCritic.soft_min``,
+``SAFETrainer.train_step``, ``AsymmetricKLTrainer.train_step``, ``RewardNormalizer``.
 
-Pieces (each a pure function here, the state in :class:`SafeController`):
+Pieces (each a pure function here, the state in the two controller classes):
 * Critic: two heads V1, V2 combined by the soft-min V = −α_s·log(½(e^{−V1/α_s} + e^{−V2/α_s}))
   (α_s → 0: min, α_s → ∞: mean), read at the **last valid** token (the reference reads position −1,
-  which can be padding, spec §10.10 item 1). Loss 0.5·[Huber_δ(V, R) + Huber_δ(V_clip, R)],
-  V_clip = V_old + clip(V − V_old, ±0.2), δ = 0.5 — *summed*, as the reference does.
+  which can be padding). Loss 0.5·[Huber_δ(V, R) + Huber_δ(V_clip, R)],
+  V_clip = V_old + clip(V − V_old, ±0.2), δ = 0.5 — *summed*, as the reference does
+  (``value_loss="squared_max"``: the asymmetric trainer's 0.5·max((V − R)², (V_clip − R)²)).
 * Advantage: A = batch-normalize(R − V_old), sequence level, broadcast to tokens; in the reference
   R is the reward normalized with running (Chan-merged) statistics updated *before* normalizing
   the same batch. R is also the critic target (``returns``).
-* Controller (per call, with KL the signed token-mean k1 of π_old vs π_ref, H the rollout entropy, r the
-  mean raw reward): kl_short ← 0.9·kl_short + 0.1·KL; phase multiplier φ (WARMUP 1.5 before 50
-  rewards; then CLIMBING 1.2 / CONVERGED 1.0 / PLATEAU 0.8 from the last 50 vs the previous 50); PID
-  on reward velocity e = Δ EMA_0.95(r) − 0.001, integral clipped to ±1, gains 0.3/0.01/0.05, first
-  call 0; τ_t = clip((τ_base + PID)·φ, 0.1, 0.6); if kl_short > τ_t: g = max(0.5, H_floor/(H + 0.1)),
+* Entropy-aware controller (``controller="entropy_aware"``, the default; per call, with KL the
+  signed token-mean k1 of π_old vs π_ref, H the rollout entropy, r the mean raw reward):
+  kl_short ← 0.9·kl_short + 0.1·KL; phase multiplier φ (WARMUP 1.5 before 50 rewards; then
+  CLIMBING 1.2 / CONVERGED 1.0 / PLATEAU 0.8 from the last 50 vs the previous 50); PID on reward
+  velocity e = Δ EMA_0.95(r) − 0.001, integral clipped to ±1, gains 0.3/0.01/0.05, first call 0;
+  τ_t = clip((τ_base + PID)·φ, 0.1, 0.6); if kl_short > τ_t: g = max(0.5, H_floor/(H + 0.1)),
   P = 0.1·g·(kl_short − τ_t)², else P = 0, g = 1.
+* Asymmetric-KL controller (``controller="asymmetric"``, the reference's sibling trainer): on the
+  raw KL, P = λ_asym·(KL − τ)² when KL > τ, plus λ_mom·m² when the KL momentum
+  m = (KL_now − KL_{window−1 calls earlier})/window is positive; no momentum before ``window`` calls.
 
 Decisions:
 * ``penalty_mode="differentiable"`` (default) vs ``"reference"``. In the reference code P is built
   from ``.item()`` floats: it shifts the loss value and never the update, so the published results
   were measured with a penalty that has **no gradient**. ``reference`` reproduces that (P added as a
-  constant). ``differentiable`` adds the gradient of P through kl_short(θ) = 0.9·SG[kl_short] +
-  0.1·KL_batch(θ), linearized at the controller's kl_short: β_t·∇KL_batch(θ) with
-  β_t = 0.02·g·(kl_short − τ_t) when the gate is open. Being linear in per-token terms it is exactly
+  constant). ``differentiable`` adds β_t·∇KL_batch(θ), β_t = dP/dKL_batch at the controller's last
+  state: for the entropy-aware controller, through kl_short(θ) = 0.9·SG[kl_short] + 0.1·KL_batch(θ),
+  β_t = 0.02·g·(kl_short − τ_t) when the gate is open; for the asymmetric one
+  β_t = 2λ_asym·(KL − τ)₊ + 2λ_mom·m₊/window. Being linear in per-token terms it is exactly
   invariant to micro-batching and data-parallel splits.
 * The KL inside the differentiable penalty is the kernel's ``k1+`` by default: the reference's signed
   k1 *value* with the k2 *gradient* (correct reverse-KL gradient on-policy). Plain ``k1`` in a loss
-  has a zero-mean gradient on-policy and pushes away from π_old off-policy (spec §2.2); it is
-  available as ``penalty_kl_kind="k1"`` for the literal form.
+  has a zero-mean gradient on-policy and pushes away from π_old off-policy (docs/algorithms.md
+  § KL estimators); it is available as ``penalty_kl_kind="k1"`` for the literal form.
 * Timing: the controller is updated once per training step *after* the step, from the step's
   metrics (:data:`CONTROLLER_KEYS`, found under any stage prefix such as ``adv/``); the loss of
   step n reads its state after step n−1. The reference calls the controller just before the loss
   with the current KL, so the penalty here lags by one call; in reference mode the update is
   unaffected (the penalty has no gradient there).
 * Value clipping needs V_old in the loss inputs (``old_values_B_T``, not in the contract yet);
-  without it V_clip = V and the critic loss is the plain Huber loss.
+  without it V_clip = V and the critic loss is the plain Huber (or squared) loss.
 * Reward normalization: ``batch`` by default, because the advantage inputs carry no controller
   state yet; ``running`` reproduces the reference's running statistics once the runtime passes the
   controller's values to the advantage function.
@@ -47,8 +55,9 @@ Decisions:
   clamp, which only matters for ratios beyond e^20).
 * Entropy bonus: masked token-mean with global counts by default; ``entropy_over_padding=True``
   averages over all positions as the reference does.
-* Not implemented: the sibling ``AsymmetricKLController``; the never-called preview-KL scaling,
-  ``target_kl`` and the unused Polyak target critic.
+* Not implemented: the never-called preview-KL scaling, ``target_kl`` and the unused Polyak target
+  critic. The asymmetric trainer's critic learning rate (5e−5) is an optimizer setting, not part of
+  this config.
 
 Shapes: B responses, T padded response length; critic values [B, T] (already combined) or [B, T, 2]
 (the two heads).
@@ -80,8 +89,10 @@ from .common import (
 PENALTY_MODES = ("differentiable", "reference")
 PENALTY_KL_KINDS = ("k1+", "k1")
 REWARD_NORMS = ("running", "batch", "none")
-# Metric keys the controller reads in update(); the first three come from ``advantages``, the
-# last from ``loss`` (average it over micro-batches).
+CONTROLLER_KINDS = ("entropy_aware", "asymmetric")
+VALUE_LOSSES = ("huber_sum", "squared_max")
+# Metric keys the controllers read in update(); the first four come from ``advantages``, the
+# last from ``loss`` (average it over micro-batches; only the entropy-aware controller reads it).
 CONTROLLER_KEYS = ("safe/kl", "safe/reward_raw_mean", "safe/reward_raw_var", "safe/reward_count",
                    "safe/rollout_entropy")
 _INIT_STATS = (1e-4, 0.0, 1.0)  # RewardNormalizer: count, mean, var
@@ -124,17 +135,35 @@ class SAFEConfig:
     from the controller, needs ``AdvantageInputs.controller``) or ``none``."""
     entropy_over_padding: bool = False
     """True: average the entropy over all positions, padding included (reference behaviour)."""
+    controller: str = "entropy_aware"
+    """KL controller: ``entropy_aware`` (default; the paper's ``SAFETrainer``) or ``asymmetric``
+    (the reference's sibling ``AsymmetricKLTrainer``)."""
+    kl_threshold: float = 0.3
+    """[τ] asymmetric controller: KL above which the quadratic term acts, "kl_threshold"."""
+    lambda_asymmetric: float = 0.1
+    """[λ_asym] asymmetric controller: quadratic-term strength, "kl_lambda_asymmetric"."""
+    lambda_momentum: float = 5.0
+    """[λ_mom] asymmetric controller: momentum-term strength, "kl_lambda_momentum"."""
+    momentum_window: int = 50
+    """[W] asymmetric controller: calls spanned by the KL momentum, "kl_momentum_window"."""
+    value_loss: str = "huber_sum"
+    """Critic loss per sequence: ``huber_sum`` 0.5·[Huber(V, R) + Huber(V_clip, R)] (``SAFETrainer``)
+    or ``squared_max`` 0.5·max((V − R)², (V_clip − R)²) (``AsymmetricKLTrainer``)."""
 
     def __post_init__(self) -> None:
         check_choice("penalty_mode", self.penalty_mode, PENALTY_MODES)
         check_choice("penalty_kl_kind", self.penalty_kl_kind, PENALTY_KL_KINDS)
         check_choice("reward_norm", self.reward_norm, REWARD_NORMS)
+        check_choice("controller", self.controller, CONTROLLER_KINDS)
+        check_choice("value_loss", self.value_loss, VALUE_LOSSES)
         if self.alpha_softmin <= 0:
             raise ValueError(f"alpha_softmin must be > 0, got {self.alpha_softmin}")
+        if self.momentum_window < 2:
+            raise ValueError(f"momentum_window must be >= 2, got {self.momentum_window}")
 
 
 def soft_min(v1: Tensor, v2: Tensor, alpha: float) -> Tensor:
-    """V = −α·(logsumexp(−V1/α, −V2/α) − log 2): the double critic's pessimistic value (spec §10.3)."""
+    """V = −α·(logsumexp(−V1/α, −V2/α) − log 2): the double critic's pessimistic value (V_soft)."""
     stacked = torch.stack([-v1 / alpha, -v2 / alpha], dim=-1)
     return -alpha * (torch.logsumexp(stacked, dim=-1) - math.log(2.0))
 
@@ -200,13 +229,13 @@ def safe_returns(inp: AdvantageInputs, cfg: SAFEConfig) -> Tensor:
 
 
 def safe_advantages(inp: AdvantageInputs, cfg: SAFEConfig) -> tuple[Tensor, Metrics]:
-    """A = batch-normalize(R − V_old), broadcast over tokens (spec §10.4); emits the controller inputs."""
+    """A = batch-normalize(R − V_old), broadcast over tokens; emits the controller inputs."""
     if inp.values_B_T is None:
         raise ValueError("safe needs critic values (Needs.values)")
     stats = _batch_stats(inp.rewards_B)
     R = normalized_rewards(inp, cfg)
     diff = R - seq_values(inp.values_B_T.detach(), inp.mask_B_T, cfg.alpha_softmin).double()
-    # torch.std of one element is NaN (spec §10.10 item 4): a batch of one gets A = 0.
+    # torch.std of one element is NaN (unbiased std): a batch of one gets A = 0.
     adv_B = (diff - diff.mean()) / (diff.std() + 1e-8) if diff.numel() > 1 else torch.zeros_like(diff)
     adv = masked(adv_B.to(_float_dtype(inp.mask_B_T)).unsqueeze(-1).expand(inp.mask_B_T.shape), inp.mask_B_T)
     kl = masked_mean(kl_estimate(inp.old_logp_B_T, inp.ref_logp_B_T, "k1", mask=inp.mask_B_T),
@@ -216,10 +245,11 @@ def safe_advantages(inp: AdvantageInputs, cfg: SAFEConfig) -> tuple[Tensor, Metr
 
 
 def safe_penalty(inp: LossInputs, cfg: SAFEConfig) -> tuple[Tensor, Tensor]:
-    """This micro-batch's share of P_KL (spec §10.6–§10.7); returns (term, detached KL share).
+    """This micro-batch's share of P_KL (docs/algorithms.md § SAFE); returns (term, detached KL share).
 
     Value: P (the controller's) × local tokens / num_tokens_global, so shares sum to P. Gradient
-    (differentiable mode, gate open): β_t·∇KL_share with KL_share = Σ m·k(ℓ, ℓ^ref) / N_global.
+    (differentiable mode): β_t·∇KL_share with KL_share = Σ m·k(ℓ, ℓ^ref) / N_global and β_t the
+    configured controller's ``penalty_slope`` (0 while its penalty is off).
     """
     c = inp.controller
     n_glob = max(float(inp.num_tokens_global), 1.0)
@@ -228,9 +258,10 @@ def safe_penalty(inp: LossInputs, cfg: SAFEConfig) -> tuple[Tensor, Tensor]:
     share = float(inp.mask_B_T.bool().sum()) / n_glob
     value = float(c.get("penalty", 0.0)) * share
     term = kl_share.new_tensor(value)
-    if cfg.penalty_mode == "differentiable" and c.get("gate_open", 0.0) > 0:
-        beta = 2.0 * cfg.penalty_coef * c["gate"] * (c["kl_short"] - c["threshold"]) * 0.1
-        term = term + beta * (kl_share - kl_share.detach())
+    if cfg.penalty_mode == "differentiable":
+        beta = CONTROLLERS[cfg.controller].penalty_slope(c, cfg)
+        if beta != 0.0:
+            term = term + beta * (kl_share - kl_share.detach())
     return term, kl_share.detach()
 
 
@@ -247,7 +278,7 @@ def _entropy_term(inp: LossInputs, cfg: SAFEConfig) -> tuple[Tensor, float]:
 
 
 def safe_loss(inp: LossInputs, cfg: SAFEConfig) -> tuple[Tensor, Metrics]:
-    """PPO clip (token-mean) + P_KL − c_H·H (spec §10.5); the critic term is ``critic_loss``."""
+    """PPO clip (token-mean) + P_KL − c_H·H; the critic term is ``critic_loss`` (docs/algorithms.md § SAFE)."""
     if inp.old_logp_B_T is None or inp.ref_logp_B_T is None or inp.entropy_B_T is None:
         raise ValueError("safe needs old/ref log-probs and entropy (Needs.old_logp, ref_logp, entropy)")
     per_tok, metrics = clipped_surrogate(inp.logp_B_T, inp.old_logp_B_T, inp.advantages_B_T, inp.mask_B_T,
@@ -262,11 +293,12 @@ def safe_loss(inp: LossInputs, cfg: SAFEConfig) -> tuple[Tensor, Metrics]:
 
 
 def safe_critic_loss(inp: LossInputs, cfg: SAFEConfig) -> tuple[Tensor, Metrics]:
-    """c_V·Σ_i 0.5·[Huber(V_i, R_i) + Huber(V_clip,i, R_i)] / num_seqs_global (spec §10.3, §10.5).
+    """c_V·Σ_i 0.5·[Huber(V_i, R_i) + Huber(V_clip,i, R_i)] / num_seqs_global (docs/algorithms.md § SAFE).
 
+    ``value_loss="squared_max"`` uses 0.5·max((V − R)², (V_clip − R)²) per sequence instead.
     ``values_B_T`` are the differentiable critic outputs ([B, T] or [B, T, 2]); ``returns_B_T`` the
     normalized reward R; ``old_values_B_T`` (if the runtime provides it) V_old for the clip —
-    without it V_clip = V, i.e. the plain Huber loss.
+    without it V_clip = V, i.e. the plain Huber (or squared) loss.
     """
     if inp.values_B_T is None or inp.returns_B_T is None:
         raise ValueError("safe critic_loss needs values_B_T and returns_B_T")
@@ -275,15 +307,18 @@ def safe_critic_loss(inp: LossInputs, cfg: SAFEConfig) -> tuple[Tensor, Metrics]
     old = getattr(inp, "old_values_B_T", None)
     v_old = seq_values(old.detach(), inp.mask_B_T, cfg.alpha_softmin) if old is not None else None
     v_clip = v if v_old is None else v_old + (v - v_old).clamp(-cfg.clip_vf, cfg.clip_vf)
-    hub = F.huber_loss(v, ret, reduction="none", delta=cfg.huber_delta)
-    hub_clip = F.huber_loss(v_clip, ret, reduction="none", delta=cfg.huber_delta)
-    per_seq = 0.5 * (hub + hub_clip)
+    if cfg.value_loss == "huber_sum":
+        hub = F.huber_loss(v, ret, reduction="none", delta=cfg.huber_delta)
+        hub_clip = F.huber_loss(v_clip, ret, reduction="none", delta=cfg.huber_delta)
+        per_seq = 0.5 * (hub + hub_clip)
+    else:  # the pessimistic PPO value clip: the larger of the two squared errors
+        per_seq = 0.5 * torch.maximum((v - ret) ** 2, (v_clip - ret) ** 2)
     loss = cfg.value_coef * per_seq.sum() / max(float(inp.num_seqs_global), 1.0)
     return loss, {"safe/value_loss": float(per_seq.detach().mean()), "safe/value_mean": float(v.detach().mean())}
 
 
 def phase_multiplier(rewards: list[float]) -> tuple[float, str]:
-    """Phase detector on the reward history (spec §10.6 step 2): (threshold multiplier, phase name)."""
+    """Phase detector on the reward history (``PhaseDetector``): (threshold multiplier, phase name)."""
     if len(rewards) < 50:
         return 1.5, "warmup"
     recent = torch.tensor(rewards[-50:], dtype=torch.float64)
@@ -295,22 +330,69 @@ def phase_multiplier(rewards: list[float]) -> tuple[float, str]:
     return 0.8, "plateau"
 
 
-def _find_keys(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The :data:`CONTROLLER_KEYS`, found as-is or under a stage prefix (``adv/safe/kl``, ``loss/...``)."""
+def _find_keys(metrics: Mapping[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """``keys``, found as-is or under a stage prefix (``adv/safe/kl``, ``loss/...``)."""
     out, missing = {}, []
-    for key in CONTROLLER_KEYS:
+    for key in keys:
         hits = [k for k in metrics if k == key or k.endswith("/" + key)]
         if hits:
             out[key] = float(metrics[hits[0]])
         else:
             missing.append(key)
     if missing:
-        raise KeyError(f"SafeController.update needs metric(s) {missing} (optionally stage-prefixed)")
+        raise KeyError(f"SAFE controller update needs metric(s) {missing} (optionally stage-prefixed)")
     return out
 
 
-class SafeController:
-    """SAFE's entropy-aware predictive KL controller and running reward statistics (spec §10.6).
+class _Controller:
+    """What SAFE's two KL controllers share: the running reward statistics of the reference's
+    ``RewardNormalizer`` (merged once per call) and a JSON-friendly checkpoint state.
+
+    Subclasses name their metric inputs (``KEYS``), their float state (``SCALARS``) and their
+    list-of-floats state (``LISTS``), and give ``penalty_slope``: dP/dKL_batch from ``values()``,
+    the coefficient of the differentiable penalty's gradient.
+    """
+
+    KEYS: tuple[str, ...] = ()
+    SCALARS: tuple[str, ...] = ()
+    LISTS: tuple[str, ...] = ()
+
+    def __init__(self, cfg: SAFEConfig):
+        self.cfg = cfg
+        self.penalty = 0.0
+        self.calls = 0
+        self.reward_stats = _INIT_STATS
+
+    def _read(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        got = _find_keys(metrics, self.KEYS)
+        batch = (got["safe/reward_count"], got["safe/reward_raw_mean"], got["safe/reward_raw_var"])
+        self.reward_stats = merge_stats(self.reward_stats, batch)
+        return got
+
+    def _reward_values(self) -> dict[str, float]:
+        n, mean, var = self.reward_stats
+        return {"reward_count": n, "reward_mean": mean, "reward_var": var}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {k: getattr(self, k) for k in self.SCALARS}
+        state.update({k: list(getattr(self, k)) for k in self.LISTS})
+        state["reward_stats"] = list(self.reward_stats)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k, v in state.items():
+            if k in self.LISTS:
+                setattr(self, k, [float(x) for x in v])
+            elif k == "reward_stats":
+                self.reward_stats = tuple(float(x) for x in v)
+            elif k in self.SCALARS:
+                setattr(self, k, v)
+            else:
+                raise KeyError(f"{type(self).__name__}.load_state_dict: unknown key {k!r}")
+
+
+class SafeController(_Controller):
+    """SAFE's entropy-aware predictive KL controller (docs/algorithms.md § SAFE).
 
     ``update(metrics)`` is one reference ``compute_penalty(kl, entropy, reward)`` call (plus the
     reward-normalizer merge) and reads :data:`CONTROLLER_KEYS`; ``values()`` exposes the state the
@@ -318,9 +400,13 @@ class SafeController:
     """
 
     HISTORY = 100  # the phase detector looks at the last 100 rewards at most
+    KEYS = CONTROLLER_KEYS
+    SCALARS = ("kl_short", "kl_long", "pid_ema", "integral", "prev_error", "threshold", "gate",
+               "gate_open", "penalty", "calls")
+    LISTS = ("rewards",)
 
     def __init__(self, cfg: SAFEConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.kl_short = 0.0
         self.kl_long = 0.0
         self.rewards: list[float] = []
@@ -330,9 +416,6 @@ class SafeController:
         self.threshold = min(max(cfg.kl_base_threshold * 1.5, 0.1), 0.6)
         self.gate = 1.0
         self.gate_open = 0.0
-        self.penalty = 0.0
-        self.calls = 0
-        self.reward_stats = _INIT_STATS
 
     def _pid(self, reward: float) -> float:
         if self.pid_ema is None:  # first call: seed the EMA, output 0, integral untouched
@@ -347,10 +430,8 @@ class SafeController:
         return out
 
     def update(self, metrics: Mapping[str, float]) -> Metrics:
-        got = _find_keys(metrics)
+        got = self._read(metrics)
         kl, reward, entropy = got["safe/kl"], got["safe/reward_raw_mean"], got["safe/rollout_entropy"]
-        self.reward_stats = merge_stats(self.reward_stats, (got["safe/reward_count"], reward,
-                                                            got["safe/reward_raw_var"]))
         self.kl_short = 0.9 * self.kl_short + 0.1 * kl
         self.kl_long = 0.99 * self.kl_long + 0.01 * kl
         self.rewards = (self.rewards + [reward])[-self.HISTORY:]
@@ -369,29 +450,75 @@ class SafeController:
                 "safe/penalty_reference": self.penalty, f"safe/phase_{phase}": 1.0}
 
     def values(self) -> dict[str, float]:
-        n, mean, var = self.reward_stats
         return {"kl_short": self.kl_short, "threshold": self.threshold, "gate": self.gate,
-                "gate_open": self.gate_open, "penalty": self.penalty,
-                "reward_count": n, "reward_mean": mean, "reward_var": var}
+                "gate_open": self.gate_open, "penalty": self.penalty, **self._reward_values()}
 
-    def state_dict(self) -> dict[str, Any]:
-        keys = ("kl_short", "kl_long", "pid_ema", "integral", "prev_error", "threshold", "gate",
-                "gate_open", "penalty", "calls")
-        state = {k: getattr(self, k) for k in keys}
-        state["rewards"] = list(self.rewards)
-        state["reward_stats"] = list(self.reward_stats)
-        return state
+    @staticmethod
+    def penalty_slope(c: Mapping[str, float], cfg: SAFEConfig) -> float:
+        """dP/dKL_batch while the gate is open: P = coef·g·(kl_short − τ)² and ∂kl_short/∂KL = 0.1."""
+        if c.get("gate_open", 0.0) <= 0:
+            return 0.0
+        return 2.0 * cfg.penalty_coef * c["gate"] * (c["kl_short"] - c["threshold"]) * 0.1
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for k, v in state.items():
-            if k == "rewards":
-                self.rewards = [float(x) for x in v]
-            elif k == "reward_stats":
-                self.reward_stats = tuple(float(x) for x in v)
-            elif hasattr(self, k) and k != "cfg":
-                setattr(self, k, v)
-            else:
-                raise KeyError(f"SafeController.load_state_dict: unknown key {k!r}")
+
+class AsymmetricKLController(_Controller):
+    """The reference's asymmetric-KL controller, with the same running reward statistics.
+
+    Per call, on the raw signed KL (no EMA): P = λ_asym·(KL − τ)² if KL > τ (a negative or small
+    KL is never penalized), plus λ_mom·m² if m > 0, where m = (KL_now − KL_old)/W and KL_old is the
+    oldest of the last W values (W − 1 calls back; the reference divides by W all the same). With
+    fewer than W values there is no momentum term. The history keeps the last 2W values, as the
+    reference does. docs/algorithms.md § SAFE.
+    """
+
+    KEYS = CONTROLLER_KEYS[:4]  # no entropy gate
+    SCALARS = ("kl", "momentum", "asym_penalty", "momentum_penalty", "penalty", "calls")
+    LISTS = ("kl_history",)
+
+    def __init__(self, cfg: SAFEConfig):
+        super().__init__(cfg)
+        self.kl = 0.0
+        self.momentum = 0.0
+        self.asym_penalty = 0.0
+        self.momentum_penalty = 0.0
+        self.kl_history: list[float] = []
+
+    def update(self, metrics: Mapping[str, float]) -> Metrics:
+        kl = self._read(metrics)["safe/kl"]
+        w, cfg = self.cfg.momentum_window, self.cfg
+        self.kl = kl
+        self.kl_history = (self.kl_history + [kl])[-2 * w:]
+        over = kl - cfg.kl_threshold
+        self.asym_penalty = cfg.lambda_asymmetric * over ** 2 if over > 0 else 0.0
+        self.momentum = (kl - self.kl_history[-w]) / w if len(self.kl_history) >= w else 0.0
+        self.momentum_penalty = cfg.lambda_momentum * self.momentum ** 2 if self.momentum > 0 else 0.0
+        self.penalty = self.asym_penalty + self.momentum_penalty
+        self.calls += 1
+        return {"safe/kl_momentum": self.momentum, "safe/asym_penalty": self.asym_penalty,
+                "safe/momentum_penalty": self.momentum_penalty, "safe/penalty_reference": self.penalty,
+                "safe/asym_active": float(kl > cfg.kl_threshold)}
+
+    def values(self) -> dict[str, float]:
+        return {"kl": self.kl, "threshold": self.cfg.kl_threshold, "momentum": self.momentum,
+                "penalty": self.penalty, **self._reward_values()}
+
+    @staticmethod
+    def penalty_slope(c: Mapping[str, float], cfg: SAFEConfig) -> float:
+        """dP/dKL: 2λ_asym·(KL − τ) above τ, plus 2λ_mom·m/W while the momentum is positive."""
+        kl, m = c.get("kl", 0.0), c.get("momentum", 0.0)
+        slope = 2.0 * cfg.lambda_asymmetric * (kl - cfg.kl_threshold) if kl > cfg.kl_threshold else 0.0
+        if m > 0:
+            slope += 2.0 * cfg.lambda_momentum * m / cfg.momentum_window
+        return slope
+
+
+CONTROLLERS: dict[str, type[_Controller]] = {"entropy_aware": SafeController,
+                                             "asymmetric": AsymmetricKLController}
+
+
+def make_controller(cfg: SAFEConfig) -> _Controller:
+    """The KL controller named by ``cfg.controller`` (one of :data:`CONTROLLER_KINDS`)."""
+    return CONTROLLERS[cfg.controller](cfg)
 
 
 def safe_needs(cfg: SAFEConfig) -> Needs:
@@ -400,5 +527,5 @@ def safe_needs(cfg: SAFEConfig) -> Needs:
 
 
 SAFE = register(Algorithm(name="safe", config_cls=SAFEConfig, needs=safe_needs,
-                          loss=safe_loss, advantages=safe_advantages, make_controller=SafeController,
+                          loss=safe_loss, advantages=safe_advantages, make_controller=make_controller,
                           critic_loss=safe_critic_loss, returns=safe_returns))

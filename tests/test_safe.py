@@ -8,6 +8,7 @@ import torch
 from rlkit.algorithms import AdvantageInputs, LossInputs, get
 from rlkit.algorithms.safe import (
     CONTROLLER_KEYS,
+    AsymmetricKLController,
     SAFEConfig,
     SafeController,
     last_valid,
@@ -237,3 +238,132 @@ def test_returns_are_the_normalized_reward():
     ctrl = SafeController(SAFEConfig(reward_norm="running"))
     inp.controller = ctrl.values()  # running mode reads the controller's statistics
     assert torch.allclose(ALGO.returns(inp, SAFEConfig(reward_norm="running")), ret, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- asymmetric-KL controller
+ASYM = SAFEConfig(controller="asymmetric")
+
+
+def test_config_selects_the_controller():
+    assert type(ALGO.make_controller(ALGO.make_config())) is SafeController  # default: entropy-aware
+    assert type(ALGO.make_controller(ALGO.make_config({"controller": "asymmetric"}))) is AsymmetricKLController
+    with pytest.raises(ValueError, match="controller"):
+        ALGO.make_config({"controller": "pid"})
+    with pytest.raises(ValueError, match="momentum_window"):
+        SAFEConfig(controller="asymmetric", momentum_window=1)
+
+
+def test_asymmetric_term_hand_worked():
+    c = AsymmetricKLController(ASYM)
+    out = step(c, kl=0.5)
+    # KL = 0.5 > τ = 0.3: P = 0.1·(0.5 − 0.3)² = 0.004; one value, so no momentum yet.
+    assert c.asym_penalty == pytest.approx(0.004) and c.momentum == 0.0 and c.penalty == pytest.approx(0.004)
+    assert out["safe/asym_active"] == 1.0 and out["safe/penalty_reference"] == pytest.approx(0.004)
+    for kl in (0.3, 0.1, -2.0):  # at or below τ, and negative KL (exploration): no penalty
+        step(c, kl=kl)
+        assert c.asym_penalty == 0.0 and c.penalty == 0.0
+    # The entropy-aware controller would have gated on an EMA: here the raw KL acts at once.
+    assert AsymmetricKLController(ASYM).update(
+        {"safe/kl": 0.4, "safe/reward_raw_mean": 0.0, "safe/reward_raw_var": 0.0, "safe/reward_count": 1.0}
+    )["safe/asym_penalty"] == pytest.approx(0.1 * 0.1**2)  # no rollout entropy needed
+
+
+def test_asymmetric_no_momentum_before_window_calls():
+    """KL_t = 0.002·t rises every call but stays below τ: the momentum term appears at call 50."""
+    c = AsymmetricKLController(ASYM)
+    for t in range(1, 50):
+        step(c, kl=0.002 * t)
+        assert c.momentum == 0.0 and c.momentum_penalty == 0.0 and c.penalty == 0.0
+    step(c, kl=0.002 * 50)
+    # m = (KL_50 − KL_1)/50 = 0.002·49/50 = 0.00196; P = 5·m² = 1.9208e−5 (the asymmetric term is 0)
+    assert c.momentum == pytest.approx(0.00196) and c.penalty == pytest.approx(5 * 0.00196**2)
+    for t in range(51, 131):
+        step(c, kl=0.002 * t)
+    assert c.momentum == pytest.approx(0.00196)  # always 49 steps of 0.002 over the window of 50
+    assert len(c.kl_history) == 100  # the last 2·W values
+    for _ in range(3):  # KL falling: negative momentum, never penalized
+        step(c, kl=0.0)
+    assert c.momentum < 0 and c.momentum_penalty == 0.0
+
+
+def test_asymmetric_state_dict_round_trip_through_json():
+    a = AsymmetricKLController(ASYM)
+    g = torch.Generator().manual_seed(1)
+    seq = [(float(torch.rand(1, generator=g)) * 0.8, float(torch.rand(1, generator=g))) for _ in range(140)]
+    for kl, r in seq[:70]:
+        step(a, kl, r)
+    b = AsymmetricKLController(ASYM)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.values() == a.values()
+    for kl, r in seq[70:]:
+        assert step(a, kl, r) == step(b, kl, r)
+    assert a.state_dict() == b.state_dict()
+    with pytest.raises(KeyError):
+        b.load_state_dict({"kl_short": 0.0})  # an entropy-aware key
+    with pytest.raises(KeyError, match="safe/kl"):
+        a.update({"safe/reward_raw_mean": 0.0})
+
+
+@pytest.mark.parametrize("kind", ["k1+", "k1"])
+def test_asymmetric_penalty_modes_value_and_gradient(kind):
+    logp, old, ref, adv, mask, ent = batch(seed=5)
+    ctrl = {"kl": 0.5, "threshold": 0.3, "momentum": 0.004, "penalty": 0.1 * 0.04 + 5 * 0.004**2}
+    grads, values = {}, {}
+    for name, mode, c in (("none", "reference", {}), ("ref", "reference", ctrl), ("diff", "differentiable", ctrl)):
+        lp = logp.clone().requires_grad_(True)
+        cfg = SAFEConfig(controller="asymmetric", penalty_mode=mode, penalty_kl_kind=kind)
+        loss, _ = safe_loss(lin(lp, old, ref, adv, mask, ent, c), cfg)
+        (grads[name],) = torch.autograd.grad(loss, lp)
+        values[name] = loss.item()
+    assert values["ref"] - values["none"] == pytest.approx(ctrl["penalty"], rel=1e-12)
+    assert torch.equal(grads["ref"], grads["none"])
+    assert values["diff"] == pytest.approx(values["ref"], rel=1e-12)
+    # dP/dKL = 2·0.1·(0.5 − 0.3) + 2·5·0.004/50 = 0.04 + 0.0008
+    beta = 2 * 0.1 * 0.2 + 2 * 5 * 0.004 / 50
+    per_tok = (logp - ref) if kind == "k1+" else torch.ones_like(logp)
+    assert torch.allclose(grads["diff"] - grads["none"], beta * per_tok * mask / mask.sum(), atol=1e-14)
+    # Below τ with falling KL the penalty is off: no extra gradient.
+    lp = logp.clone().requires_grad_(True)
+    off = {"kl": 0.1, "threshold": 0.3, "momentum": -0.01, "penalty": 0.0}
+    loss, _ = safe_loss(lin(lp, old, ref, adv, mask, ent, off), SAFEConfig(controller="asymmetric"))
+    assert torch.equal(torch.autograd.grad(loss, lp)[0], grads["none"])
+
+
+def test_asymmetric_pipeline_and_split_over_ranks():
+    logp, old, ref, adv, mask, ent = batch(B=6, seed=6)
+    inp = AdvantageInputs(rewards_B=torch.rand(6), group_ids_B=torch.arange(6), mask_B_T=mask,
+                          values_B_T=torch.zeros(6, 5), old_logp_B_T=old, ref_logp_B_T=ref)
+    _, am = safe_advantages(inp, ASYM)
+    ctrl = ALGO.make_controller(ASYM)
+    out = ctrl.update({f"adv/{k}": v for k, v in am.items()})
+    kl = float(((old - ref) * mask).sum() / mask.sum())
+    assert ctrl.values()["kl"] == pytest.approx(kl, rel=1e-6) and "safe/kl_momentum" in out
+    c = {"kl": 0.7, "threshold": 0.3, "momentum": 0.01, "penalty": 0.1 * 0.16 + 5e-4}
+    lp = logp.clone().requires_grad_(True)
+    full, _ = safe_loss(lin(lp, old, ref, adv, mask, ent, c), ASYM)
+    (g_full,) = torch.autograd.grad(full, lp)
+    n = float(mask.sum())
+    total = sum(safe_loss(lin(lp[s], old[s], ref[s], adv[s], mask[s], ent[s], c, n_tok=n, n_seq=6), ASYM)[0]
+                for s in (slice(0, 2), slice(2, 6)))
+    (g_split,) = torch.autograd.grad(total, lp)
+    assert torch.allclose(total, full, rtol=1e-12) and torch.allclose(g_split, g_full, rtol=1e-10)
+
+
+def test_squared_max_critic_loss_hand_worked():
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    cfg = SAFEConfig(value_loss="squared_max")
+
+    def loss_and_grad(v, v_old):
+        values = torch.tensor([[0.0, v, 0.0]], dtype=torch.float64, requires_grad=True)
+        inp = LossInputs(logp_B_T=torch.zeros(1, 3), mask_B_T=mask, advantages_B_T=torch.zeros(1, 3),
+                         num_tokens_global=2.0, num_seqs_global=1.0, values_B_T=values,
+                         returns_B_T=torch.zeros(1, 3, dtype=torch.float64))
+        inp.old_values_B_T = torch.tensor([[0.0, v_old, 0.0]], dtype=torch.float64)
+        loss, _ = safe_critic_loss(inp, cfg)
+        return loss.item(), torch.autograd.grad(loss, values)[0][0, 1].item()
+
+    # V = 1, V_old = 0.5 → V_clip = 0.7; max(1², 0.7²) = 1; ½·1·c_V = 0.25; ∂/∂V = 0.5·(V − R) = 0.5.
+    assert loss_and_grad(1.0, 0.5) == pytest.approx((0.25, 0.5))
+    # V = 0.2, V_old = 1 → V_clip = 0.8 is the larger error: ½·0.64·0.5 = 0.16, and the clip is
+    # active, so no gradient reaches V (the pessimistic max picks the clipped branch).
+    assert loss_and_grad(0.2, 1.0) == pytest.approx((0.16, 0.0))
