@@ -1,16 +1,28 @@
-"""Verifiable rewards (``rlkit.rewards``): plain functions ``(completions, prompts, **fields) -> list[float | None]``.
+"""Verifiable rewards (``rlkit.rewards``): plain functions called with keywords, as TRL calls them:
+``fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]``.
 
 Built-ins (names usable in config): ``math``, ``format_tags``, ``format_boxed``, ``length``,
 ``overlong``, ``reasoning_gym``. A user's function is referenced as ``package.module:function`` or
-``path/to/file.py:function``. :class:`rlkit.workers.reward.RewardWorker` runs them in child
-processes with time and memory limits; here they are plain, in-process functions.
+``path/to/file.py:function``; any signature that can bind those keywords runs (TRL's
+``def f(completions, solution, **kwargs)`` as written; see :mod:`rlkit.rewards.registry` and
+docs/rewards.md). :class:`rlkit.workers.reward.RewardWorker` runs them in child processes with
+time and memory limits; here they are plain, in-process functions.
 
 The config types and the registry import with the standard library only; the reward functions
 (math-verify, sympy) load on first use.
 """
 
 from .config import RewardConfig, RewardSpec
-from .registry import BUILTINS, STATUSES, RewardOutputError, RewardSignatureError, check_output, resolve
+from .registry import (
+    BUILTINS,
+    STATUSES,
+    RewardLoadError,
+    RewardOutputError,
+    RewardSignatureError,
+    check_loadable,
+    check_output,
+    resolve,
+)
 
 _LAZY = {
     "math_answer": "math_answer",
@@ -37,9 +49,11 @@ __all__ = [
     "BUILTINS",
     "STATUSES",
     "RewardConfig",
+    "RewardLoadError",
     "RewardOutputError",
     "RewardSignatureError",
     "RewardSpec",
+    "check_loadable",
     "check_output",
     "resolve",
     *_LAZY,

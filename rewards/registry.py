@@ -1,10 +1,23 @@
 """One registry for reward functions: built-in names, ``package.module:function``, ``path/file.py:function``.
 
-A reward is a plain function ``(completions, prompts, **fields) -> list[float | None]``, sync or
-async (TRL's contract). ``fields`` are the dataset columns, one list per column, plus the spec's
-``kwargs``. ``None`` means "no score for this sample" (e.g. a reward that only applies to one data
-source). A wrong signature raises :class:`RewardSignatureError` naming the function; a wrong
-return value is reported per sample by :func:`check_output`.
+A reward is a plain function, sync or async, called with keywords as TRL's ``GRPOTrainer`` calls
+its reward functions: ``fn(prompts=..., completions=..., completion_ids=..., **columns)``, one
+list entry per sample, and returns ``list[float | None]``. ``columns`` are the dataset columns
+(one list per column), ``data_source``, the columns the trainer adds (``answer``,
+``completion_len``, ``completion_ids``, ``group_id``) and the spec's ``kwargs``. A function
+receives every keyword when it takes ``**kwargs``, else only the names it declares; so
+``def f(completions, solution, **kwargs)``, ``async def f(completions, answer, **fields)`` and
+``def f(completions, **kwargs)`` all run as written (docs/rewards.md, "TRL reward functions").
+
+Completions are text, except for a user function scoring a conversational row (its ``prompt``
+or ``messages`` column is a list of ``{role, content}`` messages): then, as in TRL, it receives
+``completions[i] = [{"role": "assistant", "content": text}]`` and ``prompts[i]`` = those
+messages. rlkit's built-ins always receive text.
+
+``None`` means "no score for this sample" (e.g. a reward that only applies to one data source).
+A signature that cannot bind raises :class:`RewardSignatureError` naming the function and the
+missing column; a file or module that cannot load raises :class:`RewardLoadError` from
+:func:`check_loadable`; a wrong return value is reported per sample by :func:`check_output`.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 # name -> "module:function"; resolved lazily so importing rlkit.rewards stays light.
 BUILTINS: dict[str, str] = {
@@ -33,9 +46,22 @@ BUILTINS: dict[str, str] = {
 STATUSES = ("ok", "invalid", "error", "timeout")
 """Per-sample statuses, from best to worst (a sample's status is its components' worst)."""
 
+CALL_KEYWORDS = ("completions", "prompts")
+"""Keywords every call carries besides the columns (``completion_ids`` is a column the trainer adds)."""
+SCORED_INPUTS = frozenset({"completions", "completion_ids"})
+"""A reward must take at least one of these (by name or through ``**kwargs``): what it scores."""
+TRL_TRAINER_ARGS = frozenset({"trainer_state", "log_extra", "log_metric", "environments"})
+"""Objects TRL's trainer passes that rlkit has no equivalent of; a reward must not require them."""
+CONVERSATION_COLUMNS = ("prompt", "messages")
+"""Columns whose list-of-messages value marks a row as conversational (TRL's ``is_conversational``)."""
+
 
 class RewardSignatureError(TypeError):
-    """A reward function cannot be called as ``fn(completions, prompts, **fields)``."""
+    """A reward function cannot be called with the keywords it would receive."""
+
+
+class RewardLoadError(ValueError):
+    """A reward function cannot be found or imported (unknown name, missing file, import error)."""
 
 
 class RewardOutputError(ValueError):
@@ -52,11 +78,13 @@ class ResolvedReward:
     label: str
     """Human-readable name for errors: ``math (rlkit.rewards.math_answer:math_answer)``."""
     var_kw: bool
-    """Whether the function takes ``**fields`` (then it receives every dataset column)."""
+    """Whether the function takes ``**kwargs`` (then it receives every keyword)."""
     named: frozenset
-    """Keyword-acceptable parameter names after (completions, prompts)."""
+    """Parameter names it accepts by keyword."""
     required: frozenset
-    """Of ``named``: those without a default (must come from fields or kwargs)."""
+    """Of ``named``: those without a default (must come from the call, the columns or kwargs)."""
+    builtin: bool = False
+    """rlkit's own functions take text completions even for conversational rows."""
 
 
 def _load_file(path: str) -> Any:
@@ -98,34 +126,138 @@ def load_target(target: str) -> Callable[..., Any]:
     return fn
 
 
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 def resolve(target: str, kwargs: Optional[dict] = None) -> ResolvedReward:
-    """Load ``target`` and check it can be called as ``fn(completions, prompts, **fields, **kwargs)``."""
+    """Load ``target`` and check that its signature can bind keyword calls.
+
+    Refused at load: positional-only parameters without a default (everything arrives by name), a
+    function that takes neither ``completions`` nor ``completion_ids`` (it cannot see what it
+    scores), a ``kwargs`` key it does not accept, a ``kwargs`` key that shadows ``completions`` or
+    ``prompts``, and a required TRL trainer object (``trainer_state``, ``log_extra``, ...).
+    Required dataset columns are checked against the data by :func:`check_loadable` (given the
+    columns) and again on every call.
+    """
     fn = load_target(target)
-    label = target if target not in BUILTINS else f"{target} ({BUILTINS[target]})"
+    # rlkit's own functions, by built-in name or by module reference, take text completions.
+    builtin = target in BUILTINS or str(getattr(fn, "__module__", "")).startswith("rlkit.rewards.")
+    label = f"{target} ({BUILTINS[target]})" if target in BUILTINS else target
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError) as e:
         raise RewardSignatureError(f"reward {label}: cannot read its signature ({e})") from None
+    shown = f"{_name(fn)}{sig}"
     params = list(sig.parameters.values())
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    var_pos = any(p.kind == p.VAR_POSITIONAL for p in params)
-    if len(positional) < 2 and not var_pos:
+    by_position = [p.name for p in params if p.kind == p.POSITIONAL_ONLY and p.default is p.empty]
+    if by_position:
         raise RewardSignatureError(
-            f"reward {label}: must accept (completions, prompts, **fields); its signature is {fn.__name__}{sig}"
-        )
-    rest = [p for p in params if p not in positional[:2] and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    bad = [p.name for p in rest if p.kind == p.POSITIONAL_ONLY]
-    if bad:
-        raise RewardSignatureError(f"reward {label}: parameters {bad} are positional-only; fields arrive by name")
+            f"reward {label}: parameters {by_position} are positional-only; rewards are called with keywords "
+            f"(completions=, prompts=, completion_ids=, one per dataset column), as TRL calls them: {shown}")
     var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
-    named = frozenset(p.name for p in rest)
-    required = frozenset(p.name for p in rest if p.default is p.empty)
-    unknown = sorted(set(kwargs or {}) - named) if not var_kw else []
+    keyword = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = frozenset(p.name for p in keyword)
+    required = frozenset(p.name for p in keyword if p.default is p.empty)
+    if not var_kw and not named & SCORED_INPUTS:
+        raise RewardSignatureError(
+            f"reward {label}: takes neither 'completions' nor 'completion_ids' (nor **kwargs), so it cannot see "
+            f"what it scores: {shown}")
+    trainer_objects = sorted(required & TRL_TRAINER_ARGS)
+    if trainer_objects:
+        raise RewardSignatureError(
+            f"reward {label}: requires {trainer_objects}, objects of TRL's trainer that rlkit does not pass; "
+            f"give them a default (e.g. =None): {shown}")
+    kwargs = kwargs or {}
+    shadowing = sorted(set(kwargs) & set(CALL_KEYWORDS))
+    if shadowing:
+        raise RewardSignatureError(f"reward {label}: kwargs {shadowing} would replace the call's own arguments")
+    unknown = sorted(set(kwargs) - named) if not var_kw else []
     if unknown:
         raise RewardSignatureError(
-            f"reward {label}: kwargs {unknown} are not parameters of {fn.__name__}{sig} (and it takes no **kwargs)"
-        )
-    return ResolvedReward(target, fn, label, var_kw, named, required)
+            f"reward {label}: kwargs {unknown} are not parameters of {shown} (and it takes no **kwargs)")
+    return ResolvedReward(target, fn, label, var_kw, named, required, builtin)
+
+
+def check_loadable(reward_cfg: Any, columns: Optional[Iterable[str]] = None) -> None:
+    """Import every reward of ``reward_cfg`` (a :class:`RewardConfig`) and check its signature binds.
+
+    Called by the driver before any actor starts, so a reward that cannot run fails as one clear
+    message. With ``columns`` (the dataset columns plus what the trainer adds: ``answer``,
+    ``completion_len``, ``completion_ids``, ``group_id``, ``data_source``), a required parameter
+    that no column provides is an error naming it and the columns there are.
+
+    Raises :class:`RewardLoadError` (cannot import) or :class:`RewardSignatureError`.
+    """
+    for spec in reward_cfg.rewards:
+        try:
+            reward = resolve(spec.name, spec.kwargs)
+        except (RewardSignatureError, RewardLoadError):
+            raise
+        except Exception as e:  # noqa: BLE001  user code at import time may raise anything
+            raise RewardLoadError(f"reward {spec.name}: cannot load it: {type(e).__name__}: {e}") from e
+        if columns is not None:
+            have = set(columns) | set(CALL_KEYWORDS) | set(spec.kwargs)
+            missing = sorted(reward.required - have)
+            if missing:
+                raise RewardSignatureError(
+                    f"reward {reward.label}: needs column(s) {missing}, but the data has {sorted(set(columns))}")
+
+
+def _messages(value: Any) -> bool:
+    """Whether ``value`` is a conversation: a non-empty list of ``{role, content}`` dicts."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def _conversations(n: int, fields: dict[str, list]) -> list[Optional[list]]:
+    """Per sample, the row's conversational prompt (TRL's ``is_conversational`` rule), else None."""
+    out: list[Optional[list]] = [None] * n
+    for col in CONVERSATION_COLUMNS:
+        for i, v in enumerate(fields.get(col) or []):
+            if out[i] is None and _messages(v):
+                out[i] = v
+    return out
+
+
+def call_arguments(
+    reward: ResolvedReward,
+    completions: Sequence[str],
+    prompts: Sequence[str],
+    fields: dict[str, list],
+    kwargs: Optional[dict] = None,
+) -> dict[str, Any]:
+    """The keywords ``reward`` is called with: TRL's ``prompts``/``completions``, every column, ``kwargs``.
+
+    >>> r = resolve("math")
+    >>> sorted(call_arguments(r, ["x"], ["p"], {"answer": ["1"], "task": ["t"]}))
+    ['answer', 'completions', 'prompts', 'task']
+    """
+    kwargs = dict(kwargs or {})
+    clash = sorted(set(kwargs) & set(fields))
+    if clash:
+        raise RewardSignatureError(f"reward {reward.label}: kwargs {clash} clash with dataset fields of the same name")
+    reserved = sorted(set(fields) & set(CALL_KEYWORDS))
+    if reserved:
+        raise RewardSignatureError(f"reward {reward.label}: dataset columns {reserved} clash with the call's own "
+                                   f"arguments (completions=, prompts=); rename them")
+    completions, prompts = list(completions), list(prompts)
+    if not reward.builtin:
+        conversations = _conversations(len(completions), fields)
+        for i, conv in enumerate(conversations):
+            if conv is not None:
+                completions[i] = [{"role": "assistant", "content": completions[i]}]
+                prompts[i] = conv
+    every = {"completions": completions, "prompts": prompts, **fields, **kwargs}
+    passed = every if reward.var_kw else {k: v for k, v in every.items() if k in reward.named}
+    missing = sorted(reward.required - set(passed))
+    if missing:
+        hint = ""
+        if set(missing) & TRL_TRAINER_ARGS:
+            hint = " (TRL's trainer objects are not passed)"
+        raise RewardSignatureError(
+            f"reward {reward.label}: needs field(s) {missing}, but the data has {sorted(fields)}{hint}")
+    return passed
 
 
 def call_reward(
@@ -135,19 +267,8 @@ def call_reward(
     fields: dict[str, list],
     kwargs: Optional[dict] = None,
 ) -> Any:
-    """Call the reward with the columns it accepts; await it if it is async. Returns the raw output."""
-    kwargs = dict(kwargs or {})
-    clash = sorted(set(kwargs) & set(fields))
-    if clash:
-        raise RewardSignatureError(f"reward {reward.label}: kwargs {clash} clash with dataset fields of the same name")
-    passed = fields if reward.var_kw else {k: v for k, v in fields.items() if k in reward.named}
-    kw = {**passed, **kwargs}
-    missing = sorted(reward.required - set(kw))
-    if missing:
-        raise RewardSignatureError(
-            f"reward {reward.label}: needs field(s) {missing}, but the data has {sorted(fields)}"
-        )
-    out = reward.fn(list(completions), list(prompts), **kw)
+    """Call the reward with keywords (:func:`call_arguments`); await it if it is async. Returns the raw output."""
+    out = reward.fn(**call_arguments(reward, completions, prompts, fields, kwargs))
     if inspect.isawaitable(out):
         out = asyncio.run(_await(out))
     return out

@@ -188,20 +188,82 @@ def test_registry_module_and_file_references():
     r = resolve("rlkit.rewards.format:format_boxed")
     assert r.fn is format_boxed
     r = resolve(f"{FAULTS}:named_fields_only")
-    assert not r.var_kw and r.required == frozenset({"answer"})
+    assert not r.var_kw and r.required == frozenset({"completions", "prompts", "answer"})
 
 
 def test_registry_errors_name_the_function():
     with pytest.raises(KeyError, match="valid built-ins are .*math"):
         resolve("maths")
-    with pytest.raises(RewardSignatureError, match="no_prompts"):
-        resolve(f"{FAULTS}:no_prompts")
+    with pytest.raises(RewardSignatureError, match="no_completions.*neither 'completions' nor 'completion_ids'"):
+        resolve(f"{FAULTS}:no_completions")
+    with pytest.raises(RewardSignatureError, match=r"positional-only.*keywords"):
+        resolve(f"{FAULTS}:positional_only")
+    with pytest.raises(RewardSignatureError, match=r"\['trainer_state'\].*TRL's trainer"):
+        resolve(f"{FAULTS}:needs_trainer_state")
     with pytest.raises(RewardSignatureError, match=r"kwargs \['tags'\].*named_fields_only"):
         resolve(f"{FAULTS}:named_fields_only", {"tags": 1})
     with pytest.raises(AttributeError, match="nothing_here"):
         resolve(f"{FAULTS}:nothing_here")
     with pytest.raises(FileNotFoundError):
         resolve("no/such/file.py:f")
+
+
+def test_check_loadable_turns_load_failures_into_one_error(tmp_path):
+    from rlkit.rewards import RewardLoadError, check_loadable
+
+    check_loadable(RewardConfig(rewards=["math", f"{FAULTS}:named_fields_only"]), columns=["answer", "question"])
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_module_here\n\ndef f(completions, **kw):\n    return []\n")
+    cases = [
+        (f"{broken}:f", RewardLoadError, "broken.py:f: cannot load it: ModuleNotFoundError: No module named"),
+        ("no/such/file.py:f", RewardLoadError, "reward file not found"),
+        (f"{FAULTS}:nothing_here", RewardLoadError, "has no attribute 'nothing_here'"),
+        ("maths", RewardLoadError, "valid built-ins are"),
+        (f"{FAULTS}:no_completions", RewardSignatureError, "neither"),
+    ]
+    for name, err, text in cases:
+        with pytest.raises(err, match=text):
+            check_loadable(RewardConfig(rewards=[{"name": name}]))
+    # Given the data's columns, a required parameter no column provides is named up front.
+    with pytest.raises(RewardSignatureError, match=r"needs column\(s\) \['answer'\].*\['question'\]"):
+        check_loadable(RewardConfig(rewards=[f"{FAULTS}:named_fields_only"]), columns=["question"])
+
+
+def test_rewards_are_called_with_keywords_as_trl_does():
+    """TRL's documented signatures bind; each gets only what it declares unless it takes **kwargs."""
+    from rlkit.rewards.registry import call_reward
+
+    toy = os.path.join(os.path.dirname(__file__), "toy_rewards.py")
+    comps = [r"so \boxed{4}", "4 it is"]
+    cols = {"solution": ["4", "5"], "answer": ["4", "4"], "task": ["count", "x"], "completion_ids": [[1, 2], [3]]}
+
+    def call(name):
+        return call_reward(resolve(f"{toy}:{name}"), comps, ["p 4", "q is"], cols)
+
+    assert call("trl_accuracy_reward") == [1.0, 0.0]
+    assert call("trl_async_answer_reward") == [1.0, 1.0]
+    assert call("trl_unique_chars") == [float(len(set(c))) for c in comps]
+    assert call("trl_token_count") == [2.0, 1.0]
+    assert call("trl_task_reward") == [float(len(comps[0])), None]
+    assert call("trl_prompt_echo") == [1.0, 1.0]
+    assert call_reward(resolve(f"{FAULTS}:no_prompts"), comps, ["p", "q"], cols) == [0.0, 0.0]
+    # rlkit's built-ins take the same keywords
+    assert call_reward(resolve("math"), comps, ["p", "q"], cols) == [1.0, 0.0]
+    with pytest.raises(RewardSignatureError, match=r"needs field\(s\) \['answer'\], but the data has \['ground_truth'\]"):
+        call_reward(resolve(f"{FAULTS}:named_fields_only"), comps, ["p", "q"], {"ground_truth": ["4", "4"]})
+
+
+def test_conversational_rows_get_message_completions_except_for_builtins():
+    from rlkit.rewards.registry import call_reward
+
+    toy = os.path.join(os.path.dirname(__file__), "toy_rewards.py")
+    comps = ["<think>2+2</think><answer>4</answer>", r"\boxed{4}"]
+    cols = {"prompt": [[{"role": "user", "content": "What is 2+2?"}]] * 2, "answer": ["4", "4"]}
+    assert call_reward(resolve(f"{toy}:trl_format_reward"), comps, ["rendered"] * 2, cols) == [1.0, 0.0]
+    # prompts arrive as the row's messages: the last word of "What is 2+2?" is "2+2?"
+    assert call_reward(resolve(f"{toy}:trl_prompt_echo"), comps, ["x"] * 2, cols) == [0.0, 0.0]
+    assert call_reward(resolve("math"), comps, ["rendered"] * 2, cols) == [0.0, 1.0]
+    assert call_reward(resolve("rlkit.rewards.format:format_boxed"), comps, ["r"] * 2, cols) == [0.0, 1.0]
 
 
 def test_check_output_statuses():

@@ -187,8 +187,95 @@ def test_unscored_sample_is_invalid_and_missing_field_is_error():
 
 
 def test_bad_signature_fails_at_construction():
-    with pytest.raises(RewardSignatureError, match="no_prompts"):
-        RewardWorker(RewardConfig(rewards=[{"name": f"{FAULTS}:no_prompts"}]))
+    with pytest.raises(RewardSignatureError, match="no_completions"):
+        RewardWorker(RewardConfig(rewards=[{"name": f"{FAULTS}:no_completions"}]))
+
+
+# ----------------------------------------------------------------------------- TRL convention
+
+TOY = os.path.join(os.path.dirname(__file__), "toy_rewards.py")
+
+
+def _score_with(names, comps, prompts, fields):
+    specs = [{"name": "math"}] + [{"name": f"{TOY}:{n}"} for n in names]
+    w = RewardWorker(RewardConfig(rewards=specs, num_procs=2, batch_size=2))
+    try:
+        return w.score(comps, prompts, fields)
+    finally:
+        w.close()
+
+
+def test_trl_documented_signatures_run_unchanged_in_the_worker():
+    """TRL's documented reward signatures (bodies in tests/toy_rewards.py) next to rlkit's built-in
+    ``math``: every sample ok, each value as TRL would compute it."""
+    names = ["trl_accuracy_reward", "trl_async_answer_reward", "trl_unique_chars", "trl_token_count",
+             "trl_task_reward", "trl_prompt_echo"]
+    comps = [r"so \boxed{4}", r"\boxed{5}", "4"]
+    fields = [{"answer": "4", "solution": "4", "task": t, "completion_ids": ids}
+              for t, ids in (("count", [5, 6, 7]), ("other", [5]), ("count", []))]
+    res = _score_with(names, comps, ["Add 4", "Add 4", "Say 5"], fields)
+    assert res.status == ["ok"] * 3, res.errors
+    c = res.components
+    assert c["math"] == [1.0, 0.0, 0.0]
+    assert c["trl_accuracy_reward"] == [1.0, 0.0, 0.0]
+    assert c["trl_async_answer_reward"] == [1.0, 0.0, 1.0]
+    assert c["trl_unique_chars"] == [float(len(set(x))) for x in comps]
+    assert c["trl_token_count"] == [3.0, 1.0, 0.0]
+    assert c["trl_task_reward"] == [float(len(comps[0])), None, 1.0]
+    assert c["trl_prompt_echo"] == [1.0, 0.0, 0.0]  # TRL passes prompts= too
+
+
+def test_trl_conversational_rows_get_message_completions_in_the_worker():
+    """A row whose ``prompt`` column is a list of messages is conversational, as in TRL: user rewards
+    receive ``[{"role": "assistant", "content": text}]`` and the messages as the prompt; the built-in
+    ``math`` still receives text."""
+    chat = [{"role": "user", "content": "Add 2 and 2, answer in <answer> tags"}]
+    comps = ["<think>2+2</think><answer>4</answer>", r"<answer>4</answer> \boxed{4}"]
+    fields = [{"answer": "4", "prompt": chat}] * 2
+    res = _score_with(["trl_format_reward", "trl_prompt_echo", "trl_async_answer_reward"], comps,
+                      ["rendered"] * 2, fields)
+    assert res.status == ["ok"] * 2, res.errors
+    c = res.components
+    assert c["math"] == [0.0, 1.0]
+    assert c["trl_format_reward"] == [1.0, 0.0]
+    assert c["trl_prompt_echo"] == [0.0, 0.0]  # the last word of the messages, "tags", is not in the text
+    # a plain-text reward meets message lists on conversational rows, exactly as under TRL
+    assert c["trl_async_answer_reward"] == [0.0, 0.0]
+
+
+def test_trl_shipped_reward_functions_run_in_the_worker(tmp_path):
+    """``trl.rewards`` as shipped: referenced as a module, or built by its factories in a user file."""
+    made = tmp_path / "my_trl_rewards.py"
+    made.write_text(
+        "from trl.rewards import get_cosine_scaled_reward, get_repetition_penalty_reward, "
+        "get_soft_overlong_punishment\n"
+        "overlong = get_soft_overlong_punishment(max_completion_len=8, soft_punish_cache=4)\n"
+        "repetition = get_repetition_penalty_reward(ngram_size=2, max_penalty=-1.0)\n"
+        "cosine = get_cosine_scaled_reward(max_len=8)\n")
+    specs = [{"name": "trl.rewards:accuracy_reward"}, {"name": "trl.rewards:think_format_reward"},
+             {"name": "trl.rewards:reasoning_accuracy_reward"},
+             {"name": f"{made}:overlong"}, {"name": f"{made}:repetition"}, {"name": f"{made}:cosine"}]
+    w = RewardWorker(RewardConfig(rewards=specs, num_procs=1, timeout_s=60))
+    chat = [{"role": "user", "content": "What is 1/3 of 1?"}]
+    comps = [r"<think>one third</think> The answer is $\boxed{\frac{1}{3}}$",
+             r"<think>hmm</think> \boxed{\frac{1}{2}}", r"no think \boxed{\frac{1}{3}}"]
+    ids = [[1, 2, 3, 4], [5, 5, 5, 5, 5, 5], [1] * 10]
+    fields = [{"prompt": chat, "solution": r"\frac{1}{3}", "completion_ids": i} for i in ids]
+    try:
+        res = w.score(comps, ["rendered"] * 3, fields)
+    finally:
+        w.close()
+    assert res.status == ["ok"] * 3, res.errors
+    c = res.components
+    assert c["accuracy_reward"] == [1.0, 0.0, 1.0]
+    assert c["think_format_reward"] == [1.0, 1.0, 0.0]
+    assert c["reasoning_accuracy_reward"] == [1.0, 0.0, 0.0]
+    # DAPO soft overlong (L_max 8, cache 4): 4 tokens -> 0, 6 -> (4 - 6) / 4, 10 -> -1
+    assert c["overlong"] == [0.0, -0.5, -1.0]
+    # repeated 2-grams: [5]*6 has 5 bigrams, 1 unique -> (1 - 1/5) * -1; [1]*10 -> (1 - 1/9) * -1
+    assert c["repetition"] == pytest.approx([0.0, -0.8, -8 / 9])
+    # cosine-scaled correctness (max_len 8): correct at 4 tokens -> 0.5 + 0.25·(1 + cos(π/2)) = 0.75
+    assert c["cosine"][0] == pytest.approx(0.75)
 
 
 def test_always_hanging_reward_gives_up_after_a_streak():

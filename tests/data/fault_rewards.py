@@ -64,6 +64,22 @@ def only_source_a(completions, prompts, data_source, **fields):
 
 
 def no_prompts(completions):
+    """Takes only what it scores: valid (a call passes only the names a function declares)."""
+    return [0.0] * len(completions)
+
+
+def no_completions(prompts, answer):
+    """Sees neither completions nor completion_ids: refused at load."""
+    return [0.0] * len(prompts)
+
+
+def positional_only(completions, prompts, /):
+    """Rewards are called with keywords: positional-only parameters cannot bind."""
+    return [0.0] * len(completions)
+
+
+def needs_trainer_state(completions, trainer_state, **kwargs):
+    """Requires a TRL trainer object rlkit does not pass: refused at load."""
     return [0.0] * len(completions)
 
 
