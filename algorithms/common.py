@@ -1,10 +1,11 @@
 """Pieces shared by the policy-gradient algorithms: loss aggregation, the clipped surrogate, the
 group-normalized advantage, KL placed in the loss or in the reward, and the entropy bonus.
 
-Spec: ALGORITHMS.md §3.2–§3.6 (GRPO), §2.9 (who calls which KL), §13 (entropy), §15 item 14.
-Reference implementation: verl ``verl/trainer/ppo/core_algos.py`` (``agg_loss``,
-``compute_policy_loss_vanilla``, ``compute_grpo_outcome_advantage``) and ``ray_trainer.apply_kl_penalty``;
-TRL ``GRPOTrainer`` where a function says so.
+Formulas: docs/algorithms.md § Shared pieces (§ Clipped surrogate, § Loss aggregation, § Group
+advantages, § KL in the loss or in the reward, § Entropy bonus). Reference implementation: verl
+``verl/trainer/ppo/core_algos.py`` (``agg_loss``, ``compute_policy_loss_vanilla``,
+``compute_grpo_outcome_advantage``) and ``ray_trainer.apply_kl_penalty``; TRL ``GRPOTrainer`` where
+a function says so.
 
 Shapes: B responses, T padded response length; ``mask_B_T`` is 1 on real response tokens (EOS
 included) and 0 on padding. Every function here is pure (tensors and numbers in, tensors out).
@@ -122,7 +123,8 @@ def clipped_surrogate(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token PPO loss max(−A·s, −A·clip(s, 1−ε_low, 1+ε_high)), dual-clipped at −c·A for A < 0.
 
-    Spec §3.4; PPO (Schulman et al. 2017) with the dual clip of Ye et al. 2020 (arXiv 1912.09729).
+    PPO (Schulman et al. 2017, arXiv 1707.06347) with the dual clip of Ye et al. 2020 (arXiv
+    1912.09729); docs/algorithms.md § Clipped surrogate.
     Matches verl ``compute_policy_loss_vanilla`` (≥ 0.4.1) before aggregation:
       λ = clamp(ℓ − ℓ^old, ±``log_ratio_clamp``), s = e^λ; L1 = −A·s; L2 = −A·clip(s);
       L = max(L1, L2), and for A < 0: L = min(L, −c·A).
@@ -184,11 +186,11 @@ def group_advantages(
     eps: float = 1e-6,
     singleton: str = "raw",
 ) -> Tensor:
-    """Group-relative outcome advantage A_i = (r_i − mean_g) / (std + ε)  (GRPO, spec §3.2–§3.3).
+    """Group-relative outcome advantage A_i = (r_i − mean_g) / (std + ε).
 
-    Shao et al., DeepSeekMath (arXiv 2402.03300) §4.1.2. Matches verl
-    ``compute_grpo_outcome_advantage`` (per-sequence scalar, before broadcasting) and TRL
-    ``GRPOTrainer`` advantage arithmetic:
+    Shao et al., DeepSeekMath (arXiv 2402.03300) §4.1.2; docs/algorithms.md § Group advantages.
+    Matches verl ``compute_grpo_outcome_advantage`` (per-sequence scalar, before broadcasting) and
+    TRL ``GRPOTrainer`` advantage arithmetic:
       * ``scale="group"``: std = the group's Bessel (n−1) std (verl ``norm_adv_by_std_in_grpo=True``;
         TRL ``scale_rewards="group"``);
       * ``scale="batch"``: std = the Bessel std of the whole batch, mean still the group's (TRL);
@@ -238,9 +240,9 @@ def group_advantages(
 def mean_baseline_advantages(rewards_B: Tensor, group_ids_B: Tensor, *, baseline: str = "group") -> Tensor:
     """A_i = r_i − b with b the group mean (``"group"``) or the batch mean (``"batch"``); no std.
 
-    The RPG advantage (spec §5.5): RPG repo ``compute_rpg_outcome_advantage`` (group; a singleton
-    has mean 0, so A = r) and ``compute_rpg_batchmean_outcome_advantage`` (batch). An all-equal
-    group gives exactly 0. Shapes: [B] → [B].
+    The RPG advantage (docs/algorithms.md § RPG): RPG repo ``compute_rpg_outcome_advantage``
+    (group; a singleton has mean 0, so A = r) and ``compute_rpg_batchmean_outcome_advantage``
+    (batch). An all-equal group gives exactly 0. Shapes: [B] → [B].
     """
     check_choice("baseline", baseline, ("group", "batch"))
     if baseline == "group":
@@ -269,12 +271,15 @@ def kl_in_reward(
     log_ratio_clamp: float | None = 20.0,
     value_clamp: float | None = 10.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL as a detached reward: r'_i = r_i − β·Σ_t m·kl(ℓ^old, ℓ^ref)_t (spec §3.6, §2.9).
+    """KL as a detached reward: r'_i = r_i − β·Σ_t m·kl(ℓ^old, ℓ^ref)_t.
+
+    docs/algorithms.md § KL in the loss or in the reward.
 
     verl ``ray_trainer.apply_kl_penalty`` (``algorithm.use_kl_in_reward``, ``kl_penalty="kl"`` = k1)
     subtracts β·kl per token from the token rewards; GRPO's outcome advantage then sums the token
     rewards, which is this per-sequence sum. As a detached reward, k1 gives the correct reverse-KL
-    score-function gradient (spec §2.2). Evaluated at π_old, the policy that sampled the tokens.
+    score-function gradient (docs/algorithms.md § KL estimators). Evaluated at π_old, the policy
+    that sampled the tokens.
 
     Shapes: rewards_B [B]; log-probs and mask [B, T]; returns (rewards_B, {"kl_reward_mean":
     token-mean KL, "kl_reward_seq_mean": mean per-sequence sum}).
@@ -301,7 +306,9 @@ def kl_loss_term(
     num_seqs: float | None = None,
     max_response_len: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """agg(s·kl(ℓ, ℓ^ref)): a KL estimate used directly as a loss term (spec §3.6, §2.3).
+    """agg(s·kl(ℓ, ℓ^ref)): a KL estimate used directly as a loss term.
+
+    docs/algorithms.md § KL in the loss or in the reward; s as in § KL estimators (off-policy).
 
     verl ``use_kl_loss`` (``kl_loss_type``; ``is_weight="none"``) and TRL ``beta > 0`` (k3 ×
     differentiable ``coef_1`` when ``use_bias_correction_kl``: ``is_weight="differentiable"``).
@@ -334,10 +341,11 @@ def entropy_bonus(
     num_seqs: float | None = None,
     max_response_len: int | None = None,
 ) -> Tensor:
-    """−coef·agg(H): the entropy term added to the loss (spec §13.2; verl ``entropy_coeff``).
+    """−coef·agg(H): the entropy term added to the loss (verl ``entropy_coeff``).
 
-    H is differentiable (from ``rlkit.kl.entropy_from_logits`` or the fused pass) and is aggregated
-    with the same mode and global counts as the PG loss, as verl's ``ppo_loss`` does (≥ 0.7.1).
+    docs/algorithms.md § Entropy bonus. H is differentiable (from ``rlkit.kl.entropy_from_logits``
+    or the fused pass) and is aggregated with the same mode and global counts as the PG loss, as
+    verl's ``ppo_loss`` does (≥ 0.7.1).
     Shapes: [B, T] → 0-dim.
     """
     return -coef * agg_loss(entropy_B_T, mask_B_T, agg_mode, num_tokens=num_tokens,
@@ -352,7 +360,7 @@ def global_counts(inp) -> dict:
 
 def finish_loss(total: Tensor, metrics: dict, inp, *, entropy_coef: float, agg_mode: str,
                 who: str) -> tuple[Tensor, dict[str, float]]:
-    """Add −coef·agg(H) when ``entropy_coef`` ≠ 0 (spec §13.2), record ``loss``, return floats."""
+    """Add −coef·agg(H) when ``entropy_coef`` ≠ 0, record ``loss``, return floats."""
     if entropy_coef != 0.0:
         if inp.entropy_B_T is None:
             raise ValueError(f"{who} with entropy_coef != 0 needs the entropy pass")

@@ -3,16 +3,17 @@
 Paper: Yu et al., "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (arXiv
 2503.14476), Eq. 8: clip-higher (ε_low = 0.2, ε_high = 0.28), token-level loss, dynamic sampling
 (drop groups whose outcomes are all equal), overlong reward shaping, no KL term.
-Spec: ALGORITHMS.md §4 (and §3.4–§3.5 for the shared surrogate and aggregation).
+Formulas, defaults and decisions: docs/algorithms.md § DAPO (and § Clipped surrogate, § Loss
+aggregation for the shared pieces).
 
 Reference implementation: verl ``compute_policy_loss_vanilla`` + ``agg_loss("token-mean")``; the
 dynamic-sampling filter of ``recipe/dapo/dapo_ray_trainer.py`` ``RayDAPOTrainer.fit`` (tag v0.7.0,
 ``filter_groups.metric=acc``); overlong shaping of ``verl/workers/reward_manager/dapo.py``
 (``DAPORewardManager``), and the script ``recipe/dapo/run_dapo_qwen2.5_32b.sh``.
 
-Decisions (spec §15, §4.7):
+Decisions:
   * Token-mean over the whole optimizer step (global token count), as every implementation does;
-    the paper's per-group normalization is not used (spec §4.7 item 1).
+    the paper's per-group normalization is not used.
   * Dual clip c = 10 as in the verl DAPO script (the paper does not mention a dual clip).
   * The group filter runs on the *raw verifier outcome* (verl's ``acc``), not on the shaped reward,
     so a group whose only spread comes from the overlong penalty is dropped; singleton groups are
@@ -29,14 +30,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import AdvantageInputs, Algorithm, FilterPolicy, LossInputs, Metrics, Needs, register
+from .base import (
+    AdvantageInputs,
+    Algorithm,
+    FilterPolicy,
+    LossInputs,
+    Metrics,
+    Needs,
+    register,
+)
 from .common import (
-    finish_loss, global_counts,
     AGG_MODES,
     agg_loss,
     broadcast_advantages,
     check_choice,
     clipped_surrogate,
+    finish_loss,
+    global_counts,
     group_advantages,
     to_floats,
 )
@@ -44,7 +54,7 @@ from .common import (
 
 @dataclass
 class DAPOConfig:
-    """DAPO hyperparameters; paper symbols in brackets (DAPO §3, spec §4.3)."""
+    """DAPO hyperparameters; paper symbols in brackets (DAPO §3; docs/algorithms.md § DAPO)."""
 
     clip_low: float = 0.2
     """[ε_low] lower clip (verl ``clip_ratio_low``; TRL ``epsilon``)."""
@@ -72,7 +82,7 @@ class DAPOConfig:
 
 
 def overlong_penalty(lengths_B: Tensor, max_len: int, cache_len: int, penalty_factor: float = 1.0) -> Tensor:
-    """Soft overlong punishment R_len(|y|) of DAPO Eq. 13, scaled by p (spec §4.2 item 4).
+    """Soft overlong punishment R_len(|y|) of DAPO Eq. 13 (§3.4), scaled by p (docs/algorithms.md § DAPO).
 
       R_len = 0                                   if |y| ≤ L_max − L_cache
             = p·((L_max − L_cache) − |y|)/L_cache  if L_max − L_cache < |y| ≤ L_max
@@ -102,8 +112,8 @@ def overlong_penalty(lengths_B: Tensor, max_len: int, cache_len: int, penalty_fa
 def dapo_group_filter(raw_rewards_B: Tensor, group_ids_B: Tensor, cfg: DAPOConfig) -> Tensor:
     """Dynamic sampling: keep_i iff std(outcomes of i's group) > 0 or the group has one response.
 
-    verl ``RayDAPOTrainer.fit`` (``np.std(metric_vals) > 0 or len(metric_vals) == 1``); spec §4.2
-    item 3. Runs on the raw verifier outcome (``acc``). std > 0 is tested as max ≠ min, which is
+    DAPO §3.2; verl ``RayDAPOTrainer.fit`` (``np.std(metric_vals) > 0 or len(metric_vals) == 1``).
+    Runs on the raw verifier outcome (``acc``). std > 0 is tested as max ≠ min, which is
     exact (no floating-point mean involved). Shapes: [B], [B] → bool [B].
     """
     if not cfg.filter_groups:
@@ -144,7 +154,7 @@ def dapo_needs(cfg: DAPOConfig) -> Needs:
 
 
 def dapo_advantages(inp: AdvantageInputs, cfg: DAPOConfig) -> tuple[Tensor, Metrics]:
-    """Â_{i,t} = m_{i,t}·(R_i − mean_g)/(std_g + ε) with R the shaped reward (spec §4.1; verl GRPO)."""
+    """Â_{i,t} = m_{i,t}·(R_i − mean_g)/(std_g + ε) with R the shaped reward (DAPO Eq. 8; verl GRPO)."""
     adv_B = group_advantages(inp.rewards_B, inp.group_ids_B, scale="group", eps=cfg.adv_eps,
                              singleton="raw")
     metrics = {"adv_mean": adv_B.mean(), "adv_abs_max": adv_B.abs().max()}
@@ -152,7 +162,7 @@ def dapo_advantages(inp: AdvantageInputs, cfg: DAPOConfig) -> tuple[Tensor, Metr
 
 
 def dapo_loss(inp: LossInputs, cfg: DAPOConfig) -> tuple[Tensor, Metrics]:
-    """agg_token-mean(clipped surrogate with ε_low/ε_high) − c_H·agg(H); no KL (spec §4.1–§4.2)."""
+    """agg_token-mean(clipped surrogate with ε_low/ε_high) − c_H·agg(H); no KL (DAPO Eq. 8)."""
     if inp.old_logp_B_T is None:
         raise ValueError("DAPO loss needs old log-probs")
     counts = global_counts(inp)

@@ -1,29 +1,31 @@
 """G-OPD / ExOPD: PPO on the dense per-token advantage A_t = λ·log π*(y_t) + (1−λ)·log π_ref(y_t) − log π_old(y_t).
 
 Paper: Yang et al., "Learning beyond Teacher: Generalized On-Policy Distillation with Reward
-Extrapolation", arXiv 2602.12125, Eq. 22 (discount 0). Spec: ALGORITHMS.md §8, decision §15.2
-item 10. Reference implementation: the authors' verl fork (PraMamba/G-OPD @ 208daab, algorithm code
-from ea72caa), ``DataParallelPPOActor.update_policy`` block ``only_reverse_kl_advantages`` (inlined:
-formula-level parity), with verl's ``compute_policy_loss_vanilla`` + ``agg_loss`` (token-mean).
+Extrapolation", arXiv 2602.12125, Eq. 22 (discount 0). Formulas, defaults and decisions:
+docs/algorithms.md § G-OPD / ExOPD. Reference implementation: the authors' verl fork
+(PraMamba/G-OPD @ 208daab, algorithm code from ea72caa), ``DataParallelPPOActor.update_policy``
+block ``only_reverse_kl_advantages`` (inlined: formula-level parity), with verl's
+``compute_policy_loss_vanilla`` + ``agg_loss`` (token-mean).
 
 G-OPD maximizes E_{y~π_θ}[λ·log(π*/π_ref) − KL(π_θ‖π_ref)], whose optimum is π ∝ π*^λ·π_ref^(1−λ):
 λ = 1 is on-policy distillation (π_ref cancels: A_t = log π* − log π_old, the negative reverse k1
 to the teacher); 0 < λ < 1 interpolates; **λ > 1 is ExOPD** (reward extrapolation, 1.25 in the
 paper's script). Written with the kernel's reverse k1 at the student's tokens,
   A_t = −λ·k1(π_old‖π*)_t + (λ−1)·k1(π_old‖π_ref)_t,
-a detached reward (reward placement of the KL, spec §2.9), so the score-function gradient of k1 is
-the correct reverse-KL gradient (spec §2.2). The loss is verl's clipped surrogate (ε = 0.2, dual
-clip c = 3, λ-log-ratio clamp ±20) aggregated token-mean with the global token count. At ratio 1
-(ℓ^old = SG[ℓ], the released one-mini-batch setting) the gradient is −A_t·∇ℓ_t per token.
+a detached reward (reward placement of the KL), so the score-function gradient of k1 is the
+correct reverse-KL gradient (docs/algorithms.md § KL estimators). The loss is verl's clipped
+surrogate (ε = 0.2, dual clip c = 3, λ-log-ratio clamp ±20) aggregated token-mean with the global
+token count. At ratio 1 (ℓ^old = SG[ℓ], the released one-mini-batch setting) the gradient is
+−A_t·∇ℓ_t per token.
 
 Decisions:
 * λ ≠ 1 needs reference log-probs. The reference code silently ignores λ when no base model is
-  configured (spec §8.7 item 1); here ``reference=None`` with λ ≠ 1 fails at config construction,
-  ``needs()`` asks for ``ref_logp`` exactly when λ ≠ 1 (tolerance 1e−9, not float equality), and
-  the advantage raises if the runtime did not provide them.
-* Off-policy mini-batches (spec §8.7 item 4): ``advantage_policy="old"`` (default, reference parity)
-  keeps A_t from π_old; ``"current"`` recomputes A_t in the loss from SG[ℓ] of the current policy,
-  the paper's on-policy A_t.
+  configured; here ``reference=None`` with λ ≠ 1 fails at config construction, ``needs()`` asks
+  for ``ref_logp`` exactly when λ ≠ 1 (tolerance 1e−9, not float equality), and the advantage
+  raises if the runtime did not provide them.
+* Off-policy mini-batches: ``advantage_policy="old"`` (default, reference parity) keeps A_t from
+  π_old; ``"current"`` recomputes A_t in the loss from SG[ℓ] of the current policy, the paper's
+  on-policy A_t.
 * ``reference`` names the reference model role: ``student_init`` (default choice of the paper) or
   ``teacher_base`` (the paper's "reward correction" for strong-to-weak distillation). The run config
   maps it to a model; the algorithm only needs its log-probs.
@@ -102,7 +104,7 @@ def gopd_token_advantages(
     *,
     lam: float,
 ) -> Tensor:
-    """A_t = λ·log π* + (1−λ)·log π_ref − log π (spec §8.2), via the kernel's reverse k1.
+    """A_t = λ·log π* + (1−λ)·log π_ref − log π (paper Eq. 22), via the kernel's reverse k1.
 
     ``policy_logp_B_T`` is log π_old (or SG of the current policy). With |λ − 1| ≤ 1e−9 the
     reference is not used (A_t = −k1(π‖π*)); otherwise it is required. No clamps: the reference
@@ -119,7 +121,7 @@ def gopd_token_advantages(
 
 
 def exopd_advantages(inp: AdvantageInputs, cfg: ExOPDConfig) -> tuple[Tensor, Metrics]:
-    """Per-token G-OPD advantage at π_old; the verifiable reward, if any, is ignored (spec §8.6)."""
+    """Per-token G-OPD advantage at π_old; the verifiable reward, if any, is ignored."""
     if inp.old_logp_B_T is None or inp.teacher_logp_B_T is None:
         raise ValueError("exopd needs old and teacher log-probs (Needs.old_logp, Needs.teacher_logp)")
     adv = gopd_token_advantages(inp.old_logp_B_T, inp.teacher_logp_B_T, inp.ref_logp_B_T,
@@ -132,7 +134,7 @@ def exopd_advantages(inp: AdvantageInputs, cfg: ExOPDConfig) -> tuple[Tensor, Me
 
 
 def exopd_loss(inp: LossInputs, cfg: ExOPDConfig) -> tuple[Tensor, Metrics]:
-    """agg(clipped surrogate with A_t) (spec §8.3), token-mean over ``num_tokens_global``."""
+    """agg(clipped surrogate with A_t), token-mean over ``num_tokens_global`` (module docstring)."""
     if inp.old_logp_B_T is None:
         raise ValueError("exopd needs old log-probs (Needs.old_logp)")
     adv = inp.advantages_B_T
@@ -151,7 +153,7 @@ def exopd_loss(inp: LossInputs, cfg: ExOPDConfig) -> tuple[Tensor, Metrics]:
 
 
 def exopd_needs(cfg: ExOPDConfig) -> Needs:
-    """Teacher log-probs always; reference log-probs exactly when λ ≠ 1 (spec §8.6)."""
+    """Teacher log-probs always; reference log-probs exactly when λ ≠ 1."""
     return Needs(old_logp=True, teacher_logp=True, ref_logp=cfg.needs_reference)
 
 

@@ -1,8 +1,8 @@
 """f-DPO: L = −log σ(β·[s(l_w) − s(l_l)]), DPO with the reverse KL replaced by an f-divergence.
 
 Paper: Wang et al., "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
-Divergence Constraints", arXiv 2309.16240 (ICLR 2024), Theorem 1 / Eq. 8. Spec: ALGORITHMS.md §11,
-decisions §15.1 item 2 and §15.2 item 13.
+Divergence Constraints", arXiv 2309.16240 (ICLR 2024), Theorem 1 / Eq. 8. Formulas, defaults and
+decisions: docs/algorithms.md § f-DPO.
 
 Objective: max E[r] − β·D_f(π_θ‖π_ref). The KKT condition gives r = β·f′(π/π_ref) + const(x); the
 constant cancels in the Bradley–Terry *difference*, so DPO's β·log-ratio becomes β·f′(u) with
@@ -17,17 +17,18 @@ additive constants dropped (they cancel):
 Reference implementation: huggingface/trl ``DPOTrainer._compute_loss`` (1.x, inlined; formula-level
 parity only) and ``DPOTrainer.dpo_loss`` (TRL ≤ 0.28).
 
-α convention (decision, spec §11.3): rlkit uses the **paper's** α, as TRL ≤ 0.28 did. TRL ≥ 0.29
+α convention (decision): rlkit uses the **paper's** α, as TRL ≤ 0.28 did. TRL ≥ 0.29
 scores with (e^{(α'−1)l} − 1)/(α'−1), i.e. **α_TRL = 1 − α_paper**; the two agree at 0.5, which is
 our default (and TRL ≥ 0.29's). TRL ≤ 0.28's default 1.0 meant forward KL; TRL ≥ 0.29's 1.0 means
 reverse KL.
 
-Overflow (decision §15.2 item 13): sequence log-ratios are sums over hundreds of tokens, so e^{−l}
+Overflow (decision): sequence log-ratios are sums over hundreds of tokens, so e^{−l}
 overflows. Every exponent is computed in at least fp32 and clamped to ≤ ``exp_clamp`` (80, TRL's α
 clamp) before the exp, for forward KL too (TRL HEAD leaves forward KL unclamped: −inf − −inf = NaN).
 Where the clamp is active that pair's score gradient is 0.
 
-Only pairwise-*difference* losses are valid for f ≠ reverse KL (spec §11.8 item 2); ``loss_type``
+Only pairwise-*difference* losses are valid for f ≠ reverse KL (the const(x) cancels only in the
+chosen − rejected difference); ``loss_type``
 accepts ``sigmoid`` (with optional cDPO label smoothing) and ``hinge`` and rejects anything else at
 construction.
 
@@ -86,7 +87,7 @@ class FDPOConfig:
 
 
 def fdpo_score(logratio_P: Tensor, divergence: str, *, alpha: float = 0.5, exp_clamp: float = 80.0) -> Tensor:
-    """s(l) = f′(e^l) up to an additive constant (paper Table 1; spec §11.2 table).
+    """s(l) = f′(e^l) up to an additive constant (paper Table 1).
 
     Exponents are clamped to ≤ ``exp_clamp`` and evaluated in ≥ fp32, so the score is finite for
     any finite l. Shapes: [P] → [P] (fp32, or fp64 for fp64 input).
@@ -122,9 +123,9 @@ def fdpo_pair_loss(lw_P: Tensor, ll_P: Tensor, cfg: FDPOConfig) -> tuple[Tensor,
 
 
 def fdpo_loss(inp: PairLossInputs, cfg: FDPOConfig) -> tuple[Tensor, Metrics]:
-    """Σ_pairs −log σ(β[s(l_w) − s(l_l)]) / num_pairs_global (spec §11.2).
+    """Σ_pairs −log σ(β[s(l_w) − s(l_l)]) / num_pairs_global (docs/algorithms.md § f-DPO).
 
-    Only the reference log-probs are constant (spec §11.5); the gradient flows through the exp in
+    Only the reference log-probs are constant; the gradient flows through the exp in
     the score. Metrics (local means, TRL names): rewards/chosen = β·l_w, rewards/rejected = β·l_l,
     rewards/margins, rewards/accuracies (l_w > l_l), and the f-margin z.
     """

@@ -3,7 +3,8 @@
 Paper: Shao et al., "DeepSeekMath" (arXiv 2402.03300), Eq. 3 and §4.1.2 (outcome supervision):
 the clipped surrogate over G responses per prompt, k3 against π_ref with β = 0.04, no importance
 weight on the KL, each response's tokens averaged then responses averaged (seq-mean-token-mean).
-Spec: ALGORITHMS.md §3 (and §2.9, §13, §15 items 5, 6, 14).
+Formulas, defaults and decisions: docs/algorithms.md § GRPO (shared pieces: § Clipped surrogate,
+§ Loss aggregation, § Group advantages, § KL estimators).
 
 Reference implementations matched:
   * verl ``core_algos.compute_grpo_outcome_advantage`` (advantage), ``compute_policy_loss_vanilla``
@@ -14,14 +15,15 @@ Reference implementations matched:
     TRL ≥ 1.10 default), ``kl_log_ratio_clamp=kl_value_clamp=None`` (TRL has no clamps),
     ``dual_clip_c=None``, ``adv_eps=1e-4``, ``singleton="zero"``, ``loss_agg_mode="token-mean"``.
 
-Decisions (spec §15):
+Decisions:
   * Defaults are the paper's (β = 0.04, k3, ε = 0.2, seq-mean-token-mean, std-normalized group
     advantage) with verl's numerics (ε_std = 1e-6, singleton → raw score, ±20 λ clamp, k3 clamps
     ±20/±10, dual clip c = 3). The paper has no dual clip; it only acts when A < 0 and s > 3.
-  * The k3 loss term's gradient is the *forward*-KL gradient (spec §2.2, §2.10). Kept as the paper
+  * The k3 loss term's gradient is the *forward*-KL gradient (§ KL estimators). Kept as the paper
     default for parity; ``kl_kind="k3+"`` is verl's straight-through fix (k2 gradient) and
     ``kl_is_weight="differentiable"`` is TRL's / DeepSeek-V3.2's unbiased off-policy fix.
-  * Sequences: the per-token partial KL gradient, as verl and TRL (spec §2.6), not reward-to-go.
+  * Sequences: the per-token partial KL gradient, as verl and TRL (Tang & Munos, arXiv 2506.09477,
+    give the reward-to-go form of the full sequence gradient); not reward-to-go.
   * KL in the reward (``kl_placement="reward"``) evaluates the estimator (default should then be
     ``kl_kind="k1"``, verl's ``kl_penalty="kl"``) at π_old and subtracts β·Σ_t kl from the outcome
     reward before group normalization, as verl does (the sum enters the group mean/std).
@@ -37,7 +39,6 @@ from rlkit.kl import IS_MODES, KINDS
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
-    finish_loss, global_counts,
     ADV_SCALES,
     AGG_MODES,
     SINGLETON_RULES,
@@ -45,6 +46,8 @@ from .common import (
     broadcast_advantages,
     check_choice,
     clipped_surrogate,
+    finish_loss,
+    global_counts,
     group_advantages,
     kl_in_reward,
     kl_loss_term,
@@ -56,7 +59,7 @@ KL_PLACEMENTS = ("loss", "reward")
 
 @dataclass
 class GRPOConfig:
-    """GRPO hyperparameters; paper symbols in brackets (DeepSeekMath §4.1, spec §3)."""
+    """GRPO hyperparameters; paper symbols in brackets (DeepSeekMath §4.1; docs/algorithms.md § GRPO)."""
 
     beta: float = 0.04
     """[β] KL coefficient (paper 0.04; verl ``kl_loss_coef`` 0.001; TRL ``beta`` 0.0). 0 → no reference."""
@@ -79,7 +82,8 @@ class GRPOConfig:
     log_ratio_clamp: float | None = 20.0
     """Clamp on λ = ℓ − ℓ^old before exp in the surrogate (verl ≥ 0.4.1); None = off (TRL)."""
     loss_agg_mode: str = "seq-mean-token-mean"
-    """agg(·) of spec §3.5; paper: seq-mean-token-mean; verl recipes and TRL ≥ 0.22: token-mean."""
+    """agg(·) of docs/algorithms.md § Loss aggregation. Paper: seq-mean-token-mean; verl recipes and
+    TRL ≥ 0.22: token-mean."""
     adv_scale: str = "group"
     """Advantage std: "group" (paper; verl ``norm_adv_by_std_in_grpo``), "batch" (TRL), "none" (Dr. GRPO)."""
     adv_eps: float = 1e-6
@@ -112,7 +116,7 @@ def grpo_needs(cfg: GRPOConfig) -> Needs:
 def grpo_advantages(inp: AdvantageInputs, cfg: GRPOConfig) -> tuple[Tensor, Metrics]:
     """A_{i,t} = m_{i,t}·(r_i − mean_g)/(std_g + ε), with r_i − β·Σ_t kl_t first if KL is in the reward.
 
-    Spec §3.2/§3.3/§3.6; verl ``compute_grpo_outcome_advantage`` (+ ``apply_kl_penalty``).
+    docs/algorithms.md § GRPO; verl ``compute_grpo_outcome_advantage`` (+ ``apply_kl_penalty``).
     Shapes: rewards_B [B], group_ids_B [B], mask_B_T [B, T] → advantages [B, T].
     """
     rewards_B = inp.rewards_B.detach()
@@ -133,7 +137,7 @@ def grpo_advantages(inp: AdvantageInputs, cfg: GRPOConfig) -> tuple[Tensor, Metr
 
 
 def grpo_loss(inp: LossInputs, cfg: GRPOConfig) -> tuple[Tensor, Metrics]:
-    """agg(L_clip) + β·agg(kl(ℓ, ℓ^ref)) − c_H·agg(H) on one micro-batch (spec §3.4–§3.6).
+    """agg(L_clip) + β·agg(kl(ℓ, ℓ^ref)) − c_H·agg(H) on one micro-batch; docs/algorithms.md § GRPO.
 
     Global normalization: ``inp.num_tokens_global`` / ``num_seqs_global`` are the counts of the whole
     optimizer step, so micro-batch losses sum to the full-batch loss. Shapes: [B, T] → 0-dim.

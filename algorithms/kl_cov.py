@@ -4,7 +4,7 @@ Paper: Cui et al., "The Entropy Mechanism of Reinforcement Learning for Reasonin
 (arXiv 2505.22617), §4: the entropy change is driven by Cov(log π, A) per token; KL-Cov applies a
 KL-style penalty β·|log π_θ − log π_old| to the top-k·N tokens by covariance, Clip-Cov removes the
 gradient of a random r·N subset of tokens whose covariance lies in (ω_low, ω_high).
-Spec: ALGORITHMS.md §6 (and §15 item 9).
+Formulas, defaults and decisions: docs/algorithms.md § KL-Cov and Clip-Cov.
 
 Covariance (per valid token of the micro-batch, flattened): Cov_i = (A_i − mean A)(SG ℓ_i − mean SG ℓ),
 means over the micro-batch's valid tokens; the selection is therefore per micro-batch by design
@@ -13,7 +13,7 @@ means over the micro-batch's valid tokens; the selection is therefore per micro-
 Reference implementation: verl ``core_algos.compute_policy_loss_kl_cov`` / ``compute_policy_loss_clip_cov``
 (registered "kl_cov" / "clip_cov", ≥ 0.4.1), ported from PRIME-RL/Entropy-Mechanism-of-RL @ 8850579.
 
-Decisions (spec §15 item 9, §6.7):
+Decisions:
   * ``ppo_kl_coef`` (β) = 1.0: the paper's value and verl's function fallback; verl's *config*
     default is 0.1. The ratio ``kl_cov_ratio`` is a *fraction* (verl): the original repository's
     ``k_percent`` is a percentage, so ``kl_cov_ratio = k_percent / 100``. Default 0.002 (the
@@ -40,12 +40,12 @@ from rlkit.kl import kl_estimate
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
-    finish_loss,
-    global_counts,
     AGG_MODES,
     agg_loss,
     broadcast_advantages,
     check_choice,
+    finish_loss,
+    global_counts,
     group_advantages,
     masked,
     masked_mean,
@@ -55,7 +55,7 @@ from .common import (
 
 @dataclass
 class KLCovConfig:
-    """KL-Cov hyperparameters; paper symbols in brackets (arXiv 2505.22617 §4.2, spec §6.2)."""
+    """KL-Cov hyperparameters; paper symbols in brackets (arXiv 2505.22617 §4.2)."""
 
     kl_cov_ratio: float = 0.002
     """[k] fraction of valid tokens penalized (verl ``kl_cov_ratio``; original ``k_percent``/100)."""
@@ -64,7 +64,7 @@ class KLCovConfig:
     log_ratio_clamp: float | None = None
     """Optional clamp on λ before exp; None = verl (no clamp)."""
     loss_agg_mode: str = "token-mean"
-    """agg(·) of spec §3.5 (scripts: token-mean)."""
+    """agg(·) of docs/algorithms.md § Loss aggregation (scripts: token-mean)."""
     adv_eps: float = 1e-6
     """ε in the GRPO group advantage the scripts use (``adv_estimator=grpo``)."""
     entropy_coef: float = 0.0
@@ -78,7 +78,7 @@ class KLCovConfig:
 
 @dataclass
 class ClipCovConfig:
-    """Clip-Cov hyperparameters; paper symbols in brackets (arXiv 2505.22617 §4.2, spec §6.3)."""
+    """Clip-Cov hyperparameters; paper symbols in brackets (arXiv 2505.22617 §4.2)."""
 
     clip_cov_ratio: float = 0.0002
     """[r] fraction of valid tokens whose gradient is removed (verl ``clip_cov_ratio``)."""
@@ -93,7 +93,7 @@ class ClipCovConfig:
     log_ratio_clamp: float | None = None
     """Optional clamp on λ before exp; None = verl (no clamp)."""
     loss_agg_mode: str = "token-mean"
-    """agg(·) of spec §3.5 (scripts: token-mean)."""
+    """agg(·) of docs/algorithms.md § Loss aggregation (scripts: token-mean)."""
     adv_eps: float = 1e-6
     """ε in the GRPO group advantage the scripts use."""
     entropy_coef: float = 0.0
@@ -109,7 +109,7 @@ class ClipCovConfig:
 
 @torch.no_grad()
 def token_covariance(advantages_B_T: Tensor, logp_B_T: Tensor, mask_B_T: Tensor) -> Tensor:
-    """Cov_i = (A_i − mean A)(SG ℓ_i − mean SG ℓ), means over valid tokens (spec §6.1); −inf where masked."""
+    """Cov_i = (A_i − mean A)(SG ℓ_i − mean SG ℓ), means over valid tokens (paper §4); −inf where masked."""
     keep = mask_B_T.bool()
     adv = masked(advantages_B_T.detach(), keep)
     lp = masked(logp_B_T.detach(), keep)
@@ -198,7 +198,7 @@ def _needs(cfg) -> Needs:
 
 
 def _advantages(inp: AdvantageInputs, cfg) -> tuple[Tensor, Metrics]:
-    """GRPO group advantage (the released scripts use ``adv_estimator=grpo``; spec §3.2)."""
+    """GRPO group advantage (the scripts' ``adv_estimator=grpo``; docs/algorithms.md § Group advantages)."""
     adv_B = group_advantages(inp.rewards_B, inp.group_ids_B, scale="group", eps=cfg.adv_eps)
     return broadcast_advantages(adv_B, inp.mask_B_T), to_floats({"adv_mean": adv_B.mean()})
 
@@ -212,7 +212,7 @@ def _finish(tok: Tensor, m: dict, inp: LossInputs, cfg) -> tuple[Tensor, Metrics
 
 
 def kl_cov_loss(inp: LossInputs, cfg: KLCovConfig) -> tuple[Tensor, Metrics]:
-    """agg(KL-Cov per-token loss) − c_H·agg(H) on one micro-batch (spec §6.2)."""
+    """agg(KL-Cov per-token loss) − c_H·agg(H) on one micro-batch (module docstring)."""
     if inp.old_logp_B_T is None:
         raise ValueError("KL-Cov needs old log-probs")
     tok, m = kl_cov_token_loss(inp.logp_B_T, inp.old_logp_B_T, inp.advantages_B_T, inp.mask_B_T,
@@ -222,7 +222,7 @@ def kl_cov_loss(inp: LossInputs, cfg: KLCovConfig) -> tuple[Tensor, Metrics]:
 
 
 def clip_cov_loss(inp: LossInputs, cfg: ClipCovConfig) -> tuple[Tensor, Metrics]:
-    """agg(Clip-Cov per-token loss) − c_H·agg(H) on one micro-batch (spec §6.3)."""
+    """agg(Clip-Cov per-token loss) − c_H·agg(H) on one micro-batch (module docstring)."""
     if inp.old_logp_B_T is None:
         raise ValueError("Clip-Cov needs old log-probs")
     tok, m = clip_cov_token_loss(inp.logp_B_T, inp.old_logp_B_T, inp.advantages_B_T, inp.mask_B_T,

@@ -1,7 +1,7 @@
 """PMD-mean: L = mean_i ½·τ·(A_i/τ − Δ_i)² / L_i, least-squares policy mirror descent toward π_old.
 
 Paper: Xu, Lu, Yu, Zhao, arXiv 2602.05933 (PMD-mean), from Kimi k1.5 (arXiv 2501.12599) Eq. 3.
-Spec: ALGORITHMS.md §7, decisions §15.1 item 1 and §15.2 item 11.
+Formulas, defaults and decisions: docs/algorithms.md § PMD-mean.
 Reference implementation: horizon-rl/OpenKimi @ 3126d4c, ``openkimi/pmd/core_algos.py``
 ``compute_policy_loss_opmd`` (policy loss "opmd") and ``compute_partition_loo_outcome_advantage``
 ("ploo"); the leave-one-out baseline is verl's ``compute_rloo_outcome_advantage``.
@@ -44,7 +44,15 @@ from torch import Tensor
 
 from rlkit.kl import kl_estimate
 
-from .base import AdvantageInputs, Algorithm, FilterPolicy, LossInputs, Metrics, Needs, register
+from .base import (
+    AdvantageInputs,
+    Algorithm,
+    FilterPolicy,
+    LossInputs,
+    Metrics,
+    Needs,
+    register,
+)
 from .common import broadcast_advantages, check_choice, group_advantages, masked
 
 BASELINES = ("mean", "loo", "partition")
@@ -77,7 +85,7 @@ class PMDMeanConfig:
 
 @torch.no_grad()
 def pmd_advantages_B(rewards_B: Tensor, group_ids_B: Tensor, *, baseline: str, tau: float) -> Tensor:
-    """Per-response scalar advantage A_i for the three baselines (spec §7.2). [B] → [B] (fp64 math)."""
+    """Per-response scalar advantage A_i for the three baselines (module docstring). [B] → [B] (fp64 math)."""
     check_choice("PMD baseline", baseline, BASELINES)
     out_dtype = rewards_B.dtype if rewards_B.is_floating_point() else torch.float32
     if baseline == "mean":
@@ -103,17 +111,17 @@ def pmd_advantages_B(rewards_B: Tensor, group_ids_B: Tensor, *, baseline: str, t
 
 
 def pmd_advantages(inp: AdvantageInputs, cfg: PMDMeanConfig) -> tuple[Tensor, Metrics]:
-    """A_i broadcast over the response tokens (pre-masked), spec §7.2."""
+    """A_i broadcast over the response tokens (pre-masked)."""
     adv_B = pmd_advantages_B(inp.rewards_B, inp.group_ids_B, baseline=cfg.baseline, tau=cfg.tau)
     return broadcast_advantages(adv_B, inp.mask_B_T), {"pmd/adv_mean": float(adv_B.mean()),
                                                        "pmd/adv_abs_max": float(adv_B.abs().max())}
 
 
 def pmd_loss(inp: LossInputs, cfg: PMDMeanConfig) -> tuple[Tensor, Metrics]:
-    """Σ_i ½τ(A_i/τ − Δ_i)²/L_i / num_seqs_global (spec §7.3, OpenKimi ``compute_policy_loss_opmd``).
+    """Σ_i ½τ(A_i/τ − Δ_i)²/L_i / num_seqs_global (OpenKimi ``compute_policy_loss_opmd``).
 
     A_i is recovered as the token-mean of the (broadcast) advantages, as the reference does; A and
-    ℓ^old are constants, only ℓ carries gradient (spec §7.5).
+    ℓ^old are constants, only ℓ carries gradient (docs/algorithms.md § PMD-mean).
     """
     if inp.old_logp_B_T is None:
         raise ValueError("pmd_mean needs old log-probs (Needs.old_logp)")
@@ -161,7 +169,7 @@ def pmd_group_filter(raw_rewards_B: Tensor, group_ids_B: Tensor, cfg: PMDMeanCon
 
 
 def pmd_needs(cfg: PMDMeanConfig) -> Needs:
-    """π_old log-probs only: no reference, no teacher, no critic (spec §7.6)."""
+    """π_old log-probs only: no reference, no teacher, no critic."""
     return Needs(old_logp=True)
 
 
@@ -170,5 +178,5 @@ PMD_MEAN = register(Algorithm(
     advantages=pmd_advantages, group_filter=pmd_group_filter,
     # One generation batch per step: filtered prompts leave the batch, none are redrawn.
     filter_policy=lambda cfg: FilterPolicy(max_rounds=1, on_short="train"),
-    linear_in_advantage=False,  # the squared loss: per-token IS scaling of A would be wrong (§15 item 11)
+    linear_in_advantage=False,  # the squared loss: per-token IS scaling of A would be wrong
 ))

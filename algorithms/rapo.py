@@ -1,10 +1,10 @@
 """RAPO: L = agg(clipped surrogate) + α·agg(forward k3 to π̂_ref) − β·agg(H), π̂_ref ∝ π_ref^φ(r).
 
 Paper: Deng, Wei, Yu, Wu, "Unlocking Reasoning Capabilities in LLMs via Reinforcement Learning
-Exploration", arXiv 2510.03865. Spec: ALGORITHMS.md §9, decisions §15.1 item 4 and §15.2 item 7.
-Reference implementation: **none public**. The formulas follow the spec's reading of the paper,
-which was taken from secondary write-ups and is **not verified against the paper's method
-section**; no parity is claimed, and every open part is a config option marked UNVERIFIED.
+Exploration", arXiv 2510.03865. Formulas and options: docs/algorithms.md § RAPO.
+Reference implementation: **none public**. The formulas follow a reading of the paper taken from
+secondary write-ups, **not verified against the paper's method section**; no parity is claimed,
+and every open part is a config option marked UNVERIFIED.
 
 Objective: J = E[r] − α·KL(π̂_ref‖π_θ) + β·H(π_θ): GRPO with the reverse k3 replaced by the
 **forward** KL (mass-covering, lets the policy leave the reference's high-density region) against a
@@ -13,12 +13,12 @@ flatter reference (exploration); high reward → φ = 1 → π_ref itself.
 
 Per token, with ρ = π̂_ref/π_θ, the estimator is k = ρ·log ρ − ρ + 1 (``rlkit.kl`` kind
 ``forward_k3``: log-ratio clamped to ±20 before the exp, value clamped to ±10, as verl's k3). Used as
-a loss term its gradient is −ρ·log ρ·∇ℓ, not the exact forward-KL gradient (spec §9.4): this is
-the estimator-in-loss form the paper describes. Advantages are GRPO's (group mean/std, verl ε and
-singleton rule); the surrogate is verl's clipped surrogate.
+a loss term its gradient is −ρ·log ρ·∇ℓ, not the exact forward-KL gradient (docs/algorithms.md
+§ KL estimators): this is the estimator-in-loss form the paper describes. Advantages are GRPO's
+(group mean/std, verl ε and singleton rule); the surrogate is verl's clipped surrogate.
 
-UNVERIFIED options (spec §9.3):
-* ``phi_mode`` — φ(r). ``binary`` (default; the spec's minimal choice for 0/1 rewards): φ = 1 if
+UNVERIFIED options:
+* ``phi_mode`` — φ(r). ``binary`` (default; the minimal choice for 0/1 rewards): φ = 1 if
   r > ``reward_threshold`` else ``phi_low`` (default 0, the uniform distribution). ``linear``:
   φ = clip((r − ``reward_min``)/(``reward_max`` − ``reward_min``), 0, 1).
 * ``normalization`` — ``exact`` (default, q_φ = softmax(φ·log π_ref)) or ``cheap`` (φ·log π_ref,
@@ -97,7 +97,7 @@ class RAPOConfig:
     granularity: str = "token"
     """UNVERIFIED: ``token`` or ``sequence`` forward-KL estimate."""
     log_ratio_clamp: float | None = 20.0
-    """Clamp on log ρ before the exp (spec §9.3 item 4)."""
+    """Clamp on log ρ before the exp (as verl's k3)."""
     kl_value_clamp: float | None = 10.0
     """Clamp on the k value (verl's k3 clamp)."""
 
@@ -118,7 +118,7 @@ class RAPOConfig:
 
 @torch.no_grad()
 def rapo_phi(rewards_B: Tensor, cfg: RAPOConfig) -> Tensor:
-    """φ(r) ∈ [0, 1] per response (UNVERIFIED map, spec §9.3 item 2). [B] → [B] float."""
+    """φ(r) ∈ [0, 1] per response (UNVERIFIED map, module docstring). [B] → [B] float."""
     r = rewards_B.detach().to(torch.float64)
     if cfg.phi_mode == "binary":
         return torch.where(r > cfg.reward_threshold, torch.ones_like(r), torch.full_like(r, cfg.phi_low))
@@ -129,7 +129,7 @@ def rapo_phi(rewards_B: Tensor, cfg: RAPOConfig) -> Tensor:
 def tempered_ref_logp(
     ref_logp_B_T: Tensor, phi_B: Tensor, cfg: RAPOConfig, ref_tempered_logp_B_T: Tensor | None = None
 ) -> Tensor:
-    """log π̂_ref(y_t) per token for the per-response φ (spec §2.5, §9.3 item 1).
+    """log π̂_ref(y_t) per token for the per-response φ (docs/algorithms.md § KL estimators, tempering).
 
     exact/binary: φ = 1 → log π_ref; φ = phi_low → the runtime's exact log q_{phi_low}(y_t).
     cheap: φ_i·log π_ref(y_t). Shapes: [B, T], [B] → [B, T]; no gradient.
@@ -146,7 +146,7 @@ def tempered_ref_logp(
 
 
 def rapo_advantages(inp: AdvantageInputs, cfg: RAPOConfig) -> tuple[Tensor, Metrics]:
-    """GRPO group advantage (r − mean_g)/(std_g + ε), broadcast over tokens (spec §9.2)."""
+    """GRPO group advantage (r − mean_g)/(std_g + ε), broadcast over tokens."""
     adv_B = group_advantages(inp.rewards_B, inp.group_ids_B, scale="group", eps=cfg.adv_eps)
     phi = rapo_phi(inp.rewards_B, cfg)
     return broadcast_advantages(adv_B, inp.mask_B_T), {"rapo/phi_mean": float(phi.mean())}
@@ -167,7 +167,7 @@ def _forward_kl_term(inp: LossInputs, q_logp_B_T: Tensor, cfg: RAPOConfig) -> tu
 
 
 def rapo_loss(inp: LossInputs, cfg: RAPOConfig) -> tuple[Tensor, Metrics]:
-    """PG surrogate + α·forward k3 to the tempered reference − β·entropy (spec §9.1–§9.2)."""
+    """PG surrogate + α·forward k3 to the tempered reference − β·entropy (docs/algorithms.md § RAPO)."""
     if inp.old_logp_B_T is None or inp.ref_logp_B_T is None:
         raise ValueError("rapo needs old and reference log-probs (Needs.old_logp, Needs.ref_logp)")
     if inp.rewards_B is None:

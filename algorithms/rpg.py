@@ -4,7 +4,7 @@ Paper: Zhang, Liu, Yuan, Gu, Yao, "On the Design of KL-Regularized Policy Gradie
 LLM Reasoning" (arXiv 2505.17508, ICLR 2026): Tables 1/4 (fully differentiable surrogates),
 Table 2 and Appendix F (REINFORCE-style surrogates with stop-gradient), Algorithm 2 (RPG dual clip).
 The KL reference is π_old itself ("iterative reference", ℓ^ref := ℓ^old, as in every RPG script).
-Spec: ALGORITHMS.md §5 (and §2.4, §3.4, §15 item 8).
+Formulas, defaults and decisions: docs/algorithms.md § RPG (the KL family: § KL estimators).
 
 The eight forms (``kl_direction`` × ``normalized`` × ``style``), w = exp(ℓ − ℓ^old) per token:
 
@@ -23,9 +23,9 @@ Reference implementation: complex-reasoning/RPG @ ec8e30b (a verl ≈ 0.3 fork):
 ``compute_rpg_outcome_advantage`` / ``compute_rpg_batchmean_outcome_advantage``; scripts
 ``recipe/rpg/7b/*.sh`` (β = 1e-4, ε = 0.2/0.28, c = 10, token-mean).
 
-Decisions (spec §15 item 8, §5.12):
+Decisions:
   * Default form: fully differentiable UFKL, the form the public training scripts actually run
-    (``compute_policy_loss_reinforce`` is never called by them, spec §5.4). The REINFORCE forms are
+    (``compute_policy_loss_reinforce`` is never called by them). The REINFORCE forms are
     implemented from ``compute_policy_loss_reinforce`` / Algorithm 2, as the paper describes them.
   * λ is clamped to ±20 before every exp (surrogate, KL estimate, w); the RPG code does not clamp
     and can overflow. The KL values of rkl/ufkl/urkl are clamped to ±10 as in the RPG code.
@@ -46,12 +46,13 @@ from torch import Tensor
 
 from .base import AdvantageInputs, Algorithm, LossInputs, Metrics, Needs, register
 from .common import (
-    finish_loss, global_counts,
     AGG_MODES,
     agg_loss,
     broadcast_advantages,
     check_choice,
     clipped_surrogate,
+    finish_loss,
+    global_counts,
     kl_loss_term,
     masked,
     masked_mean,
@@ -64,7 +65,7 @@ RPG_KL_KINDS = ("fkl", "rkl", "ufkl", "urkl")
 
 @dataclass
 class RPGConfig:
-    """RPG hyperparameters; paper symbols in brackets (arXiv 2505.17508 §4, App. H; spec §5.6)."""
+    """RPG hyperparameters; paper symbols in brackets (arXiv 2505.17508 §4, App. H)."""
 
     kl_direction: str = "forward"
     """"forward" = KL(π_old‖π_θ) (FKL/UFKL) or "reverse" = KL(π_θ‖π_old) (RKL/URKL)."""
@@ -93,7 +94,7 @@ class RPGConfig:
     baseline: str = "group"
     """Advantage baseline b in A = r − b: "group" mean (``rpg``) or "batch" mean (``rpg_batchmean``)."""
     loss_agg_mode: str = "token-mean"
-    """agg(·) of spec §3.5 (RPG scripts: token-mean)."""
+    """agg(·) of docs/algorithms.md § Loss aggregation (RPG scripts: token-mean)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (scripts: 0)."""
 
@@ -121,7 +122,7 @@ class RPGConfig:
 
 
 def rpg_kl_component(w_bar_B_T: Tensor, kind: str, beta: float) -> Tensor:
-    """KL component C of the REINFORCE weight (spec §5.3, RPG code ``kl_term``), from w̄ = clip(w).
+    """KL component C of the REINFORCE weight (paper Table 2, RPG code ``kl_term``), from w̄ = clip(w).
 
     FKL: β; RKL: −β·w̄(log w̄ + 1); UFKL: β(1 − w̄); URKL: −β·w̄·log w̄. These are REINFORCE weights
     (the KL's score-function coefficients), not divergences, so they do not go through ``rlkit.kl``.
@@ -141,7 +142,7 @@ def rpg_reinforce_token_loss(
     dual_clip_c: float | None = 10.0, clip: str = "dual", branch_on: str = "advantage",
     log_ratio_clamp: float | None = 20.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token REINFORCE-style RPG loss −SG(Weight)·ℓ with the RPG clipping (spec §5.3, Alg. 2).
+    """Per-token REINFORCE-style RPG loss −SG(Weight)·ℓ with the RPG clipping (Table 2, Algorithm 2).
 
     Matches RPG ``compute_policy_loss_reinforce`` (``kl_type="rpg_rf_<kind>[_clip_ppo]"``) before
     aggregation, plus the ±20 clamp on log w. Gradient per token: −(A·w̄ + C)∇ℓ (hard clip) or
@@ -190,14 +191,14 @@ def rpg_needs(cfg: RPGConfig) -> Needs:
 
 
 def rpg_advantages(inp: AdvantageInputs, cfg: RPGConfig) -> tuple[Tensor, Metrics]:
-    """A_{i,t} = m_{i,t}·(r_i − b), b the group (singleton: 0) or batch mean; no std (spec §5.5)."""
+    """A_{i,t} = m_{i,t}·(r_i − b), b the group (singleton: 0) or batch mean; no std."""
     adv_B = mean_baseline_advantages(inp.rewards_B, inp.group_ids_B, baseline=cfg.baseline)
     metrics = {"adv_mean": adv_B.mean(), "adv_abs_max": adv_B.abs().max()}
     return broadcast_advantages(adv_B, inp.mask_B_T), to_floats(metrics)
 
 
 def rpg_loss(inp: LossInputs, cfg: RPGConfig) -> tuple[Tensor, Metrics]:
-    """One micro-batch of RPG in the configured form (module docstring; spec §5.2–§5.3)."""
+    """One micro-batch of RPG in the configured form (module docstring; docs/algorithms.md § RPG)."""
     if inp.old_logp_B_T is None:
         raise ValueError("RPG loss needs old log-probs")
     counts = global_counts(inp)

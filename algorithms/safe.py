@@ -278,7 +278,7 @@ def _entropy_term(inp: LossInputs, cfg: SAFEConfig) -> tuple[Tensor, float]:
 
 
 def safe_loss(inp: LossInputs, cfg: SAFEConfig) -> tuple[Tensor, Metrics]:
-    """PPO clip (token-mean) + P_KL − c_H·H; the critic term is ``critic_loss`` (docs/algorithms.md § SAFE)."""
+    """PPO clip (token-mean) + P_KL − c_H·H; the critic's is ``critic_loss`` (docs/algorithms.md § SAFE)."""
     if inp.old_logp_B_T is None or inp.ref_logp_B_T is None or inp.entropy_B_T is None:
         raise ValueError("safe needs old/ref log-probs and entropy (Needs.old_logp, ref_logp, entropy)")
     per_tok, metrics = clipped_surrogate(inp.logp_B_T, inp.old_logp_B_T, inp.advantages_B_T, inp.mask_B_T,

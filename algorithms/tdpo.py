@@ -1,7 +1,7 @@
 """TDPO: L = −log σ(β·[u − α·(D_r − SG[D_w])]), DPO with each response's sequential forward KL.
 
 Paper: Zeng et al., "Token-level Direct Preference Optimization", arXiv 2404.11999 (ICML 2024),
-Eq. 18 (TDPO1) and Eq. 20 (TDPO2). Spec: ALGORITHMS.md §12, decision §15.2 item 12.
+Eq. 18 (TDPO1) and Eq. 20 (TDPO2). Formulas, defaults and decisions: docs/algorithms.md § TDPO.
 Reference implementation: Vance0124/Token-level-Direct-Preference-Optimization @ 2a736ec,
 ``trainers.py`` ``tdpo_loss`` and ``_tdpo_get_batch_logps`` (matched formula by formula).
 
@@ -20,7 +20,7 @@ The per-token KL comes from the kernel: the learner computes KL(π_ref‖π_θ) 
 vocabulary from two log-softmaxes (``rlkit.kl.full_kl(..., "forward")`` or the fused pass) and
 hands it over as ``ref_full_kl_{c,r}_P_T`` (``Needs.ref_full_kl``). The reference code takes
 ``log(softmax)`` of the reference and gets NaN when a reference probability underflows; the kernel's
-xlogy form stays finite (spec §12.8 item 1).
+xlogy form stays finite (docs/algorithms.md § Exact full-vocabulary KL and entropy).
 
 Default (decision): TDPO2 (``variant="tdpo2"``, α = 0.5, β = 0.1) — the README's recommendation and
 the function default of the reference code; its YAML default is TDPO1 (``if_tdpo2: false``).
@@ -92,10 +92,10 @@ def _seq_sums(logp_P_T: Tensor, ref_logp_P_T: Tensor, kl_P_T: Tensor, mask_P_T: 
 
 
 def tdpo_loss(inp: PairLossInputs, cfg: TDPOConfig) -> tuple[Tensor, Metrics]:
-    """Σ_pairs TDPO loss / num_pairs_global (spec §12.3), with the kernel's exact per-token KL.
+    """Σ_pairs TDPO loss / num_pairs_global (paper Eq. 18 / 20), with the kernel's exact per-token KL.
 
     Metrics (local means, reference names): rewards/chosen and rewards/rejected = β·(margin + D),
-    detached (spec §12.7); rewards/accuracies; kl/chosen, kl/rejected and kl/margin = D_l − D_w.
+    detached; rewards/accuracies; kl/chosen, kl/rejected and kl/margin = D_l − D_w.
     """
     if inp.ref_full_kl_c_P_T is None or inp.ref_full_kl_r_P_T is None:
         raise ValueError("tdpo needs the exact per-token KL(π_ref‖π_θ) (ref_full_kl_c_P_T / "

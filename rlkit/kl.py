@@ -84,11 +84,12 @@ def kl_estimate(
     log_ratio_clamp: float | None = 20.0,
     value_clamp: float | None = 10.0,
 ) -> Tensor:
-    """Per-token KL estimate from log-probs of the same tokens, Δ = logp − ref_logp (spec §2.2–§2.8).
+    """Per-token KL estimate from log-probs of the same tokens, Δ = logp − ref_logp.
 
-    Estimators (Schulman 2020, "Approximating KL Divergence"; Tang & Munos, arXiv 2506.09477; RPG,
-    arXiv 2505.17508 Table 1/4). Matches verl ``kl_penalty`` (k1/k2/k3/abs and "+", verl ≥ 0.8.0)
-    and the RPG repo's ``kl_penalty`` ``rpg_*`` types.
+    docs/algorithms.md § KL estimators. Estimators: Schulman 2020, "Approximating KL Divergence";
+    Tang & Munos, arXiv 2506.09477; RPG, arXiv 2505.17508 Tables 1/4 and Appendix D. Matches verl
+    ``kl_penalty`` (k1/k2/k3/abs and "+", verl ≥ 0.8.0) and the RPG repo's ``kl_penalty`` ``rpg_*``
+    types.
 
     ==============  =====================  =====================================================
     kind            value                  gradient when used directly as a loss term
@@ -111,18 +112,18 @@ def kl_estimate(
 
     (ρ = e^{−Δ} = q/π, w = e^{Δ} = π/q; for the RPG kinds q is π_old, "iterative reference".)
 
-    Off-policy (samples from π_old, spec §2.3): multiply by ``importance_weight(logp, old_logp,
-    mode)``. ``"differentiable"`` s·k3 gives exactly ∇KL(π‖q) (TRL ``use_bias_correction_kl``,
-    DeepSeek-V3.2); ``"detached"`` SG(s)·k2 gives ∇KL(π‖q); SG(s)·k3 stays biased.
-    Sequences (§2.6): summing per-token k2/k3+ gives the per-token *partial* gradient, as verl and
+    Off-policy (samples from π_old): multiply by ``importance_weight(logp, old_logp, mode)``.
+    ``"differentiable"`` s·k3 gives exactly ∇KL(π‖q) (TRL ``use_bias_correction_kl``, DeepSeek-V3.2
+    arXiv 2512.02556); ``"detached"`` SG(s)·k2 gives ∇KL(π‖q); SG(s)·k3 stays biased.
+    Sequences (Tang & Munos): summing per-token k2/k3+ gives the per-token *partial* gradient, as verl and
     TRL do; the full sequence gradient would use k1 as reward-to-go. Kept on purpose for parity.
 
-    Clamps (§2.7): for the kinds that exponentiate the log-ratio (k3, forward k1/k3, rpg_rkl,
+    Clamps: for the kinds that exponentiate the log-ratio (k3, forward k1/k3, rpg_rkl,
     rpg_ufkl, rpg_urkl) Δ is clamped to ±``log_ratio_clamp`` before the exp and the value to
     ±``value_clamp`` after; the gradient is 0 where a clamp is active. k1, k2, abs and rpg_fkl are
     never clamped (verl and RPG don't). ``None`` switches a clamp off. Parity: verl = defaults;
     TRL = both ``None``; RPG = ``log_ratio_clamp=None`` (we default to clamping, a documented
-    divergence from the RPG code, which can overflow, spec §5.8). The straight-through gradient
+    divergence from the RPG code, which can overflow). The straight-through gradient
     (½Δ²) is never clamped, as in verl.
 
     Masking: positions with ``mask == 0`` are exactly 0 in value and gradient, whatever garbage
@@ -153,12 +154,12 @@ def kl_estimate(
 def importance_weight(
     logp: Tensor, old_logp: Tensor, mode: str, *, log_ratio_clamp: float | None = 20.0
 ) -> Tensor:
-    """Importance ratio s = exp(logp − old_logp) = π_θ/π_old per token (spec §2.3, §2.8).
+    """Importance ratio s = exp(logp − old_logp) = π_θ/π_old per token (docs/algorithms.md § KL estimators).
 
     ``"none"`` → ones; ``"detached"`` → SG(s); ``"differentiable"`` → s with its gradient
     s·∇ℓ (the TRL ≥ 1.10 default ``use_bias_correction_kl``; with k3 it is the unbiased
     off-policy reverse-KL gradient). The log-ratio is clamped to ±``log_ratio_clamp`` before the
-    exp (verl's ±20 on λ, spec §3.4), so s never overflows. Shapes: [B, T] → [B, T].
+    exp (verl's ±20 on λ), so s never overflows. Shapes: [B, T] → [B, T].
     """
     check_choice("importance-weight mode", mode, IS_MODES)
     if mode == "none":
@@ -178,12 +179,12 @@ def tempered_logp(
     normalized: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
-    """log q_φ(y) of the tempered comparison q_φ = softmax(φ·log q) at the given tokens (spec §2.5).
+    """log q_φ(y) of the tempered comparison q_φ = softmax(φ·log q) at the given tokens.
 
     Exact: φ·log q(y) − logsumexp_v(φ·log q(v)); with log q = z − lse(z) for the reference
     logits z this is φ·log q(y) − lse(φz) + φ·lse(z), computed in chunks of positions. Cheap
     (``normalized=False``): φ·log q(y), dropping the normalizer, which overstates q_φ for φ < 1.
-    RAPO (arXiv 2510.03865) has no public code; the default is exact, as spec §15.1 asks.
+    RAPO (arXiv 2510.03865; docs/algorithms.md § RAPO) has no public code; the default is exact.
     The result carries no gradient (q is a fixed comparison distribution).
 
     Shapes: ref_logp [B, T]; ref_logits [B, T, V] (temperature already applied); returns [B, T].
@@ -225,7 +226,8 @@ def full_kl(
     mask: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
-    """Exact per-position KL over the vocabulary from two log-softmaxes (spec §2.2 "full", §12).
+    """Exact per-position KL over the vocabulary from two log-softmaxes (docs/algorithms.md § Exact
+    full-vocabulary KL and entropy).
 
     ``"reverse"``: KL(π‖q) = Σ_v π(v)(log π(v) − log q(v)).
     ``"forward"``: KL(q‖π) = Σ_v q(v)(log q(v) − log π(v)) — TDPO's sequential-KL term.
@@ -261,8 +263,9 @@ def _entropy_rows(z: Tensor) -> Tensor:
 def entropy_from_logits(logits: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
     """Entropy of softmax(logits) per position, H = logsumexp(z) − Σ_v p_v z_v = −Σ_v p_v log p_v.
 
-    Spec §13.1; matches verl ``verl.utils.torch_functional.entropy_from_logits`` and TRL
-    ``trl.trainer.utils.entropy_from_logits`` (chunks of rows). Pass temperature-scaled logits.
+    docs/algorithms.md § Exact full-vocabulary KL and entropy. Matches verl
+    ``verl.utils.torch_functional.entropy_from_logits`` and TRL ``trl.trainer.utils.entropy_from_logits``
+    (chunks of rows). Pass temperature-scaled logits.
     Differentiable; computed in fp32 for bf16/fp16 inputs; −inf logits (masked vocabulary) are
     handled without NaN. Shapes: logits [..., V] → [...].
     """

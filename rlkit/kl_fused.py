@@ -367,9 +367,10 @@ def fused_token_loss(
     """L = Σ_n ℓ_n(logp_n, H_n, KL_n) with its gradient computed inside the forward sweep.
 
     "Gradient in the forward" (the pattern of Liger-Kernel's FusedLinearCrossEntropy): per chunk,
-    ``token_loss_fn(rows, logp_C, entropy_C, kl_C) -> [C]`` gives the chunk's per-token losses; their gradients wrt logp/H/KL (autograd on [C] vectors)
-    are contracted with ∂/∂logits at once into dh and dW, so the backward only scales stored
-    gradients: three LM-head matmuls instead of four, and no logits kept.
+    ``token_loss_fn(rows, logp_C, entropy_C, kl_C) -> [C]`` gives the chunk's per-token losses;
+    their gradients wrt logp/H/KL (autograd on [C] vectors) are contracted with ∂/∂logits at once
+    into dh and dW, so the backward only scales stored gradients: three LM-head matmuls instead of
+    four, and no logits kept.
 
     Contract for ``token_loss_fn``: ``rows`` is a slice into [0, N); the arguments are fp32
     leaves (``entropy_C``/``kl_C`` None unless asked for); it returns the per-token loss, already

@@ -1,5 +1,5 @@
 """Tests for rlkit.algorithms.common: agg_loss, clipped_surrogate, group_advantages, KL placement,
-entropy bonus (spec §3.2–§3.6, §3.11, §13.5)."""
+entropy bonus (docs/algorithms.md § Shared pieces)."""
 
 import math
 
@@ -231,7 +231,7 @@ def test_all_equal_group_is_exactly_zero():
 
 
 def _slow_grpo_advantage(r, g, eps):
-    """verl's loop form of compute_grpo_outcome_advantage (spec §3.2)."""
+    """verl's loop form of compute_grpo_outcome_advantage."""
     out = torch.empty_like(r)
     for gid in g.unique():
         idx = (g == gid).nonzero().squeeze(-1)
@@ -299,7 +299,7 @@ def test_kl_loss_term_k3_value_and_trl_is_weight():
     s = torch.exp(logp.detach() - old)
     assert val.item() == pytest.approx((s * k3).mean().item(), rel=1e-12)
     val.backward()
-    # ∂(s·k3)/∂ℓ = s·k3 + s·(1 − e^{−Δ}) = s·Δ  (spec §2.3)
+    # ∂(s·k3)/∂ℓ = s·k3 + s·(1 − e^{−Δ}) = s·Δ  (docs/algorithms.md § KL estimators)
     torch.testing.assert_close(logp.grad, s * d / 2)
     with pytest.raises(ValueError, match="old log-probs"):
         kl_loss_term(logp, ref, mask, kind="k3", agg_mode="token-mean", is_weight="detached")

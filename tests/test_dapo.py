@@ -1,4 +1,6 @@
-"""Tests for DAPO (spec §4): overlong shaping, dynamic-sampling filter, clip-higher token-mean loss."""
+"""Tests for DAPO: overlong shaping, dynamic-sampling filter, clip-higher token-mean loss.
+
+Formulas: docs/algorithms.md § DAPO."""
 
 import doctest
 
@@ -64,7 +66,7 @@ def test_group_filter_keeps_spread_and_singletons():
 
 
 def test_group_filter_runs_on_raw_outcome_not_shaped_reward():
-    # Same outcome for all (all wrong), spread only from the overlong penalty: dropped (spec §4.7-3).
+    # Same outcome for all (all wrong), spread only from the overlong penalty: dropped (verl filters on acc).
     raw = torch.tensor([-1.0, -1.0, -1.0])
     shaped = raw + overlong_penalty(torch.tensor([10, 18, 20]), max_len=20, cache_len=4)
     assert shaped.std() > 0

@@ -1,4 +1,6 @@
-"""G-OPD / ExOPD (spec §8): the per-token advantage, λ validation, gradient at ratio 1."""
+"""G-OPD / ExOPD: the per-token advantage, λ validation, gradient at ratio 1.
+
+Formulas: docs/algorithms.md § G-OPD / ExOPD."""
 
 import math
 

@@ -1,4 +1,6 @@
-"""f-DPO (spec §11): hand-worked losses, DPO equivalence, α limits and TRL mapping, overflow."""
+"""f-DPO: hand-worked losses, DPO equivalence, α limits and TRL mapping, overflow.
+
+Formulas: docs/algorithms.md § f-DPO."""
 
 import math
 

@@ -1,4 +1,6 @@
-"""Tests for GRPO (spec §3): needs, advantages, loss assembly, TRL replay, global normalization."""
+"""Tests for GRPO: needs, advantages, loss assembly, TRL replay, global normalization.
+
+Formulas: docs/algorithms.md § GRPO."""
 
 import math
 
@@ -180,9 +182,10 @@ def test_fp32_matches_fp64():
 
 
 def test_exact_expected_kl_gradient_directions():
-    """On-policy, the k3 loss term pushes towards KL(π_ref‖π) and k3+ towards KL(π‖π_ref) (§2.10).
+    """On-policy, the k3 loss term pushes towards KL(π_ref‖π) and k3+ towards KL(π‖π_ref).
 
-    One-token vocab of 5: the expected gradient of β·agg(kl) under π_θ equals the named KL's gradient.
+    docs/algorithms.md § KL estimators. One-token vocab of 5: the expected gradient of β·agg(kl)
+    under π_θ equals the named KL's gradient.
     """
     torch.manual_seed(0)
     theta = torch.randn(5, dtype=torch.float64, requires_grad=True)

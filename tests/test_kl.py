@@ -1,4 +1,6 @@
-"""Property tests of the per-token KL estimators and the exact full-vocabulary helpers (spec §2.11).
+"""Property tests of the per-token KL estimators and the exact full-vocabulary helpers.
+
+The identities are those of docs/algorithms.md § KL estimators.
 
 Expectations are exact: over a small vocabulary, E_{y~π}[f(y)] = Σ_y SG(π(y))·f(y), so autograd of
 that sum gives E[∇f] with no sampling noise, and the identities hold to ~1e-10 in float64.
@@ -92,7 +94,7 @@ def test_off_policy_importance_weighting(dists):
     lp = torch.log_softmax(theta, -1)
     g_rev = _grad(_kl(lp, ref_lp), theta)
     old_p = old_lp.exp()
-    # s·k3 with s differentiable: unbiased ∇KL(π‖ref) from samples of π_old (spec §2.3)
+    # s·k3 with s differentiable: unbiased ∇KL(π‖ref) from samples of π_old (§ KL estimators, off-policy)
     lp = torch.log_softmax(theta, -1)
     s = importance_weight(lp, old_lp, "differentiable")
     got = _grad(_expect(old_p, s * kl_estimate(lp, ref_lp, "k3", **NOCLAMP)), theta)
@@ -111,7 +113,7 @@ def test_off_policy_importance_weighting(dists):
 
 
 def test_rpg_family_gradients(dists):
-    """Sampling from π_old with π_old as the KL reference (spec §2.11 item 3)."""
+    """Sampling from π_old with π_old as the KL reference (RPG, arXiv 2505.17508 Tables 1/4)."""
     theta, _, old_lp = dists
     lp = torch.log_softmax(theta, -1)
     g_fkl = _grad(_kl(old_lp, lp), theta)  # ∇KL(π_old‖π_θ)

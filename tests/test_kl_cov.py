@@ -1,5 +1,7 @@
-"""Tests for KL-Cov and Clip-Cov (spec §6): covariance, top-k selection, on-policy zero gradient,
-Clip-Cov's zeroed tokens and denominator."""
+"""Tests for KL-Cov and Clip-Cov: covariance, top-k selection, on-policy zero gradient, Clip-Cov's
+zeroed tokens and denominator.
+
+Formulas: docs/algorithms.md § KL-Cov and Clip-Cov."""
 
 import numpy as np
 import pytest

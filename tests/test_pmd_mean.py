@@ -1,4 +1,6 @@
-"""PMD-mean (spec §7): hand-worked loss, per-sequence gradient, baselines, Lambert-W population check."""
+"""PMD-mean: hand-worked loss, per-sequence gradient, baselines, Lambert-W population check.
+
+Formulas: docs/algorithms.md § PMD-mean."""
 
 import math
 
@@ -82,7 +84,7 @@ def test_partition_baseline_hand_worked_and_clamp():
     a = pmd_advantages_B(r, torch.zeros(3, dtype=torch.long), baseline="partition", tau=1.0)
     b1 = 1 + math.log((1 + math.exp(-1)) / 2)
     assert torch.allclose(a, torch.tensor([1.0, -b1, -b1], dtype=torch.float64), rtol=1e-12)
-    # τ = 0.01, r = [1, −1]: e^{−200} is clamped to 1e−8 → A_0 = −τ·log(1e−8) ≈ 0.1842 (spec §7.7).
+    # τ = 0.01, r = [1, −1]: e^{−200} is clamped to 1e−8 → A_0 = −τ·log(1e−8) ≈ 0.1842.
     a = pmd_advantages_B(torch.tensor([1.0, -1.0], dtype=torch.float64), torch.zeros(2, dtype=torch.long),
                          baseline="partition", tau=0.01)
     assert a[0].item() == pytest.approx(-0.01 * math.log(1e-8), rel=1e-12)

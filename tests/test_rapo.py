@@ -1,4 +1,6 @@
-"""RAPO (spec §9; formulas unverified against the paper): forward k3 to a reward-tempered reference."""
+"""RAPO (formulas unverified against the paper): forward k3 to a reward-tempered reference.
+
+Formulas: docs/algorithms.md § RAPO."""
 
 import math
 

@@ -1,5 +1,8 @@
-"""Tests for RPG (spec §5): the eight forms, expected-gradient identities by exact enumeration over a
-small vocabulary (§5.9, §2.11-3), the RPG dual clip, advantages, global normalization."""
+"""Tests for RPG: the eight forms, expected-gradient identities by exact enumeration over a small
+vocabulary (the loss of each form has expected gradient −∇J; the RPG KL family), the RPG dual clip,
+advantages, global normalization.
+
+Formulas: docs/algorithms.md § RPG."""
 
 import itertools
 import math
@@ -53,7 +56,7 @@ IDENTITY_CASES = [(d, n, s, c) for d, n, s in FORMS for c in (("dual", "hard") i
 
 @pytest.mark.parametrize("direction,normalized,style,clip", IDENTITY_CASES)
 def test_expected_gradient_equals_minus_grad_J(direction, normalized, style, clip):
-    """E_{y~π_old}[∇ loss(y)] = −∇J exactly, with clipping out of reach (spec §5.2, §5.3, §5.9).
+    """E_{y~π_old}[∇ loss(y)] = −∇J exactly, with clipping out of reach (paper Tables 1, 2, 4).
 
     Rows are the V vocabulary items (T = 1); ∂loss/∂ℓ_y is taken from ``rpg_loss`` and reweighted
     by π_old(y), which turns the batch into the exact expectation over π_old.

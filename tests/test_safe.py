@@ -1,4 +1,5 @@
-"""SAFE (spec §10): soft-min critic, controller state machine and checkpoint round trip, penalty modes."""
+"""SAFE (docs/algorithms.md § SAFE): soft-min critic, both KL controllers with their checkpoint round
+trip, penalty modes, critic losses."""
 
 import json
 import math
@@ -246,7 +247,8 @@ ASYM = SAFEConfig(controller="asymmetric")
 
 def test_config_selects_the_controller():
     assert type(ALGO.make_controller(ALGO.make_config())) is SafeController  # default: entropy-aware
-    assert type(ALGO.make_controller(ALGO.make_config({"controller": "asymmetric"}))) is AsymmetricKLController
+    asym = ALGO.make_config({"controller": "asymmetric"})
+    assert type(ALGO.make_controller(asym)) is AsymmetricKLController
     with pytest.raises(ValueError, match="controller"):
         ALGO.make_config({"controller": "pid"})
     with pytest.raises(ValueError, match="momentum_window"):
@@ -309,7 +311,8 @@ def test_asymmetric_penalty_modes_value_and_gradient(kind):
     logp, old, ref, adv, mask, ent = batch(seed=5)
     ctrl = {"kl": 0.5, "threshold": 0.3, "momentum": 0.004, "penalty": 0.1 * 0.04 + 5 * 0.004**2}
     grads, values = {}, {}
-    for name, mode, c in (("none", "reference", {}), ("ref", "reference", ctrl), ("diff", "differentiable", ctrl)):
+    cases = (("none", "reference", {}), ("ref", "reference", ctrl), ("diff", "differentiable", ctrl))
+    for name, mode, c in cases:
         lp = logp.clone().requires_grad_(True)
         cfg = SAFEConfig(controller="asymmetric", penalty_mode=mode, penalty_kl_kind=kind)
         loss, _ = safe_loss(lin(lp, old, ref, adv, mask, ent, c), cfg)

@@ -1,4 +1,6 @@
-"""TDPO (spec §12): hand-worked TDPO1/TDPO2, stop-gradient properties, exact seqKL from the kernel."""
+"""TDPO: hand-worked TDPO1/TDPO2, stop-gradient properties, exact seqKL from the kernel.
+
+Formulas: docs/algorithms.md § TDPO."""
 
 import math
 

@@ -1,5 +1,5 @@
 """Optional reference-oracle test: our GRPO/DAPO/KL-Cov/Clip-Cov math against verl 0.9.1's
-``core_algos`` (spec §14.2, §14.4). Skipped when verl cannot be imported; nothing is vendored.
+``core_algos``. Skipped when verl cannot be imported; nothing is vendored.
 
 Run (verl in a side directory, never in the project venv):
     pip install --no-deps --target /tmp/verl_pkgs verl==0.9.1 tensordict omegaconf \
