@@ -151,20 +151,23 @@ def reward_metrics(scores: Sequence[float], outcome: Sequence[Optional[float]], 
     return out
 
 
-MAX_ROUNDS_PER_STEP = 1024
-MAX_WORKERS = 64
-_SEED_SPACE = 1 << 37
+MAX_ROUNDS_PER_STEP = 4096
+MAX_WORKERS = 4096
 
 
 def generation_seed(seed: int, step: int, round_: int, worker: int) -> int:
-    """The sampling seed of one worker's share of one generation batch.
+    """The sampling seed of one worker's share of one generation batch; two batches of a run never
+    share one.
 
-    Within a run it is injective in (step, round, worker): the batch index
-    ``(step·1024 + round)·64 + worker`` shifted by an offset drawn from the run seed, modulo 2^37
-    (a shift is a bijection, so two batches of one run never share a seed, for any step below
-    2^21). 2^37 keeps vLLM's per-request seeds (seed·2^24 + …) below 2^62."""
-    if not (0 <= round_ < MAX_ROUNDS_PER_STEP and 0 <= worker < MAX_WORKERS and 0 <= step):
+    The first 16 rounds of a step on the first 101 workers keep rlkit's historical seeds,
+    ``seed·1000003 + (16·step + round)·101 + worker`` (≥ the run's base ``seed·1000003``; injective
+    there because round·101 + worker < 1616). Any other (step, round, worker) takes the injective
+    index ``(4096·step + round)·4096 + worker`` counted downwards from just below the base, so the
+    two ranges cannot meet. Rounds and workers are bounded by 4096."""
+    if not (0 <= round_ < MAX_ROUNDS_PER_STEP and 0 <= worker < MAX_WORKERS and step >= 0):
         raise ValueError(f"generation_seed: step {step}, round {round_}, worker {worker} out of range "
-                         f"(rounds < {MAX_ROUNDS_PER_STEP}, workers < {MAX_WORKERS})")
-    offset = int(np.random.SeedSequence(seed).generate_state(2, np.uint32).astype(np.uint64)[0]) << 5
-    return (offset + (step * MAX_ROUNDS_PER_STEP + round_) * MAX_WORKERS + worker) % _SEED_SPACE
+                         f"(rounds and workers < {MAX_ROUNDS_PER_STEP})")
+    base = seed * 1_000_003
+    if round_ < 16 and worker < 101:
+        return base + (step * 16 + round_) * 101 + worker
+    return base - 1 - ((step * MAX_ROUNDS_PER_STEP + round_) * MAX_WORKERS + worker)

@@ -272,8 +272,6 @@ def _activation_bytes(m: ModelSizes, seqs: int, seq_len: int, width: int, checkp
 
 def memory_estimates(cfg: RunConfig, m: ModelSizes, trainable: int, b: BatchMath) -> dict[str, RoleMemory]:
     """Bytes per actor of each role (see the module docstring for the accounting)."""
-    from rlkit import algorithms
-
     bf16 = cfg.model.dtype == "bfloat16"
     width = 2 if bf16 else 4
     n, stage = cfg.learner.num_ranks, cfg.learner.zero_stage
@@ -282,9 +280,7 @@ def memory_estimates(cfg: RunConfig, m: ModelSizes, trainable: int, b: BatchMath
     optim /= n if stage >= 1 else 1
     grads /= n if stage >= 2 else 1
     weights /= n if stage == 3 else 1
-    algo = algorithms.get(cfg.algorithm.name)
-    needs = algo.needs(algo.make_config(cfg.algorithm.args))
-    ref = width * m.params if (needs.ref_logp or needs.ref_full_kl or needs.ref_temper_phi or needs.pairs) else 0.0
+    ref = width * m.params if cfg.algorithm_setup.needs.reference else 0.0
     seq_len = b.prompt_tokens + b.max_new_tokens
     micro = min(b.micro_batch_size, b.sequences_per_update)
     acts = _activation_bytes(m, micro, seq_len, width, cfg.model.gradient_checkpointing)
