@@ -214,9 +214,9 @@ def arithmetic_splits(spec: DataSpec, tokenizer: Any) -> tuple[list[PromptRow], 
 # ----------------------------------------------------------------------------------------------
 # A row keeps the task name, the dataset config (seed and size included) and the entry index in
 # `fields` ("rg_task", "rg_config", "rg_index"). reasoning-gym entries are a pure function of
-# these, so `reasoning_gym_entry(row)` rebuilds the exact entry and `reasoning_gym_score` calls the
-# task's own `score_answer` with it. Keeping the recipe instead of the entry keeps rows small and
-# picklable (gsm_symbolic metadata carries a worked solution per entry).
+# these, so `reasoning_gym_entry(row)` rebuilds the exact entry; the `reasoning_gym` reward
+# (rlkit.rewards.gym_adapter) scores with the task's own `score_answer`. Keeping the recipe instead
+# of the entry keeps rows small and picklable (gsm_symbolic metadata carries a worked solution).
 
 
 @functools.lru_cache(maxsize=32)
@@ -282,13 +282,6 @@ def reasoning_gym_entry(row: PromptRow) -> dict[str, Any]:
     if entry["question"] != f["question"]:  # a different reasoning_gym version generates differently
         raise DataError(f"reasoning_gym {f['rg_task']!r} entry {f['rg_index']} no longer matches the row's question")
     return entry
-
-
-def reasoning_gym_score(row: PromptRow, answer: str | None) -> float:
-    """The task's own `score_answer(answer, entry)` for an extracted answer string (None scores 0)."""
-    f = row.fields
-    ds = _rg_dataset(f["rg_task"], json.dumps(f["rg_config"], sort_keys=True))
-    return float(ds.score_answer(answer, reasoning_gym_entry(row)))
 
 
 # ----------------------------------------------------------------------------------------------

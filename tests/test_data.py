@@ -18,8 +18,14 @@ from rlkit.data import (
     load_preferences,
     load_prompts,
     reasoning_gym_entry,
-    reasoning_gym_score,
 )
+
+
+def reasoning_gym_score(row: PromptRow, answer: str | None) -> float:
+    """The task's own scorer on the entry rebuilt from the row's recipe."""
+    import reasoning_gym
+
+    return float(reasoning_gym.get_score_answer_fn(row.fields["rg_task"])(answer, reasoning_gym_entry(row)))
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 QUESTION_RE = re.compile(r"What is (\d{1,2}) ([+-]) (\d{1,2})\? Put the final answer in \\boxed\{\}\.")
