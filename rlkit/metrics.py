@@ -1,5 +1,5 @@
-"""Run metrics: a crash-safe JSONL log mirrored to TensorBoard, stage timers, a live progress bar,
-and the end-of-run text summary.
+"""Run metrics: a crash-safe JSONL log mirrored to the experiment trackers, stage timers, a live
+progress bar, and the end-of-run text summary.
 
 Files in a run directory:
 
@@ -8,16 +8,20 @@ Files in a run directory:
   share a step (e.g. training metrics, then the evaluation at that step); readers merge them.
   Non-finite values are stored as ``null`` with the key kept, so the file is strict JSON.
 * ``eval.jsonl`` (optional) — evaluation rows in the same schema; merged with the above.
-* ``tb/`` — TensorBoard event files with the same scalars.
-* ``summary.txt`` — written by ``summarize``.
+* ``eval/step_NNNNNNN.json`` — each evaluation's full report (``rlkit.evaluate.EvalReport``).
+* ``tb/``, ``wandb/``, ``mlruns/``, ``trackers.json`` — what the trackers of ``report_to`` write
+  (:mod:`rlkit.tracking`).
+* ``plots/*.png`` and ``summary.txt`` — written by :meth:`MetricsLogger.finish` (``make_plots``,
+  ``summarize``) and sent to the trackers.
 
-Key conventions (issue 4 "Metrics", issue 6): ``reward/mean``, ``reward/accuracy``, ``kl/mean``,
-``entropy/mean``, ``response/length_mean``, ``time/<stage>`` in seconds (``time/step`` is the
-whole step), ``eval/accuracy`` and ``eval/accuracy_brief`` as fractions in [0, 1] (step 0 holds
-the evaluation before training), ``eval/pass@1``.
+Key conventions (issue 4 "Metrics", issue 6, issue 17): ``reward/mean``, ``reward/accuracy``,
+``kl/mean``, ``entropy/mean``, ``response/length_mean``, ``time/<stage>`` in seconds
+(``time/step`` is the whole step), ``eval/accuracy`` and ``eval/accuracy_brief`` as fractions in
+[0, 1] (step 0 holds the evaluation before training), ``eval/mean@n``, ``eval/pass@k``,
+``eval/maj@k`` and ``eval/<data source>/<metric>`` (docs/eval.md).
 
-Imports only the standard library at module level: torch (TensorBoard writer) and tqdm load when
-first needed, so a metrics-only process stays light.
+Imports only the standard library at module level: the trackers (torch's TensorBoard writer,
+wandb, mlflow) and tqdm load when first needed, so a metrics-only process stays light.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numbers
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,6 +40,7 @@ from typing import Any, TextIO
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 SUMMARY_FILE = "summary.txt"
+EVAL_DIR = "eval"
 _RESERVED = ("step", "wall_time")
 
 
@@ -98,25 +103,35 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
-    """Append-only per-step metrics: ``run_dir/metrics.jsonl`` (fsync'd per line) + TensorBoard.
+    """Append-only per-step metrics: ``run_dir/metrics.jsonl`` (fsync'd per line) + the trackers.
+
+    ``report_to`` names the trackers (:mod:`rlkit.tracking`; TRL's convention); without it,
+    ``tensorboard=True`` (the default) means ``["tensorboard"]``. ``run_name`` (default: the run
+    directory's name), ``tags`` and ``config`` (the resolved run config) go to the trackers at start.
 
     ``resume=False`` starts a fresh file (stale lines of an earlier run would corrupt the curves);
     ``resume=True`` keeps it, and the caller then calls ``truncate_after(resumed_step)`` so steps
     re-run after the checkpoint are not logged twice.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume: bool = False):
+    def __init__(self, run_dir: str | Path, *, report_to: Sequence[str] | None = None, tensorboard: bool = True,
+                 run_name: str | None = None, tags: Sequence[str] = (), config: Mapping[str, Any] | None = None,
+                 resume: bool = False):
+        from rlkit.tracking import open_trackers
+
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
-        self._tensorboard = tensorboard
-        self._writer: Any = None
-        self._purge_step: int | None = None
+        if report_to is None:
+            report_to = ["tensorboard"] if tensorboard else []
         if resume:
             _rewrite_jsonl(self.path, max_step=None)  # drops a torn last line before appending
         else:
             self.path.write_text("", encoding="utf-8")
         self._file: TextIO | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._last_step = 0
+        self.trackers = open_trackers(report_to, self.run_dir, config=config, run_name=run_name, tags=tags,
+                                      resume=resume)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append one row for ``step``; every value is validated before anything is written."""
@@ -131,40 +146,64 @@ class MetricsLogger:
         # flush + fsync per line: a crash (even SIGKILL or power loss) loses no logged step.
         self._file.flush()
         os.fsync(self._file.fileno())
-        writer = self._tb()
-        if writer is not None:
-            for key, value in row.items():
-                # Non-finite values stay out of TensorBoard (they wreck its axis scaling); the
-                # JSONL keeps them as null.
-                if key not in _RESERVED and value is not None:
-                    writer.add_scalar(key, value, row["step"], walltime=row["wall_time"])
-            writer.flush()
+        self._last_step = max(self._last_step, row["step"])
+        # Non-finite values stay out of the trackers (they wreck axis scaling); the JSONL keeps them as null.
+        values = {k: v for k, v in row.items() if k not in _RESERVED and v is not None}
+        for tracker in self.trackers:
+            tracker.log_scalars(row["step"], values, row["wall_time"])
+
+    def log_eval(self, step: int, report: Any) -> None:
+        """Log an evaluation (``rlkit.evaluate.EvalReport``): its metrics, its report as
+        ``eval/step_NNNNNNN.json``, and its table to the trackers."""
+        self.log(step, report.metrics)
+        report.save(self.run_dir / EVAL_DIR / f"step_{int(step):07d}.json")
+        columns, rows = eval_table_rows(report.to_json())
+        for tracker in self.trackers:
+            tracker.log_table("eval/table", columns, rows, int(step))
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows with step > ``step`` from the JSONL and, from now on, from TensorBoard."""
+        """Drop rows with step > ``step`` from the JSONL, the evaluation reports and the trackers
+        that can forget (TensorBoard)."""
         if self._file is not None:
             self._file.close()
         _rewrite_jsonl(self.path, max_step=int(step))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        self._purge_step = int(step) + 1
-        if self._writer is not None:  # reopen so the new writer records the purge
-            self._writer.close()
-            self._writer = None
+        for report in (self.run_dir / EVAL_DIR).glob("step_*.json"):
+            if _step_of(report) > int(step):
+                report.unlink()
+        self._last_step = int(step)
+        for tracker in self.trackers:
+            tracker.truncate_after(int(step))
 
     def log_text(self, tag: str, text: str) -> None:
-        """Record a text block (e.g. the final summary) in TensorBoard; no-op without TensorBoard."""
-        writer = self._tb()
-        if writer is not None:
-            writer.add_text(tag, text)
-            writer.flush()
+        """Record a text block (e.g. the final summary) in the trackers."""
+        for tracker in self.trackers:
+            tracker.log_text(tag, text, self._last_step)
+
+    def finish(self) -> str:
+        """End of run: write ``plots/*.png`` and ``summary.txt``, send them to the trackers, close.
+
+        Returns the summary text."""
+        from rlkit.plots import make_plots
+
+        if self._file is not None:
+            self._file.flush()
+        paths = make_plots(self.run_dir)
+        text = summarize(self.run_dir)
+        for tracker in self.trackers:
+            for path in paths:
+                tracker.log_image(f"plots/{path.stem}", path, self._last_step)
+            tracker.log_text("summary", text, self._last_step)
+        self.close()
+        return text
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()
 
     def __enter__(self) -> MetricsLogger:  # noqa: PYI034
         return self
@@ -172,13 +211,42 @@ class MetricsLogger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _tb(self) -> Any:
-        if self._writer is None and self._tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step makes TensorBoard discard events at steps >= it from earlier event files.
-            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._purge_step)
-        return self._writer
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("_")[-1])
+    except ValueError:
+        return -1
+
+
+def eval_table_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """An evaluation report's table (``EvalReport.to_json()``) as columns and rows of numbers:
+    per metric its value and 95 % interval bounds (None where there is none)."""
+    table = report.get("table") or []
+    names = list(table[0]["metrics"]) if table else []
+    columns = ["source", "problems"]
+    for name in names:
+        columns += [name, f"{name} ci95 low", f"{name} ci95 high"]
+    rows = []
+    for row in table:
+        cells: list[Any] = [row["source"], row["problems"]]
+        for name in names:
+            cell = row["metrics"][name]
+            ci = cell.get("ci95") or [None, None]
+            cells += [cell["value"], *ci]
+        rows.append(cells)
+    return columns, rows
+
+
+def latest_eval_report(run_dir: str | Path) -> tuple[int, dict[str, Any]] | None:
+    """(step, report JSON) of the newest ``eval/step_*.json`` in a run, or None."""
+    reports = sorted((Path(run_dir) / EVAL_DIR).glob("step_*.json"), key=_step_of)
+    for path in reversed(reports):
+        try:
+            return _step_of(path), json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class StageTimer:
@@ -230,16 +298,24 @@ class Progress:
     On a terminal a tqdm bar updates in place; otherwise (CI logs, files) one compact line per
     step is printed, with an ETA. Values stay shown until replaced, so the sparse ``eval/accuracy``
     remains visible between evaluations.
+
+    With ``max_minutes`` (``train.max_minutes``) the run ends after the first step whose training
+    time passes it, so the ETA counts to the earlier of ``total_steps`` and that step: training
+    time is ``progress/train_minutes`` when the metrics carry it (the sum of step times), and the
+    mean ``time/step`` of this session (else the wall time per step) projects the steps left.
     """
 
     def __init__(self, total_steps: int, *, initial: int = 0, enabled: bool = True,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, max_minutes: float | None = None):
         self.total = int(total_steps)
         self.enabled = enabled
+        self.max_minutes = max_minutes
         self.stream = stream if stream is not None else sys.stdout
         self._initial = int(initial)
         self._start = time.perf_counter()
         self._last: dict[str, float | int | None] = {}
+        self._step_seconds: list[float] = []
+        self._train_minutes: float | None = None
         self._bar: Any = None
         isatty = getattr(self.stream, "isatty", None)
         if enabled and isatty is not None and isatty():
@@ -254,17 +330,38 @@ class Progress:
         for key, _, _ in _SHOWN:
             if key in metrics:
                 self._last[key] = to_scalar(key, metrics[key])
+        if metrics.get("time/step") is not None:
+            self._step_seconds.append(float(to_scalar("time/step", metrics["time/step"]) or 0.0))
+        if metrics.get("progress/train_minutes") is not None:
+            self._train_minutes = float(to_scalar("progress/train_minutes", metrics["progress/train_minutes"]))
         fields = self.fields()
+        last, limited = self.projected_last_step(step)
         if self._bar is not None:
+            if self._bar.total != last:
+                self._bar.total = last  # the bar (and tqdm's ETA) count to the time limit's step
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix_str(fields, refresh=True)
+            self._bar.set_postfix_str(fields + (" | time limit" if limited else ""), refresh=True)
             return
         done = step - self._initial
         eta = ""
-        if 0 < done and step < self.total:
+        if 0 < done and step < last:
             per_step = (time.perf_counter() - self._start) / done
-            eta = f" | eta {_format_duration(per_step * (self.total - step))}"
+            eta = f" | eta {_format_duration(per_step * (last - step))}" + (" (time limit)" if limited else "")
         print(f"step {step}/{self.total} | {fields}{eta}", file=self.stream, flush=True)
+
+    def projected_last_step(self, step: int) -> tuple[int, bool]:
+        """(the step the run is expected to end at, whether ``max_minutes`` is what ends it)."""
+        done = step - self._initial
+        if self.max_minutes is None or done <= 0:
+            return self.total, False
+        elapsed = time.perf_counter() - self._start
+        per_step_s = (sum(self._step_seconds) / len(self._step_seconds)) if self._step_seconds else elapsed / done
+        train_minutes = self._train_minutes if self._train_minutes is not None else elapsed / 60
+        left_s = 60 * self.max_minutes - 60 * train_minutes
+        # The trainer stops after the first step that ends past the limit: that step still runs.
+        steps_left = 0 if left_s < 0 else math.floor(left_s / max(per_step_s, 1e-9)) + 1
+        last = step + steps_left
+        return (last, True) if last < self.total else (self.total, False)
 
     def fields(self) -> str:
         """The shown values as ``reward 0.250 | kl 0.0012 | ...`` (null values as ``nan``)."""
@@ -311,7 +408,8 @@ def _timing_lines(train_rows: list[dict[str, Any]]) -> list[str]:
 
 def summarize(run_dir: str | Path) -> str:
     """Write ``run_dir/summary.txt``: accuracy before -> after, pass@1, steps, wall time, time per
-    stage and the reward trend (mean of the first 5 vs the last 5 steps). Returns the text."""
+    stage, the reward trend (mean of the first 5 vs the last 5 steps) and the table of the latest
+    evaluation report (``eval/step_*.json``: per data source, with 95 % intervals). Returns the text."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     eval_rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
@@ -339,6 +437,12 @@ def summarize(run_dir: str | Path) -> str:
         head, tail = rewards[:5], rewards[-5:]
         lines.append(f"reward mean: first {len(head)} steps {sum(head) / len(head):.3f}, "
                      f"last {len(tail)} steps {sum(tail) / len(tail):.3f}")
+    latest = latest_eval_report(run_dir)
+    if latest is not None:
+        from rlkit.evaluate import table_text
+
+        step, report = latest
+        lines += ["", table_text(report, title=f"evaluation at step {step}").rstrip("\n")]
     text = "\n".join(lines) + "\n"
     (run_dir / SUMMARY_FILE).write_text(text, encoding="utf-8")
     return text

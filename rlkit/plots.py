@@ -1,4 +1,8 @@
-"""PNG learning curves of a run from ``run_dir/metrics.jsonl`` (key conventions: ``rlkit.metrics``).
+"""PNG learning curves of a run from ``run_dir/metrics.jsonl`` (key conventions: ``rlkit.metrics``),
+and the accuracy-vs-checkpoint curve of ``rlkit eval`` (docs/eval.md).
+
+Per-step curves that are noisy (``NOISY``: the training reward and accuracy, one batch each) are
+drawn as faint raw points with a trailing moving average over them on top.
 
 Uses matplotlib's Agg canvas directly (no pyplot), so plotting never touches a display or the
 global backend of the calling process. Null values become NaN, which matplotlib draws as gaps.
@@ -26,6 +30,8 @@ _CURVES = (
     ("response_length", "response length", "tokens", ("response/length_mean",)),
 )
 MOVING_AVERAGE = 5
+NOISY = ("reward/mean", "reward/accuracy")
+"""Per-step keys drawn raw (faint) with a ``MOVING_AVERAGE``-step average over the raw points."""
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -67,10 +73,12 @@ def _curve(rows: list[dict[str, Any]], stem: str, title: str, ylabel: str,
     ax = fig.add_subplot()
     for key, steps_S, values_S in present:
         sparse = len(steps_S) < 0.5 * len(rows)  # evaluations: a few points, mark them
-        ax.plot(steps_S, values_S, "o-" if sparse else "-", label=key,
-                alpha=0.45 if key == "reward/mean" else 1.0)
-        if key == "reward/mean":
-            ax.plot(steps_S, moving_average(values_S), label=f"{MOVING_AVERAGE}-step average")
+        noisy = key in NOISY and not sparse
+        line = ax.plot(steps_S, values_S, "o-" if sparse else "-", label=f"{key} (raw)" if noisy else key,
+                       alpha=0.35 if noisy else 1.0, linewidth=1.0 if noisy else 1.5)[0]
+        if noisy:
+            ax.plot(steps_S, moving_average(values_S), color=line.get_color(),
+                    label=f"{key} ({MOVING_AVERAGE}-step average)")
     ax.set(title=title, xlabel="step", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -108,3 +116,34 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     paths = [_curve(rows, *spec, out_dir) for spec in _CURVES]
     paths.append(_stage_times(rows, out_dir))
     return [p for p in paths if p is not None]
+
+
+def eval_curve(points: list[tuple[int, dict[str, Any]]], path: str | Path, title: str = "evaluation") -> Path:
+    """PNG of overall metrics vs checkpoint step, with 95 % intervals as error bars.
+
+    ``points``: (step, report JSON of ``rlkit.evaluate.EvalReport.to_json()``), any order. Every
+    interval-carrying metric of the reports' ``all`` row is drawn (greedy accuracy, mean@n,
+    pass@k, maj@k).
+    """
+    points = sorted(points, key=lambda p: p[0])
+    rows = [(step, next(r for r in rep["table"] if r["source"] == "all")) for step, rep in points]
+    # the fractions (length and truncation are other units)
+    names = [m for m in rows[0][1]["metrics"] if m not in ("length_mean", "truncated_frac")] if rows else []
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    steps_P = np.array([s for s, _ in rows], dtype=float)
+    for name in names:
+        cells = [row["metrics"].get(name, {"value": None}) for _, row in rows]
+        values_P = np.array([math.nan if c["value"] is None else c["value"] for c in cells], dtype=float)
+        lo_P = np.array([c["ci95"][0] if c.get("ci95") else v for c, v in zip(cells, values_P)], dtype=float)
+        hi_P = np.array([c["ci95"][1] if c.get("ci95") else v for c, v in zip(cells, values_P)], dtype=float)
+        err = np.vstack([values_P - lo_P, hi_P - values_P])
+        ax.errorbar(steps_P, values_P, yerr=err, fmt="o-", capsize=3,
+                    label="greedy accuracy" if name == "accuracy" else name)
+    ax.set(title=title, xlabel="checkpoint step", ylabel="fraction correct (95 % interval)", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    if names:
+        ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, path)
