@@ -177,7 +177,7 @@ def dapo_loss(inp: LossInputs, cfg: DAPOConfig) -> tuple[Tensor, Metrics]:
 
 DAPO = register(Algorithm(
     name="dapo", config_cls=DAPOConfig, needs=dapo_needs, loss=dapo_loss,
-    advantages=dapo_advantages, group_filter=dapo_group_filter,
+    advantages=dapo_advantages, group_filter=dapo_group_filter, advantage_reads=frozenset(),
     # verl RayDAPOTrainer.fit: draw up to max_num_gen_batches (≤ 0 = unlimited), then raise.
     filter_policy=lambda cfg: FilterPolicy(max_rounds=max(0, cfg.max_num_gen_batches), on_short="raise"),
 ))

@@ -158,4 +158,5 @@ def exopd_needs(cfg: ExOPDConfig) -> Needs:
 
 
 EXOPD = register(Algorithm(name="exopd", config_cls=ExOPDConfig, needs=exopd_needs,
-                           loss=exopd_loss, advantages=exopd_advantages))
+                           loss=exopd_loss, advantages=exopd_advantages,
+                           advantage_reads=frozenset({"old_logp", "ref_logp", "teacher_logp"})))

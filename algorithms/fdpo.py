@@ -150,4 +150,5 @@ def fdpo_needs(cfg: FDPOConfig) -> Needs:
     return Needs(old_logp=False, ref_logp=True, pairs=True)
 
 
-FDPO = register(Algorithm(name="fdpo", config_cls=FDPOConfig, needs=fdpo_needs, loss=fdpo_loss))
+FDPO = register(Algorithm(name="fdpo", config_cls=FDPOConfig, needs=fdpo_needs, loss=fdpo_loss,
+                          advantage_reads=frozenset()))

@@ -167,6 +167,7 @@ def grpo_loss(inp: LossInputs, cfg: GRPOConfig) -> tuple[Tensor, Metrics]:
 GRPO = register(Algorithm(
     name="grpo", config_cls=GRPOConfig, needs=grpo_needs,
     loss=grpo_loss, advantages=grpo_advantages,
+    advantage_reads=frozenset({"old_logp", "ref_logp"}),  # the KL-in-reward placement
 ))
 
 __all__ = ["GRPO", "KL_PLACEMENTS", "GRPOConfig", "grpo_advantages", "grpo_loss", "grpo_needs"]

@@ -233,9 +233,11 @@ def clip_cov_loss(inp: LossInputs, cfg: ClipCovConfig) -> tuple[Tensor, Metrics]
 
 
 KL_COV = register(Algorithm(name="kl_cov", config_cls=KLCovConfig, needs=_needs,
-                            loss=kl_cov_loss, advantages=_advantages))
+                            loss=kl_cov_loss, advantages=_advantages,
+                            advantage_reads=frozenset()))
 CLIP_COV = register(Algorithm(name="clip_cov", config_cls=ClipCovConfig, needs=_needs,
-                              loss=clip_cov_loss, advantages=_advantages))
+                              loss=clip_cov_loss, advantages=_advantages,
+                              advantage_reads=frozenset()))
 
 __all__ = [
     "CLIP_COV",

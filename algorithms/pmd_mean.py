@@ -175,7 +175,7 @@ def pmd_needs(cfg: PMDMeanConfig) -> Needs:
 
 PMD_MEAN = register(Algorithm(
     name="pmd_mean", config_cls=PMDMeanConfig, needs=pmd_needs, loss=pmd_loss,
-    advantages=pmd_advantages, group_filter=pmd_group_filter,
+    advantages=pmd_advantages, group_filter=pmd_group_filter, advantage_reads=frozenset(),
     # One generation batch per step: filtered prompts leave the batch, none are redrawn.
     filter_policy=lambda cfg: FilterPolicy(max_rounds=1, on_short="train"),
     linear_in_advantage=False,  # the squared loss: per-token IS scaling of A would be wrong

@@ -198,4 +198,4 @@ def rapo_needs(cfg: RAPOConfig) -> Needs:
 
 
 RAPO = register(Algorithm(name="rapo", config_cls=RAPOConfig, needs=rapo_needs,
-                          loss=rapo_loss, advantages=rapo_advantages))
+                          loss=rapo_loss, advantages=rapo_advantages, advantage_reads=frozenset()))

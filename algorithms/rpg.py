@@ -232,7 +232,7 @@ def rpg_loss(inp: LossInputs, cfg: RPGConfig) -> tuple[Tensor, Metrics]:
 
 RPG = register(Algorithm(
     name="rpg", config_cls=RPGConfig, needs=rpg_needs, loss=rpg_loss,
-    advantages=rpg_advantages,
+    advantages=rpg_advantages, advantage_reads=frozenset(),
 ))
 
 __all__ = [

@@ -528,4 +528,5 @@ def safe_needs(cfg: SAFEConfig) -> Needs:
 
 SAFE = register(Algorithm(name="safe", config_cls=SAFEConfig, needs=safe_needs,
                           loss=safe_loss, advantages=safe_advantages, make_controller=make_controller,
-                          critic_loss=safe_critic_loss, returns=safe_returns))
+                          critic_loss=safe_critic_loss, returns=safe_returns,
+                          advantage_reads=frozenset({"old_logp", "ref_logp", "values"})))

@@ -124,4 +124,5 @@ def tdpo_needs(cfg: TDPOConfig) -> Needs:
     return Needs(old_logp=False, ref_logp=True, ref_full_kl=True, pairs=True)
 
 
-TDPO = register(Algorithm(name="tdpo", config_cls=TDPOConfig, needs=tdpo_needs, loss=tdpo_loss))
+TDPO = register(Algorithm(name="tdpo", config_cls=TDPOConfig, needs=tdpo_needs, loss=tdpo_loss,
+                          advantage_reads=frozenset()))
