@@ -117,13 +117,14 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, *, report_to: Sequence[str] | None = None, tensorboard: bool = True,
                  run_name: str | None = None, tags: Sequence[str] = (), config: Mapping[str, Any] | None = None,
                  resume: bool = False):
-        from rlkit.tracking import open_trackers
+        from rlkit.tracking import check_available, open_trackers
 
+        if report_to is None:
+            report_to = ["tensorboard"] if tensorboard else []
+        check_available(report_to)  # before any file is touched
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
-        if report_to is None:
-            report_to = ["tensorboard"] if tensorboard else []
         if resume:
             _rewrite_jsonl(self.path, max_step=None)  # drops a torn last line before appending
         else:

@@ -154,6 +154,39 @@ def test_progress_prints_one_line_per_step_without_a_tty():
     assert "ent" not in out.getvalue()
 
 
+def test_progress_eta_honours_max_minutes():
+    """20 steps of 6 s of training each, but a 0.45-minute limit: the run ends after step 5 (the first
+    step ending past 27 s, at 30 s), so at step 2 (12 s) the ETA counts 3 more steps, not 18."""
+    out = io.StringIO()
+    progress = Progress(20, stream=out, max_minutes=0.45)
+    progress._start -= 12.0  # two steps' worth of wall time already passed
+    progress.update(1, {"time/step": 6.0, "progress/train_minutes": 0.1})
+    progress.update(2, {"time/step": 6.0, "progress/train_minutes": 0.2})
+    line = out.getvalue().splitlines()[-1]
+    assert progress.projected_last_step(2) == (5, True)
+    # wall time per step so far ~6 s; 3 steps left -> ~18 s
+    assert line.startswith("step 2/20") and "(time limit)" in line
+    eta = line.split("eta ")[1].split(" ")[0]
+    assert eta in ("0m18s", "0m19s"), line
+    # without the limit: 18 steps left -> ~1m48s
+    free = Progress(20, stream=io.StringIO(), max_minutes=None)
+    assert free.projected_last_step(2) == (20, False)
+    # a limit that is not reached before total_steps changes nothing
+    loose = Progress(4, stream=io.StringIO(), max_minutes=60)
+    loose.update(1, {"time/step": 6.0, "progress/train_minutes": 0.1})
+    assert loose.projected_last_step(1) == (4, False)
+
+
+def test_progress_bar_counts_to_the_time_limit_step():
+    out = _Terminal()
+    progress = Progress(100, stream=out, max_minutes=0.2)
+    progress.update(1, {"time/step": 5.0, "progress/train_minutes": 5 / 60})
+    # 7 s of training left at 5 s per step: steps 2 and 3 run (3 ends at 15 s, past the 12 s limit)
+    assert progress._bar.total == 3
+    progress.close()
+    assert "time limit" in out.getvalue()
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -214,6 +247,42 @@ def test_make_plots_writes_pngs_and_skips_absent_curves(tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_noisy_curves_get_a_moving_average_over_the_raw_points(tmp_path):
+    """reward/mean and reward/accuracy are drawn raw (faint) with their moving average on top."""
+    from matplotlib.figure import Figure
+
+    from rlkit import plots
+
+    drawn = []
+    real_plot = plots.Figure.add_subplot
+
+    def spy(self, *a, **k):  # record what each axes draws, still drawing it
+        ax = real_plot(self, *a, **k)
+        original = ax.plot
+
+        def plot(*args, **kwargs):
+            drawn.append((kwargs.get("label"), np.asarray(args[1], dtype=float)))
+            return original(*args, **kwargs)
+
+        ax.plot = plot
+        return ax
+
+    _synthetic_run(tmp_path)
+    Figure.add_subplot = spy
+    try:
+        make_plots(tmp_path)
+    finally:
+        Figure.add_subplot = real_plot
+    labels = [label for label, _ in drawn]
+    for key in ("reward/mean", "reward/accuracy"):
+        assert f"{key} (raw)" in labels and f"{key} (5-step average)" in labels
+        raw = next(v for label, v in drawn if label == f"{key} (raw)")
+        avg = next(v for label, v in drawn if label == f"{key} (5-step average)")
+        np.testing.assert_allclose(avg, moving_average(raw, 5), rtol=1e-12)
+    # sparse evaluation points stay as they are
+    assert "eval/accuracy" in labels and "eval/accuracy (5-step average)" not in labels
 
 
 def test_moving_average_ignores_nulls():
