@@ -286,3 +286,70 @@ def test_overlap_generates_next_step_during_learning(ray_session, tmp_path, tiny
     assert not torch.equal(before, after)
     assert metrics[0]["rollout/staleness_mean"] == 0.0
     assert [m["rollout/staleness_mean"] for m in metrics[1:]] == [1.0, 1.0]
+
+
+def test_sync_check_catches_one_corrupted_middle_tensor(ray_session, tmp_path, tiny_model):
+    """The post-sync check covers every tensor: a single weight that differs in one element, in the
+    middle of the model and not among the first, middle or last names, is reported by name."""
+    from rlkit.runtime import Runtime, SyncError
+    from rlkit.trainer import model_dir
+
+    cfg = tiny_config(tmp_path, tiny_model, "grpo", None, **{"learner.num_ranks": 1})
+    rt = Runtime(cfg, model_dir(cfg))
+    try:
+        rt.sync()
+        state = ray.get(rt.learners[0].full_state.remote(1 << 30))
+        names = state["names"]
+        assert set(state["sums"]) == set(names) and len(names) > 6  # a checksum for every tensor sent
+        target = names[len(names) // 2 + 1]
+        weight = dict(t for ref in state["refs"] for t in ray.get(ref))[target].clone()
+        weight.view(-1)[weight.numel() // 2] += 0.5
+        ray.get(rt.rollout[0].load_buckets.remote(rt.version, [[(target, weight)]]))
+        with pytest.raises(SyncError, match=f"1 of {len(names)} tensors differ.*'{target}'"):
+            rt.weight_sync.verify(rt.version, state["sums"])
+        rt.sync(transport="object")  # a full sync repairs it, and verifies
+    finally:
+        for a in rt.learners + rt.rollout + [rt.reward]:
+            ray.kill(a)
+
+
+def test_group_filter_policy_is_honoured_exactly(ray_session, tmp_path, tiny_model):
+    """DAPO declares "draw up to max_num_gen_batches, then raise": with every group tied it draws
+    exactly that many batches and stops with the counts. PMD-mean declares "one batch, train on
+    what is left": its short steps train and log filter/short_groups."""
+    from rlkit.metrics import StageTimer
+    from rlkit.runtime import Runtime
+    from rlkit.trainer import Trainer, model_dir
+
+    const = str(Path(__file__).parent / "data" / "const_rewards.py") + ":zero"
+    cfg = tiny_config(tmp_path / "dapo", tiny_model, "dapo", {"max_num_gen_batches": 3},
+                      **{"learner.num_ranks": 1, "rewards.rewards": f"[{{name: '{const}'}}]"})
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
+    try:
+        with pytest.raises(RuntimeError, match=r"kept 0/4 prompt groups after 3 generation batches"):
+            trainer.step(StageTimer())
+        assert trainer.sampler.state_dict()["position"] == 3 * 4  # exactly three batches drawn
+        assert rt.version == 0  # nothing was trained on
+    finally:
+        _kill(rt)
+
+    cfg = tiny_config(tmp_path / "pmd", tiny_model, "pmd_mean", {"reward_ub": 0.07},
+                      **{"learner.num_ranks": 1, "train.samples_per_prompt": 8})
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    try:
+        trainer.runtime.sync()
+        metrics = [trainer.step(StageTimer()) for _ in range(2)]
+        assert trainer.sampler.state_dict()["position"] == 2 * 4  # one batch per step, never more
+        assert all(m["filter/rounds"] == 1.0 for m in metrics)
+        assert any(m["filter/short_groups"] > 0 for m in metrics), metrics
+        assert trainer.runtime.version == 2  # short steps still train
+    finally:
+        _kill(trainer.runtime)
+
+
+def _kill(rt) -> None:
+    """End a runtime's actors but keep the module's Ray session."""
+    for a in rt.learners + rt.rollout + [rt.reward]:
+        ray.kill(a)
+    rt.placement.remove()
