@@ -194,7 +194,7 @@ def check_loadable(reward_cfg: Any, columns: Optional[Iterable[str]] = None) -> 
             reward = resolve(spec.name, spec.kwargs)
         except (RewardSignatureError, RewardLoadError):
             raise
-        except Exception as e:  # noqa: BLE001  user code at import time may raise anything
+        except Exception as e:  # user code at import time may raise anything
             raise RewardLoadError(f"reward {spec.name}: cannot load it: {type(e).__name__}: {e}") from e
         if columns is not None:
             have = set(columns) | set(CALL_KEYWORDS) | set(spec.kwargs)

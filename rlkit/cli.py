@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 # Exceptions that are the user's to fix, by class (qualified name) -> how the message is headed.
 # Matched by name along the exception's MRO so this module imports none of them (nor torch).
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("RLKIT_DEBUG", "") not in ("", "0")
     try:
         return _run(args)
-    except Exception as e:  # noqa: BLE001  user errors become one message; anything else re-raises
+    except Exception as e:  # user errors become one message; anything else re-raises
         heading = _user_error(e)
         if heading is None or debug:
             raise
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _user_error(e: BaseException) -> Optional[str]:
+def _user_error(e: BaseException) -> str | None:
     for cls in type(e).__mro__:
         heading = USER_ERRORS.get(f"{cls.__module__}.{cls.__qualname__}")
         if heading is not None:
@@ -128,9 +128,9 @@ def _run(args: argparse.Namespace) -> int:
 class EvalTarget:
     """What ``rlkit eval TARGET`` evaluates: models by checkpoint step, and where defaults come from."""
 
-    models: list[tuple[Optional[int], str]]
+    models: list[tuple[int | None, str]]
     """(checkpoint step or None, model folder or 'smollm2'); a run gives its base model as step 0."""
-    config: Optional[Path]
+    config: Path | None
     """The run's config.yaml, or None (defaults)."""
     out: Path
     curve: bool
@@ -172,7 +172,7 @@ def resolve_target(target: str) -> EvalTarget:
                           f"or a model folder (no config.json)")
 
 
-def data_overrides(data: Optional[str], overrides: list[str]) -> list[str]:
+def data_overrides(data: str | None, overrides: list[str]) -> list[str]:
     """Overrides that select the evaluation data: DATA replaces the config's ``data:`` section, and so
     does a ``data.kind=`` override (kind-specific keys of the old section would conflict).
 
@@ -200,7 +200,7 @@ def data_overrides(data: Optional[str], overrides: list[str]) -> list[str]:
     return out + overrides
 
 
-def _split_rest(rest: list[str]) -> tuple[Optional[str], list[str]]:
+def _split_rest(rest: list[str]) -> tuple[str | None, list[str]]:
     data = [r for r in rest if "=" not in r]
     if len(data) > 1:
         raise EvalTargetError(f"expected at most one DATA argument before the key=value overrides, got {data}")
@@ -209,7 +209,7 @@ def _split_rest(rest: list[str]) -> tuple[Optional[str], list[str]]:
 
 @dataclass
 class _Prepared:
-    step: Optional[int]
+    step: int | None
     model_dir: str
     tokenizer: Any
     rows: list
@@ -265,7 +265,7 @@ def cfg_model_path(config: Path) -> str:
     return str((tree.get("model") or {}).get("path", "smollm2"))
 
 
-def _prepare(cfg: Any, step: Optional[int], model: str) -> _Prepared:
+def _prepare(cfg: Any, step: int | None, model: str) -> _Prepared:
     from rlkit.assets import load_tokenizer, smollm2_dir
     from rlkit.config import build_data_spec
     from rlkit.data import load_prompts
@@ -280,7 +280,7 @@ def _prepare(cfg: Any, step: Optional[int], model: str) -> _Prepared:
     return _Prepared(step, model_dir, tokenizer, rows[: cfg.eval.num_problems])
 
 
-def _evaluate_model(cfg: Any, p: _Prepared, outcome: Optional[str], seed: int) -> Any:
+def _evaluate_model(cfg: Any, p: _Prepared, outcome: str | None, seed: int) -> Any:
     from rlkit.evaluate import evaluate
     from rlkit.runtime import Runtime
 

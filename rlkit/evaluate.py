@@ -35,10 +35,11 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -131,7 +132,7 @@ def wilson_interval(successes: float, total: int, z: float = Z95) -> tuple[float
     return (max(0.0, center - half), min(1.0, center + half))
 
 
-def interval_95(values_P: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+def interval_95(values_P: Sequence[float]) -> tuple[float | None, float | None]:
     """95 % interval of the mean of per-problem values in [0, 1] (see the module docstring).
 
     >>> [round(x, 3) for x in interval_95([0.0, 0.5, 1.0, 0.5])]  # 0.5 ± 1.96 · 0.408 / 2
@@ -154,7 +155,7 @@ def interval_95(values_P: Sequence[float]) -> tuple[Optional[float], Optional[fl
 # ----------------------------------------------------------------------------------------------
 
 
-def answer_classes(completions: Sequence[str], *, sample_index: Sequence[int], **unused: Any) -> list[Optional[float]]:
+def answer_classes(completions: Sequence[str], *, sample_index: Sequence[int], **unused: Any) -> list[float | None]:
     """For each completion, the ``sample_index`` of the first completion in the call whose final
     answer is math-verify-equivalent to its own (None when it has no final answer).
 
@@ -168,7 +169,7 @@ def answer_classes(completions: Sequence[str], *, sample_index: Sequence[int], *
     from rlkit.rewards.math_answer import answers_match
 
     firsts: list[tuple[int, Any]] = []
-    out: list[Optional[float]] = []
+    out: list[float | None] = []
     for text, j in zip(completions, sample_index):
         ext = extract_final_answer(text)
         if ext is None:
@@ -261,7 +262,7 @@ def sample_ks(n: int, k: Sequence[int]) -> list[int]:
     return sorted(set(k)) if k else ([n] if n > 1 else [])
 
 
-def evaluate(runtime: Any, tokenizer: Any, rows: Sequence[Any], eval_cfg: Any, outcome: Optional[str],
+def evaluate(runtime: Any, tokenizer: Any, rows: Sequence[Any], eval_cfg: Any, outcome: str | None,
              seed: int = 0) -> EvalReport:
     """Evaluate the runtime's current policy on ``rows`` (:class:`rlkit.data.PromptRow`, all of them).
 
@@ -290,7 +291,7 @@ def evaluate(runtime: Any, tokenizer: Any, rows: Sequence[Any], eval_cfg: Any, o
 
 
 def _judge(runtime: Any, rows: Sequence[Any], gens_P_N: list[list[dict]], texts_P_N: list[list[str]],
-           outcome: Optional[str]) -> np.ndarray:
+           outcome: str | None) -> np.ndarray:
     """Verdicts (P, N): 1.0 where the outcome component (or the total score) is exactly 1.0."""
     fields, prompts, sources = [], [], []
     for p, (row, gens) in enumerate(zip(rows, gens_P_N)):
@@ -311,7 +312,7 @@ def _judge(runtime: Any, rows: Sequence[Any], gens_P_N: list[list[dict]], texts_
 
 
 def build_report(rows: Sequence[Any], greedy: list[dict], greedy_texts: list[str], correct_P: np.ndarray,
-                 sampled: Optional[tuple[np.ndarray, np.ndarray]], settings: dict[str, Any]) -> EvalReport:
+                 sampled: tuple[np.ndarray, np.ndarray] | None, settings: dict[str, Any]) -> EvalReport:
     """Per-problem values, then the table and flat metrics per data source and overall."""
     ks, n = settings["k"], settings["n"]
     lengths = [len(g["completion_ids"]) for g in greedy]
@@ -378,7 +379,7 @@ def _cell(cell: dict[str, Any], name: str) -> str:
     return text
 
 
-def rich_table(report: dict[str, Any], title: Optional[str] = None) -> Any:
+def rich_table(report: dict[str, Any], title: str | None = None) -> Any:
     """A :class:`rich.table.Table` of a report's JSON (``EvalReport.to_json()``)."""
     from rich.table import Table
 
@@ -398,7 +399,7 @@ def rich_table(report: dict[str, Any], title: Optional[str] = None) -> Any:
     return table
 
 
-def table_text(report: dict[str, Any], title: Optional[str] = None, width: int = 160) -> str:
+def table_text(report: dict[str, Any], title: str | None = None, width: int = 160) -> str:
     """The table as plain text (no colour codes), for summary.txt and logs."""
     from rich.console import Console
 

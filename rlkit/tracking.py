@@ -27,8 +27,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 STATE_FILE = "trackers.json"
 
@@ -106,10 +107,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class TensorBoardTracker:
     """Scalars, text, tables (as markdown text) and images in ``run_dir/tb``."""
 
-    def __init__(self, run_dir: Path, *, config: Optional[Mapping[str, Any]] = None, run_name: str = "",
+    def __init__(self, run_dir: Path, *, config: Mapping[str, Any] | None = None, run_name: str = "",
                  tags: Sequence[str] = (), resume: bool = False):
         self.dir = run_dir / "tb"
-        self._purge_step: Optional[int] = None
+        self._purge_step: int | None = None
         self._writer: Any = None
         self._header = []
         if config is not None:
@@ -164,7 +165,7 @@ class TensorBoardTracker:
 class WandbTracker:
     """A W&B run named ``run_name`` with ``tags`` and the config; resumed by id from ``trackers.json``."""
 
-    def __init__(self, run_dir: Path, *, config: Optional[Mapping[str, Any]] = None, run_name: str = "",
+    def __init__(self, run_dir: Path, *, config: Mapping[str, Any] | None = None, run_name: str = "",
                  tags: Sequence[str] = (), resume: bool = False):
         import wandb
 
@@ -209,7 +210,7 @@ def mlflow_key(key: str) -> str:
 class MLflowTracker:
     """An MLflow run: flattened config as params (and ``config.json``), tags, metrics, artifacts."""
 
-    def __init__(self, run_dir: Path, *, config: Optional[Mapping[str, Any]] = None, run_name: str = "",
+    def __init__(self, run_dir: Path, *, config: Mapping[str, Any] | None = None, run_name: str = "",
                  tags: Sequence[str] = (), resume: bool = False):
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             # No server configured: a file store in the run directory (MLflow 3 asks for an explicit
@@ -273,8 +274,8 @@ class MLflowTracker:
 BACKENDS: dict[str, type] = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MLflowTracker}
 
 
-def open_trackers(report_to: Sequence[str], run_dir: str | Path, *, config: Optional[Mapping[str, Any]] = None,
-                  run_name: Optional[str] = None, tags: Sequence[str] = (), resume: bool = False) -> list[Any]:
+def open_trackers(report_to: Sequence[str], run_dir: str | Path, *, config: Mapping[str, Any] | None = None,
+                  run_name: str | None = None, tags: Sequence[str] = (), resume: bool = False) -> list[Any]:
     """Start one tracker per name in ``report_to`` (checked with :func:`check_available` first)."""
     check_available(report_to)
     run_dir = Path(run_dir)

@@ -24,7 +24,7 @@ def _env(**extra: str) -> dict:
 
 def _run(*args: str, module: bool = True, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "rlkit", *args] if module else [RLKIT, *args]
-    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=300, check=False)
 
 
 def _one_message(proc: subprocess.CompletedProcess, heading: str, *needles: str) -> None:
@@ -39,9 +39,9 @@ def _one_message(proc: subprocess.CompletedProcess, heading: str, *needles: str)
 def test_python_dash_m_rlkit_is_the_rlkit_command():
     args = ("config", "configs/grpo.yaml", "train.steps=3")
     root = Path(__file__).resolve().parent.parent
-    a = subprocess.run([sys.executable, "-m", "rlkit", *args], env=_env(), capture_output=True, text=True,
+    a = subprocess.run([sys.executable, "-m", "rlkit", *args], env=_env(), capture_output=True, text=True, check=False,
                        cwd=root, timeout=300)
-    b = subprocess.run([RLKIT, *args], env=_env(), capture_output=True, text=True, cwd=root, timeout=300)
+    b = subprocess.run([RLKIT, *args], env=_env(), capture_output=True, text=True, check=False, cwd=root, timeout=300)
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and "steps: 3" in a.stdout
     assert _run("--help").stdout.startswith("usage: rlkit")

@@ -70,7 +70,7 @@ def test_pass_at_k_is_stable_for_large_n():
     # C(1000, 500) overflows a float; the product form does not (and is monotone in c).
     values = [pass_at_k(1000, c, 500) for c in (0, 1, 2, 500, 1000)]
     assert values[0] == 0.0 and values[1] == pytest.approx(0.5) and values[-1] == 1.0
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert values == sorted(values)
     assert pass_at_k(1000, 1, 500) == pytest.approx(0.5, abs=1e-12)  # 1 − 500/1000
 
 
@@ -241,10 +241,11 @@ class InProcessRuntime:
 
 
 def test_evaluate_on_a_tiny_model_matches_an_independent_recount(tiny_llama_dir, smollm2_tokenizer):
+    from rlkit.rewards import RewardConfig
+
     from rlkit.config import EvalConfig
     from rlkit.data import DataSpec, load_prompts
     from rlkit.evaluate import evaluate
-    from rlkit.rewards import RewardConfig
 
     _, rows = load_prompts(DataSpec(kind="arithmetic", num_train=4, num_eval=6), smollm2_tokenizer)
     rows = [dataclasses.replace(r, data_source="left" if i % 2 else "right") for i, r in enumerate(rows)]
@@ -300,7 +301,7 @@ def _env() -> dict:
 
 
 def _rlkit(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlkit", *args], env=_env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rlkit", *args], env=_env(), capture_output=True, text=True, check=False,
                           timeout=timeout)
 
 
