@@ -12,7 +12,8 @@ W [V, D] (optional bias), it computes, chunk of rows by chunk of rows and never 
 The formulas, with the 0·log 0 = 0 conventions, are those of docs/algorithms.md § Exact
 full-vocabulary KL and entropy; the memory pattern is that of Liger-Kernel's fused linear losses.
 The per-row work of each chunk (``_row_stats``, ``_row_dlogits``) has a Triton twin in
-``rlkit.kl_triton``, used for fp32 on CUDA when Triton is importable.
+``rlkit.kl_triton``, used for fp32 chunks on CUDA when Triton is importable (and on CPU under
+Triton's interpreter, ``TRITON_INTERPRET=1``).
 
 Two entry points, with different backward strategies:
 
@@ -148,11 +149,12 @@ def _row_dlogits(z, p, y, lse, ez, kl, r, direction, c_logp, c_ent, c_kl) -> Ten
 
 
 def _chunk_backend(device: torch.device, dtype: torch.dtype):
-    """(row_stats, row_dlogits): Triton kernels for fp32 on CUDA when importable, else torch."""
-    if device.type == "cuda" and dtype == torch.float32:
+    """(row_stats, row_dlogits): the Triton kernels for fp32 chunks (fp32, bf16 and fp16 inputs)
+    where they run (CUDA; CPU under ``TRITON_INTERPRET=1``, how CI tests them), else torch."""
+    if dtype == torch.float32:
         try:
             from rlkit import kl_triton
-            if kl_triton.available():
+            if kl_triton.available(device):
                 return kl_triton.row_stats, kl_triton.row_dlogits
         except ImportError:
             pass
