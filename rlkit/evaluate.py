@@ -304,9 +304,9 @@ def _judge(runtime: Any, rows: Sequence[Any], gens_P_N: list[list[dict]], texts_
             sources.append(row.data_source)
     texts = [t for ts in texts_P_N for t in ts]
     res = runtime.score(texts, prompts, fields, sources)
-    if outcome is not None and outcome not in res.components:
-        raise ValueError(f"outcome component {outcome!r} is not one of the rewards {sorted(res.components)}")
-    values = res.components[outcome] if outcome is not None else res.scores
+    from rlkit.groups import outcome_values  # the trainer's definition of the verified outcome
+
+    values = outcome_values(res.components, res.scores, outcome)
     verdicts = np.array([1.0 if v == 1.0 else 0.0 for v in values], dtype=float)
     return verdicts.reshape(len(rows), -1) if rows else verdicts.reshape(0, 1)
 
