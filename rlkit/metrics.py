@@ -153,10 +153,12 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.log_scalars(row["step"], values, row["wall_time"])
 
-    def log_eval(self, step: int, report: Any) -> None:
+    def log_eval(self, step: int, report: Any, *, metrics: bool = True) -> None:
         """Log an evaluation (``rlkit.evaluate.EvalReport``): its metrics, its report as
-        ``eval/step_NNNNNNN.json``, and its table to the trackers."""
-        self.log(step, report.metrics)
+        ``eval/step_NNNNNNN.json``, and its table to the trackers. ``metrics=False`` when the caller
+        already logged ``report.metrics`` (e.g. in the same row as the step's training metrics)."""
+        if metrics:
+            self.log(step, report.metrics)
         report.save(self.run_dir / EVAL_DIR / f"step_{int(step):07d}.json")
         columns, rows = eval_table_rows(report.to_json())
         for tracker in self.trackers:
