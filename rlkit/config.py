@@ -132,6 +132,41 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1)
 
 
+class RecoveryConfig(Section):
+    """What the driver survives, and where it stops (docs/reliability.md)."""
+
+    stop_signals: list[str] = ["SIGTERM", "SIGUSR1"]
+    """Signals on which the driver finishes the current step, writes a checkpoint and exits with
+    code 75 (requeue): SLURM's time-limit warning (``--signal=B:USR1@…``), preemption, ``ray job stop``."""
+    actor_restarts: int = Field(3, ge=0)
+    """Restarts of each rollout and reward actor after it dies (the step's work is redone); one
+    more death stops the run with an error naming the actor and the last checkpoint."""
+    learner_restarts: int = Field(2, ge=0)
+    """Restarts of the whole learner group from the last checkpoint after a rank dies."""
+    max_consecutive_skips: int = Field(3, ge=1)
+    """Updates skipped in a row for non-finite loss or gradients before the run stops."""
+    min_timeout_s: float = Field(1800.0, gt=0)
+    """Timeout of any wait on an actor during a step: this, or ``timeout_factor`` × the slowest
+    step so far if larger. A hung actor becomes an error naming the stage, not a stalled run."""
+    timeout_factor: float = Field(10.0, gt=1.0)
+    inject: list[str] = []
+    """Fault injection for the reliability suite: ``nan_loss@N`` makes the learner's N-th update
+    (0-based, counted per learner process) see a NaN loss. Empty in normal runs."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecoveryConfig":
+        import signal
+
+        for name in self.stop_signals:
+            if not isinstance(getattr(signal, name, None), signal.Signals):
+                raise ValueError(f"stop_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+        for item in self.inject:
+            kind, _, at = item.partition("@")
+            if kind not in ("nan_loss",) or not at.isdigit():
+                raise ValueError(f"inject: {item!r} must look like nan_loss@N")
+        return self
+
+
 class ResourcesConfig(Section):
     """Resources per role, turned into Ray placement groups by :mod:`rlkit.placement`.
 
@@ -169,6 +204,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
     resources: ResourcesConfig = ResourcesConfig()
     object_store_mb: int = Field(2048, ge=128)
     """Object store of a local Ray cluster: must hold a full weight sync (SmolLM2 fp32: 540 MB)

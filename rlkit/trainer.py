@@ -33,6 +33,9 @@ class TrainerState:
     """``eval.at_minutes`` marks already evaluated."""
     train_seconds: float = 0.0
     """Training wall time so far (sum of step times; evaluations and checkpoints excluded)."""
+    skipped_in_a_row: int = 0
+    """Updates skipped in a row for non-finite numbers (``recovery.max_consecutive_skips``)."""
+    learner_restarts: int = 0
 
 
 class Trainer:
@@ -65,6 +68,8 @@ class Trainer:
         else:
             self.train_rows, self.eval_rows = load_prompts(spec, self.tokenizer)
         self.sampler = PromptSampler(self.train_rows, cfg.train.prompts_per_step, cfg.train.seed)
+        self._initial_sampler = self.sampler.state_dict()
+        self._initial_controller = self.controller.state_dict() if self.controller else {}
         self.state = TrainerState()
         self.runtime = runtime
         self._pending: Optional[tuple[list, list]] = None
@@ -73,6 +78,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: Optional[str] = None) -> dict[str, float]:
+        """Train to ``train.steps`` (or ``train.max_minutes``), evaluate and checkpoint. A stop
+        signal (``recovery.stop_signals``) ends the run after the current step with a checkpoint
+        and :class:`Preempted` (exit code 75)."""
         from rlkit.metrics import MetricsLogger, Progress, StageTimer
         from rlkit.runtime import Runtime
 
@@ -93,23 +101,15 @@ class Trainer:
             log.log(0, self.evaluate(base=True))
         last: dict[str, float] = {}
         evaluated = False
-        while self.state.step < cfg.train.steps:
-            t0 = time.perf_counter()
-            last = self.step(timer)
-            self.state.step += 1
-            last.update(timer.pop())
-            last["time/step"] = time.perf_counter() - t0
-            self.state.train_seconds += last["time/step"]
-            last["progress/train_minutes"] = self.state.train_seconds / 60
-            evaluated = self._eval_due(last["time/step"] / 60)
-            if evaluated:
-                last.update(self.evaluate())
-            log.log(self.state.step, last)
-            progress.update(self.state.step, last)
-            if cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0:
-                self.save()
-            if cfg.train.max_minutes and self.state.train_seconds > 60 * cfg.train.max_minutes:
-                break
+        with StopSignals(cfg.recovery.stop_signals) as stop:
+            while self.state.step < cfg.train.steps:
+                last, evaluated = self._train_step(timer, log, progress)
+                if stop.received is not None:
+                    progress.close()
+                    log.close()
+                    raise Preempted(stop.received, self.state.step, self.save())
+                if cfg.train.max_minutes and self.state.train_seconds > 60 * cfg.train.max_minutes:
+                    break
         progress.close()
         if cfg.eval.num_problems and not evaluated:
             final = self.evaluate()
@@ -118,6 +118,62 @@ class Trainer:
         self.save()
         log.close()
         return last
+
+    def _train_step(self, timer, log, progress) -> tuple[dict[str, float], bool]:
+        """One step with its bookkeeping: metrics, due evaluations and checkpoints. A learner rank
+        that died restarts the learner group from the last checkpoint instead."""
+        from rlkit.recovery import ActorLost, LearnerLost, StageTimeout
+
+        t0 = time.perf_counter()
+        try:
+            last = self.step(timer)
+        except LearnerLost as e:
+            self._recover_learners(e, log)
+            return {}, False
+        except (ActorLost, StageTimeout) as e:
+            latest = checkpoint.latest(self.run_dir)
+            where = f"resume from {latest} with --resume auto" if latest else "no checkpoint was written yet"
+            raise type(e)(f"step {self.state.step}: {e}; {where}") from None
+        self.state.step += 1
+        last.update(timer.pop())
+        last["time/step"] = time.perf_counter() - t0
+        self.runtime.supervisor.record_step(last["time/step"])
+        self.state.train_seconds += last["time/step"]
+        last["progress/train_minutes"] = self.state.train_seconds / 60
+        evaluated = self._eval_due(last["time/step"] / 60)
+        if evaluated:
+            last.update(self.evaluate())
+        log.log(self.state.step, last)
+        progress.update(self.state.step, last)
+        if self.cfg.checkpoint.every_steps and self.state.step % self.cfg.checkpoint.every_steps == 0:
+            self.save()
+        return last, evaluated
+
+    def _recover_learners(self, err, log) -> None:
+        """Restart the learner group and continue from the last checkpoint (or from the start);
+        the steps since then are redone and logged as lost."""
+        self.state.learner_restarts += 1
+        latest = checkpoint.latest(self.run_dir)
+        if self.state.learner_restarts > self.cfg.recovery.learner_restarts:
+            where = f"resume from {latest} with --resume auto" if latest else "no checkpoint was written yet"
+            raise RuntimeError(f"step {self.state.step}: {err}, and the learner group was already restarted "
+                               f"{self.cfg.recovery.learner_restarts} times (recovery.learner_restarts); {where}")
+        lost_from, restarts = self.state.step, self.state.learner_restarts
+        self.runtime.restart_learners()
+        self._pending = None  # generated for a step that will be redone
+        if latest is not None:
+            self._restore(latest)
+        else:
+            self.state = TrainerState()
+            self.sampler.load_state_dict(self._initial_sampler)
+            self.runtime.version = 0
+            if self.controller is not None:
+                self.controller.load_state_dict(self._initial_controller)
+            self.runtime.sync()
+        self.state.learner_restarts = restarts
+        log.truncate_after(self.state.step)
+        log.log(self.state.step, {"recovery/learner_restarts": float(restarts),
+                                  "recovery/steps_lost": float(lost_from - self.state.step)})
 
     def _eval_due(self, step_minutes: float) -> bool:
         """Evaluate every ``eval.every_steps`` steps, and for each mark of ``eval.at_minutes`` at the
@@ -139,12 +195,15 @@ class Trainer:
         if not rollouts:
             raise RuntimeError(f"step {self.state.step}: no trainable samples (every group filtered or tied)")
         batch = collate(rollouts, rewards, self.tokenizer.pad_token_id, rt.version)
+        check_finite(self.state.step, rollouts, sampler_logp=batch.sampler_logp_B_T, rewards=batch.rewards_B)
         with timer("reference"):
             extras, side_metrics = rt.side_passes(batch)
             batch.extras.update(extras)
         advantages, returns, adv_metrics = self._advantages(batch)
+        check_finite(self.state.step, rollouts, advantages=advantages, returns=returns)
         with timer("learn"):
             learn_metrics = rt.learn(advantages, self.controller.values() if self.controller else {}, returns)
+        self._count_skips(learn_metrics)
         with timer("sync"):
             sync_metrics = rt.sync()
         metrics = {**group_metrics, **side_metrics, **adv_metrics, **learn_metrics, **sync_metrics,
@@ -152,6 +211,17 @@ class Trainer:
         if self.controller is not None:
             metrics.update({f"controller/{k}": v for k, v in self.controller.update(metrics).items()})
         return metrics
+
+    def _count_skips(self, m: dict[str, float]) -> None:
+        """Stop after ``recovery.max_consecutive_skips`` updates in a row skipped for non-finite
+        numbers (each skip leaves weights and optimizer state untouched)."""
+        skipped, updates = m.get("learn/skipped_updates", 0.0), self.cfg.learner.updates_per_step
+        self.state.skipped_in_a_row = self.state.skipped_in_a_row + int(skipped) if skipped >= updates else 0
+        limit = self.cfg.recovery.max_consecutive_skips
+        if self.state.skipped_in_a_row >= limit:
+            which = "loss (learn/nonfinite_loss)" if m.get("learn/nonfinite_loss") else "gradient (learn/nonfinite_grad)"
+            raise RuntimeError(f"step {self.state.step}: {self.state.skipped_in_a_row} updates in a row skipped for a "
+                               f"non-finite {which}; recovery.max_consecutive_skips = {limit}")
 
     # ------------------------------------------------------------------ stages
     def _groups(self, timer) -> tuple[list[ScoredGroup], dict[str, float]]:
@@ -302,3 +372,65 @@ def model_dir(cfg: RunConfig) -> str:
     from rlkit.assets import smollm2_dir
 
     return str(smollm2_dir()) if cfg.model.path == "smollm2" else cfg.model.path
+
+
+REQUEUE_EXIT = 75
+"""Exit code of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL): requeue it."""
+
+
+class Preempted(SystemExit):
+    """Raised by :meth:`Trainer.fit` after a stop signal, once the checkpoint is written; the
+    process exits with :data:`REQUEUE_EXIT`."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        import signal
+        import sys
+
+        super().__init__(REQUEUE_EXIT)
+        self.signum, self.step, self.path = signum, step, path
+        print(f"rlkit: {signal.Signals(signum).name} received; stopped after step {step} with checkpoint {path}; "
+              f"resume with --resume auto (exit code {REQUEUE_EXIT})", file=sys.stderr, flush=True)
+
+
+class StopSignals:
+    """While active, the named signals only set ``received`` (the loop stops after its step);
+    the previous handlers come back on exit. Outside the main thread it does nothing."""
+
+    def __init__(self, names: list[str]):
+        import signal
+
+        self.signals = [getattr(signal, n) for n in names]
+        self.received: Optional[int] = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_finite(step: int, rollouts, **tensors) -> None:
+    """Raise, naming the tensor and the first bad row (its prompt), when a per-row tensor
+    holds NaN or inf; ``None`` tensors are skipped."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            row = int(bad.reshape(t.shape[0], -1).any(-1).nonzero()[0, 0])
+            r = rollouts[row]
+            raise ValueError(f"step {step}: non-finite {name} in row {row} (prompt row {r.prompt_index}, group "
+                             f"{r.group_id}); caught before the learner")

@@ -47,11 +47,16 @@ class LearnerSpec:
     algorithm: AlgorithmSetup
     total_steps: int = 1
     seed: int = 0
+    nan_loss_at: frozenset = frozenset()
+    """Fault injection (``recovery.inject``): the updates, counted from 0 in this process, whose
+    loss is made NaN."""
 
     @classmethod
     def from_config(cls, cfg: RunConfig, model_dir: str) -> "LearnerSpec":
+        nan_at = frozenset(int(i.partition("@")[2]) for i in cfg.recovery.inject if i.startswith("nan_loss@"))
         return cls(model_dir=model_dir, model=cfg.model, learner=cfg.learner, sampling=cfg.rollout.sampling,
-                   algorithm=cfg.algorithm_setup, total_steps=max(1, cfg.train.steps), seed=cfg.train.seed)
+                   algorithm=cfg.algorithm_setup, total_steps=max(1, cfg.train.steps), seed=cfg.train.seed,
+                   nan_loss_at=nan_at)
 
 
 def _patch_deepspeed_shm() -> None:
@@ -120,6 +125,7 @@ class LearnerRank:
         self.batch: Optional[TrainBatch] = None
         """This rank's shard of the step's batch (``set_batch``), with its side-pass tensors."""
         self._shm: dict = {}  # the shared-memory sync writer (rank 0, same-node rollout workers)
+        self._updates = 0  # optimizer steps attempted by this process (fault injection counts them)
         # The sampler's truncated support, when it used top-k/top-p (log-prob contract).
         self.truncation = spec.sampling if spec.sampling.truncates else None
 
@@ -245,9 +251,15 @@ class LearnerRank:
         minis = torch.tensor_split(order, self.spec.learner.updates_per_step)
         sums: dict[str, float] = {}
         self._grad_norms: list[float] = []
+        skipped = {"loss": 0, "grad": 0}
         for mini in minis:
-            self._optimizer_step(b.select(mini), controller, sums)
+            reason = self._optimizer_step(b.select(mini), controller, sums)
+            if reason:
+                skipped[reason] += 1
         metrics = {k: v / max(1.0, sums.get("_count", 1.0)) for k, v in sums.items() if k != "_count"}
+        metrics["learn/skipped_updates"] = float(skipped["loss"] + skipped["grad"])
+        metrics["learn/nonfinite_loss"] = float(skipped["loss"])
+        metrics["learn/nonfinite_grad"] = float(skipped["grad"])
         if self._grad_norms:
             metrics["learn/grad_norm"] = float(np.mean(self._grad_norms))
         metrics["learn/lr"] = float(self.engine.get_lr()[0])
@@ -262,26 +274,45 @@ class LearnerRank:
         dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
         return float(local[0]), float(local[1]), int(n_micro)
 
-    def _optimizer_step(self, mini: TrainBatch, controller: dict, sums: dict) -> None:
+    def _optimizer_step(self, mini: TrainBatch, controller: dict, sums: dict) -> Optional[str]:
+        """One optimizer step over ``mini``. A non-finite loss or gradient on any rank skips the
+        update (weights and optimizer state untouched); returns "loss" or "grad" then, else None."""
         tokens, seqs, n_micro = self._global_counts(mini)
         mb = self.spec.learner.micro_batch_size
+        finite = True
         for i in range(n_micro):
             idx = list(range(i * mb, min(mini.size, (i + 1) * mb)))
             # A rank with fewer rows still joins every collective: a zero-weight micro-batch.
             weight = 1.0 if idx else 0.0
             micro = mini.select(idx or [0])
             loss, metrics = self._micro_loss(micro, tokens, seqs, controller, weight)
+            if self._updates in self.spec.nan_loss_at:
+                loss = loss * float("nan")
+            finite = finite and bool(torch.isfinite(loss.detach()))
             self.engine.backward(loss * weight * self.world, scale_wrt_gas=False)
             if idx:
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 sums["_count"] = sums.get("_count", 0.0) + 1.0
-        self.engine.step()
+        self._updates += 1
+        bad_loss = _any_rank(not finite)
+        if self._zero == 0 and (bad_loss or _any_rank(not _grads_finite(self.engine.module))):
+            applied = False  # no ZeRO optimizer to check the gradients: do not step at all
+            self.engine.zero_grad()
+        else:
+            # ZeRO 1-3 check the global gradient norm and skip a non-finite update themselves.
+            self.engine.step()
+            applied = self.engine.was_step_applied()
+        if not applied:
+            if self.critic is not None:
+                self.critic.opt.zero_grad(set_to_none=True)
+            return "loss" if bad_loss else "grad"
         if self.critic is not None:
             sums["learn/critic_grad_norm"] = sums.get("learn/critic_grad_norm", 0.0) + self.critic.step()
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             self._grad_norms.append(float(gn))
+        return None
 
     def _micro_loss(self, micro: TrainBatch, tokens: float, seqs: float, controller: dict, weight: float = 1.0):
         if self.algo.kind == "preference":
@@ -413,6 +444,18 @@ class LearnerRank:
             self.critic.load_state_dict(state["model"])
             self.critic.opt.load_state_dict(state["opt"])
         return client or {}
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _grads_finite(module: torch.nn.Module) -> bool:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def _gap_metrics(sampler_logp: torch.Tensor, learner_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

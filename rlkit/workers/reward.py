@@ -185,6 +185,11 @@ class RewardWorker:
         logger.warning("reward: %d/%d samples not ok (%s; on_error=%s). First: %s",
                        n_bad, n, summary, self.cfg.on_error, first)
 
+    def ready(self) -> dict[str, int]:
+        import os
+
+        return {"pid": os.getpid()}
+
     def stats(self) -> dict[str, int]:
         """Run-wide counts: ``samples``, ``not_ok``, ``unscored`` and ``<component>/<status>`` (non-ok)."""
         return dict(self.totals)
