@@ -7,6 +7,7 @@
 # Ray process of the user on the machine, including other jobs' clusters.
 #
 #   source launch/ray_cluster.sh
+#   rc_auth_setup "$PWD/ray-auth" || exit 2        # token authentication for all that follows
 #   rc_start_head 6379 --num-cpus=8 --num-gpus=4
 #   RC_LAUNCH=(srun --nodes=1 --ntasks=1 -w node2)     # optional prefix for the next start
 #   rc_start_worker node2 "$(rc_head_address 6379)" --num-cpus=8 --num-gpus=4
@@ -21,10 +22,14 @@
 #   RC_NODE_IP     IP this node advertises (head and local workers) [Ray's choice]
 #   RC_DASHBOARD   1 starts the dashboard (on 127.0.0.1)            [0]
 #   RC_STOP_GRACE  seconds between SIGTERM and SIGKILL on teardown  [20]
+#   RC_DASHBOARD_PORT  the dashboard's port on 127.0.0.1            [8265]
+#   RLKIT_RAY_AUTH token: rc_auth_setup turns Ray token authentication on; off: no authentication
+#                  (anyone who reaches the cluster's ports can run code as you; warns)  [token]
 
 RC_PIDS=()
 RC_NAMES=()
 RC_LAUNCH=()
+RC_AUTH_FILE=""
 : "${RC_LOG_DIR:=$PWD/ray-logs}"
 : "${RC_PYTHON:=python3}"
 : "${RC_DASHBOARD:=0}"
@@ -40,6 +45,44 @@ rc_ray() {
     else
         printf 'ray\n'
     fi
+}
+
+# rc_auth_setup DIR: Ray token authentication for every node, driver and client started from this
+# shell from now on (docs/security.md). A new random token goes to DIR/token (DIR mode 0700, the
+# file 0600, never printed; DIR must be on a filesystem every node reads), and RAY_AUTH_MODE=token
+# and RAY_AUTH_TOKEN_PATH are exported (srun passes them on). rc_teardown deletes the file.
+# RLKIT_RAY_AUTH=off exports RAY_AUTH_MODE=disabled instead, with a warning.
+rc_auth_setup() {
+    local dir="$1"
+    unset RAY_AUTH_TOKEN RAY_AUTH_TOKEN_PATH
+    case "${RLKIT_RAY_AUTH:-token}" in
+        off)
+            rc_log "WARNING: Ray token authentication is OFF (RLKIT_RAY_AUTH=off): anyone who can reach" \
+                "this cluster's ports can run code as $(id -un). See docs/security.md."
+            export RAY_AUTH_MODE=disabled
+            return 0 ;;
+        token) ;;
+        *)
+            rc_log "RLKIT_RAY_AUTH must be 'token' or 'off', not '${RLKIT_RAY_AUTH}'"
+            return 2 ;;
+    esac
+    (umask 077 && mkdir -p "$dir") || return 2
+    if [[ ! -O "$dir" ]] || ! chmod 700 "$dir"; then
+        rc_log "the token folder $dir is not yours: choose another one"
+        return 2
+    fi
+    rm -f "$dir/token"
+    "$RC_PYTHON" - "$dir/token" <<'PY' || return 2
+import os, secrets, sys
+
+# O_EXCL: a new file, created with mode 0600 (umask can only narrow it).
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+os.write(fd, secrets.token_hex(32).encode())
+os.close(fd)
+PY
+    RC_AUTH_FILE="$dir/token"
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$RC_AUTH_FILE"
+    rc_log "Ray token authentication on (token file $RC_AUTH_FILE, mode 0600)"
 }
 
 # rc_free_port: a TCP port that is free right now.
@@ -75,7 +118,8 @@ rc_start_head() {
     local port="$1"
     shift
     local dash=(--include-dashboard=false)
-    [[ "$RC_DASHBOARD" == 1 ]] && dash=(--include-dashboard=true --dashboard-host=127.0.0.1)
+    [[ "$RC_DASHBOARD" == 1 ]] && dash=(--include-dashboard=true --dashboard-host=127.0.0.1
+                                        --dashboard-port="${RC_DASHBOARD_PORT:-8265}")
     local ip_args
     mapfile -t ip_args < <(_rc_ip_args)
     rc_spawn head "${RC_LAUNCH[@]}" "$(rc_ray)" start --head --port="$port" "${ip_args[@]}" "${dash[@]}" \
@@ -170,4 +214,8 @@ rc_teardown() {
     done
     RC_PIDS=()
     RC_NAMES=()
+    if [[ -n "$RC_AUTH_FILE" ]]; then
+        rm -f "$RC_AUTH_FILE"
+        RC_AUTH_FILE=""
+    fi
 }

@@ -21,7 +21,9 @@ BIN = Path(sys.executable).parent
 
 
 FORWARDED = ("HF_HUB_OFFLINE", "RLKIT_CACHE", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "GLOO_SOCKET_IFNAME",
-             "NCCL_SOCKET_IFNAME", "WANDB_API_KEY")
+             "NCCL_SOCKET_IFNAME", "RLKIT_TRUST_CHECKPOINTS", "WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+             "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "COMET_API_KEY",
+             "NEPTUNE_API_TOKEN", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -112,22 +114,45 @@ rc_teardown
 
 
 def test_submit_dry_run_builds_the_job(tmp_path):
+    """The job's runtime environment travels in a 0600 file, never on the command line, and the
+    dry run shows secrets masked; a submission needs the cluster's token (or an explicit opt-out)."""
     # Only what this test sets may be forwarded: earlier tests in this process set some of these.
-    env = {k: v for k, v in _env(RLKIT_JOB_ID="rlkit-test-1", RLKIT_PYTHON=sys.executable).items() if k not in FORWARDED}
-    res = subprocess.run(
-        [str(LAUNCH / "submit.sh"), "--address", "http://10.0.0.1:8265", "--dry-run", "configs/grpo_demo.yaml",
-         "train.steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-        env={**env, "HF_HUB_OFFLINE": "1"})
+    env = {k: v for k, v in _env(RLKIT_JOB_ID="rlkit-test-1", RLKIT_PYTHON=sys.executable).items()
+           if k not in FORWARDED}
+    token = tmp_path / "token"
+    token.write_text("0" * 64)
+    token.chmod(0o600)
+    canary = "wandb-canary-0123456789"
+    env.update(HF_HUB_OFFLINE="1", WANDB_API_KEY=canary, RAY_AUTH_TOKEN_PATH=str(token), TMPDIR=str(tmp_path))
+    submit = [str(LAUNCH / "submit.sh"), "--address", "http://10.0.0.1:8265", "--dry-run", "configs/grpo_demo.yaml",
+              "train.steps=2"]
+    res = subprocess.run(submit, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False, env=env)
     assert res.returncode == 0, res.stderr
-    argv = shlex.split(res.stdout)
+    command, shown = res.stdout.splitlines()
+    argv = shlex.split(command)
     assert argv[1:3] == ["job", "submit"]
     assert "--address=http://10.0.0.1:8265" in argv and "--submission-id=rlkit-test-1" in argv
-    env = json.loads(next(a for a in argv if a.startswith("--runtime-env-json=")).split("=", 1)[1])
-    assert env["working_dir"] == str(ROOT)
-    assert env["env_vars"] == {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
-    assert ".venv/" in env["excludes"]
+    assert any(a.startswith(f"--runtime-env={tmp_path}/rlkit-runtime-env.") for a in argv), argv
+    assert not any(a.startswith("--runtime-env-json") for a in argv)
+    assert canary not in res.stdout + res.stderr
+    assert list(tmp_path.glob("rlkit-runtime-env.*")) == [], "the runtime env file was left behind"
+    spec = json.loads(shown.split(": ", 1)[1])
+    assert spec["working_dir"] == str(ROOT)
+    assert spec["env_vars"] == {"HF_HUB_OFFLINE": "1", "WANDB_API_KEY": "<set>", "RAY_JOB_STOP_WAIT_TIME_S": "600"}
+    assert ".venv/" in spec["excludes"]
     assert argv[argv.index("--") + 1:] == ["python", "-m", "rlkit.cli", "train", "configs/grpo_demo.yaml",
                                            "ray_address=auto", "train.steps=2"]
+
+    token.chmod(0o644)
+    loose = subprocess.run(submit, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False, env=env)
+    assert loose.returncode == 2 and "has mode 644" in loose.stderr, loose.stderr
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"} | {"HOME": str(tmp_path)}
+    refused = subprocess.run(submit, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False, env=no_token)
+    assert refused.returncode == 2 and "no Ray token for the cluster" in refused.stderr, refused.stderr
+    opted_out = subprocess.run(submit, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+                               env=no_token | {"RLKIT_RAY_AUTH": "off"})
+    assert opted_out.returncode == 0 and "WARNING: submitting without a Ray token" in opted_out.stderr
+
     missing = subprocess.run([str(LAUNCH / "submit.sh"), "configs/grpo_demo.yaml"], cwd=ROOT,
                              capture_output=True, text=True, env=_env(), check=False)
     assert missing.returncode == 2 and "no cluster" in missing.stderr
@@ -153,16 +178,20 @@ def test_local_sh_trains_one_step_and_stops_ray(tmp_path, tiny_llama_dir):
         f"rewards: {{rewards: [{{name: '{toy}:letter_a'}}]}}\n"
         "rollout: {max_new_tokens: 4, threads: 1}\nlearner: {threads: 1, micro_batch_size: 4}\n"
         "train: {steps: 1, prompts_per_step: 2, samples_per_prompt: 2}\n"
-        "eval: {num_problems: 0}\ncheckpoint: {keep: 1}\nprogress: false\ntensorboard: false\n")
+        "eval: {num_problems: 0}\ncheckpoint: {keep: 1}\nprogress: false\nreport_to: []\n")
     ray_tmp = Path(tempfile.mkdtemp(prefix="rlk", dir="/tmp"))
     try:
+        # RAY_AUTH_MODE=disabled in the caller's environment does not turn the launcher's token off.
         res = subprocess.run([str(LAUNCH / "local.sh"), str(conf)], cwd=tmp_path, capture_output=True, text=True,
                              timeout=600, check=False, env=_env(RLKIT_NUM_CPUS="2", RLKIT_RAY_TMP=str(ray_tmp),
                                                    RLKIT_PYTHON=sys.executable))
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout
+        token_left = (ray_tmp / "auth" / "token").exists()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"Ray token authentication on (token file {ray_tmp}/auth/token, mode 0600)" in res.stderr
+    assert not token_left, "local.sh left its token file behind"
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 1 and rows[-1]["sync/bytes"] > 0
     assert str(ray_tmp) not in ps, "local.sh left Ray processes running"
