@@ -108,14 +108,10 @@ def _run(args: argparse.Namespace) -> int:
 
     trainer = Trainer(cfg)
     try:
-        final = trainer.fit(resume=args.resume)
+        final = trainer.fit(resume=args.resume)  # a stop signal exits here with code 75 (requeue)
     finally:
         trainer.close()
-    from rlkit.metrics import summarize
-    from rlkit.plots import make_plots
-
-    make_plots(cfg.run_dir)
-    print(summarize(cfg.run_dir))
+    print(trainer.summary)  # plots and summary.txt were written as the run finished
     return 0 if final is not None else 1
 
 

@@ -51,9 +51,15 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(48, gt=0)
     threads: int = Field(2, ge=1)
     """torch threads inside each rollout worker."""
-    sync_transport: Literal["auto", "object"] = "auto"
-    """Weight sync: "auto" uses shared memory when every rollout worker shares learner rank 0's node
-    (one copy), else the Ray object store; "object" always uses the object store."""
+    sync_transport: Literal["auto", "shm", "object", "collective", "ipc"] = "auto"
+    """Weight sync (docs/gpu.md, :mod:`rlkit.sync`): "auto" picks by placement: ipc when every
+    engine is on learner rank 0's GPU, collective when GPUs are involved, shm when everything is on
+    rank 0's node on CPU, collective over gloo across nodes, else the object store. "shm", "object",
+    "collective" (rank 0 broadcasts over a process group of its own) and "ipc" (CUDA IPC handles)
+    force one; one that cannot work on the placement fails at the first sync naming this key."""
+    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend of the collective transport: "auto" is NCCL when learner rank 0 and
+    every engine are on CUDA, gloo otherwise."""
     overlap: bool = False
     """Generate step k+1 while learning on step k (one-step off-policy; staleness is recorded).
     Exact resume holds for the synchronous mode; with overlap the in-flight batch is redrawn and
@@ -328,6 +334,12 @@ def validate_components(cfg: RunConfig, source: str) -> None:
         raise ConfigError(str(e)) from None
     cfg._algorithm = setup
     algo, algo_needs = setup.algo, setup.needs
+    from rlkit.tracking import check_available
+
+    try:
+        check_available(cfg.report_to)
+    except ValueError as e:
+        raise ConfigError(f"{source}: key 'report_to': {e}") from None
     if algo_needs.teacher_logp and not cfg.model.teacher_path:
         raise ConfigError(f"{source}: key 'model.teacher_path': algorithm '{algo.name}' needs a teacher model")
     if cfg.learner.tis_cap is not None and not algo.linear_in_advantage:

@@ -67,10 +67,19 @@ class Trainer:
             self.eval_rows = []
         else:
             self.train_rows, self.eval_rows = load_prompts(spec, self.tokenizer)
+        # Reward functions that cannot load or bind to the data's columns fail here, before any actor.
+        from rlkit.rewards import check_loadable
+
+        columns = None if self.pair_file else (
+            {k for r in self.train_rows + self.eval_rows for k in r.fields}
+            | {"answer", "completion_len", "completion_ids", "group_id", "data_source"})
+        check_loadable(build_reward_config(cfg), columns)
         self.sampler = PromptSampler(self.train_rows, cfg.train.prompts_per_step, cfg.train.seed)
         self._initial_sampler = self.sampler.state_dict()
         self._initial_controller = self.controller.state_dict() if self.controller else {}
         self.state = TrainerState()
+        self.summary = ""
+        """The run's summary (``summary.txt``), once :meth:`fit` has finished."""
         self.runtime = runtime
         self._pending: Optional[tuple[list, list]] = None
         """Rows and in-flight generation refs of the next step (``rollout.overlap``)."""
@@ -85,20 +94,24 @@ class Trainer:
         from rlkit.runtime import Runtime
 
         cfg = self.cfg
+        ckpt = checkpoint.resolve(resume, self.run_dir)  # a bad --resume fails before any actor starts
+        if ckpt is not None:
+            checkpoint.load_trainer_state(ckpt)
         if self.runtime is None:
             self.runtime = Runtime(cfg, self.model_dir)
-        ckpt = checkpoint.resolve(resume, self.run_dir)
         if ckpt is not None:
             self._restore(ckpt)
         else:
             self.runtime.sync()  # engines start from the learner's exact weights (version 0)
-        log = MetricsLogger(self.run_dir, tensorboard="tensorboard" in cfg.report_to, resume=ckpt is not None)
+        log = MetricsLogger(self.run_dir, report_to=cfg.report_to, run_name=cfg.run_name, tags=cfg.tags,
+                            config=cfg.model_dump(mode="json"), resume=ckpt is not None)
         if ckpt is not None:
             log.truncate_after(self.state.step)
-        progress = Progress(cfg.train.steps, initial=self.state.step, enabled=cfg.progress)
+        progress = Progress(cfg.train.steps, initial=self.state.step, enabled=cfg.progress,
+                            max_minutes=cfg.train.max_minutes)
         timer = StageTimer()
         if self.state.step == 0 and cfg.eval.at_start and cfg.eval.num_problems:
-            log.log(0, self.evaluate(base=True))
+            log.log_eval(0, self.evaluate(base=True))
         last: dict[str, float] = {}
         evaluated = False
         with StopSignals(cfg.recovery.stop_signals) as stop:
@@ -112,11 +125,11 @@ class Trainer:
                     break
         progress.close()
         if cfg.eval.num_problems and not evaluated:
-            final = self.evaluate()
-            log.log(self.state.step, final)
-            last.update(final)
+            report = self.evaluate()
+            log.log_eval(self.state.step, report)
+            last.update(report.metrics)
         self.save()
-        log.close()
+        self.summary = log.finish()
         return last
 
     def _train_step(self, timer, log, progress) -> tuple[dict[str, float], bool]:
@@ -141,9 +154,12 @@ class Trainer:
         self.state.train_seconds += last["time/step"]
         last["progress/train_minutes"] = self.state.train_seconds / 60
         evaluated = self._eval_due(last["time/step"] / 60)
-        if evaluated:
-            last.update(self.evaluate())
+        report = self.evaluate() if evaluated else None
+        if report is not None:
+            last.update(report.metrics)
         log.log(self.state.step, last)
+        if report is not None:
+            log.log_eval(self.state.step, report, metrics=False)
         progress.update(self.state.step, last)
         if self.cfg.checkpoint.every_steps and self.state.step % self.cfg.checkpoint.every_steps == 0:
             self.save()
@@ -276,7 +292,7 @@ class Trainer:
         the algorithm's group filter, and the reward metrics of every sample."""
         texts = self.tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
         row_of = [rows[r.group_id] for r in rollouts]
-        fields = [{**row.fields, "answer": row.answer, "group_id": r.group_id,
+        fields = [{**row.fields, "answer": row.answer, "group_id": r.group_id, "completion_ids": list(r.completion_ids),
                    "completion_len": len(r.completion_ids)} for row, r in zip(row_of, rollouts)]
         res = self.runtime.score(texts, [row.prompt_text for row in row_of], fields,
                                  [row.data_source for row in row_of])
@@ -316,28 +332,21 @@ class Trainer:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ eval
-    def evaluate(self, base: bool = False) -> dict[str, float]:
-        """Greedy accuracy on the held-out set; ``accuracy_brief`` on problems the base model
+    def evaluate(self, base: bool = False):
+        """The held-out evaluation (:func:`rlkit.evaluate.evaluate`: greedy accuracy, and mean@n,
+        pass@k, maj@k with ``eval.n`` > 1), plus ``accuracy_brief`` on the problems the base model
         answered briefly (stopped within 24 tokens), so a gain from shorter answers alone shows."""
+        from rlkit.evaluate import evaluate
+
         rows = self.eval_rows[: self.cfg.eval.num_problems]
-        gens = self.runtime.greedy([self._encode(r.prompt_text) for r in rows], self.cfg.eval.max_new_tokens)
-        texts = self.tokenizer.batch_decode([g["completion_ids"] for g in gens], skip_special_tokens=True)
-        fields = [{**r.fields, "answer": r.answer, "completion_len": len(g["completion_ids"])}
-                  for r, g in zip(rows, gens)]
-        res = self.runtime.score(texts, [r.prompt_text for r in rows], fields, [r.data_source for r in rows])
-        outcome = groups.outcome_values(res.components, res.scores, self.outcome)
-        correct = [1.0 if v == 1.0 else 0.0 for v in outcome]
-        lengths = [len(g["completion_ids"]) for g in gens]
+        report = evaluate(self.runtime, self.tokenizer, rows, self.cfg.eval, self.outcome, seed=self.cfg.train.seed)
         if base:
-            self.state.eval_base = {"brief": [i for i, g in enumerate(gens)
+            self.state.eval_base = {"brief": [i for i, g in enumerate(report.greedy)
                                               if g["finish_reason"] == "stop" and len(g["completion_ids"]) <= 24]}
         brief = self.state.eval_base.get("brief", [])
-        out = {"eval/accuracy": sum(correct) / max(1, len(correct)),
-               "eval/length_mean": sum(lengths) / max(1, len(lengths)),
-               "eval/truncated_frac": sum(g["finish_reason"] == "length" for g in gens) / max(1, len(gens))}
         if brief:
-            out["eval/accuracy_brief"] = sum(correct[i] for i in brief) / len(brief)
-        return out
+            report.metrics["eval/accuracy_brief"] = sum(report.correct[i] for i in brief) / len(brief)
+        return report
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
