@@ -70,7 +70,12 @@ def _all_text(folder: Path) -> str:
 # ---------------------------------------------------------------------------------- Ray token
 CLIENT = """
 import os, ray
-ray.init(address=os.environ["CLIENT_ADDR"], logging_level="ERROR")
+if os.environ.get("CLIENT_VIA_RLKIT"):  # the way the rlkit driver joins
+    from rlkit.cluster import init_ray
+    from rlkit.config import load_config
+    init_ray(load_config(None, ["ray_address=" + os.environ["CLIENT_ADDR"]]))
+else:
+    ray.init(address=os.environ["CLIENT_ADDR"], logging_level="ERROR")
 where = [ray.remote(resources={n: 0.1})(lambda: ray.get_runtime_context().get_node_id()).remote()
          for n in ("node_a", "node_b")]
 print("RAN on", len(set(ray.get(where))), "nodes")
@@ -80,8 +85,8 @@ print("RAN on", len(set(ray.get(where))), "nodes")
 @pytest.mark.slow
 def test_two_node_cluster_refuses_clients_without_its_token():
     """Head + worker on this machine, started by ray_cluster.sh with rc_auth_setup. A client with
-    no token and one with a wrong token are refused by the GCS; one with the job's token runs a
-    task on each node. The token file is 0600 in a 0700 folder, appears in no output or Ray log,
+    no token (joining as the rlkit driver does) and one with a wrong token are refused by the GCS;
+    one with the job's token runs a task on each node. The token file is 0600 in a 0700 folder, appears in no output or Ray log,
     and is deleted at teardown."""
     body = r"""
 rc_auth_setup "$PWD/auth" || exit 9
@@ -96,7 +101,8 @@ rc_start_worker worker1 "$addr" "${small[@]}" --resources='{"node_b": 1}' --temp
 rc_wait_for_nodes "$addr" 2 240 >/dev/null || { echo "WAIT FAILED"; rc_teardown; exit 3; }
 export CLIENT_ADDR="$addr"
 # The two strangers run side by side (each is refused only after Ray's connection retries).
-(env -u RAY_AUTH_TOKEN_PATH RAY_AUTH_MODE=disabled timeout 150 "$RC_PYTHON" client.py >none.out 2>&1; echo "NONE rc=$?") &
+(env -u RAY_AUTH_TOKEN_PATH RAY_AUTH_MODE=disabled CLIENT_VIA_RLKIT=1 timeout 150 "$RC_PYTHON" client.py \
+    >none.out 2>&1; echo "NONE rc=$?") &
 none=$!
 (env -u RAY_AUTH_TOKEN_PATH RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$(printf '%064d' 7)" \
     timeout 150 "$RC_PYTHON" client.py >wrong.out 2>&1; echo "WRONG rc=$?") &
@@ -123,6 +129,8 @@ rc_teardown
     for name in ("none", "wrong"):
         assert f"{name.upper()} rc=0" not in res.stdout, out
         assert REFUSED in outs[name] and "RAN on" not in outs[name], outs[name][-3000:]
+    assert "the cluster refused this driver's authentication token (RAY_AUTH_MODE=disabled" in outs["none"], \
+        outs["none"][-3000:]
     assert re.fullmatch(r"[0-9a-f]{64}", token), "the token file does not hold a 256-bit hex token"
     assert token not in out + "".join(outs.values()) + ray_logs, "the token was printed or logged"
     assert "TOKEN GONE" in res.stdout, out
