@@ -2,26 +2,51 @@
 prove that each engine holds every tensor.
 
 A :class:`Transport` moves one version of the weights; :class:`WeightSync` picks one, runs it and
-checks the result. Two transports exist on CPU: shared memory (:class:`ShmTransport`, one copy,
-when every rollout worker shares learner rank 0's node) and the Ray object store
-(:class:`ObjectStoreTransport`, buckets put once and read by every worker, across nodes). A
-transport returns the checksums the learner took while the bytes were at hand
-(:mod:`rlkit.workers.weights`); :meth:`WeightSync.verify` compares them, tensor by tensor, with the
-engines' own sums after loading, so a skipped sync or a partial one (any tensor) is caught.
+checks the result. The transports (``rollout.sync_transport``; docs/gpu.md):
+
+* ``shm`` (:class:`ShmTransport`): one copy through shared memory, when every rollout worker shares
+  learner rank 0's node and nothing is on a GPU;
+* ``object`` (:class:`ObjectStoreTransport`): buckets put once in the Ray object store and read by
+  every worker, on any node;
+* ``collective`` (:class:`CollectiveTransport`): rank 0 broadcasts each bucket over a process group
+  of its own with every rollout worker: NCCL when all of them are on CUDA, gloo otherwise (the same
+  code; the group is built from a ``TCPStore`` and never touches DeepSpeed's default group);
+* ``ipc`` (:class:`IpcTransport`): CUDA IPC handles of rank 0's weights for engines on its GPU,
+  which copy device to device, with nothing through the host.
+
+``auto`` picks by placement (:func:`choose_transport`). A transport returns the checksums the
+learner took while the bytes were at hand (:mod:`rlkit.workers.weights`); :meth:`WeightSync.verify`
+compares them, tensor by tensor, with the engines' own sums after loading, so a skipped sync or a
+partial one (any tensor) is caught, whichever transport moved the bytes.
+
+The wire format of the collective transport, shared by both ends, is at the bottom of this module:
+:class:`WireTensor` (a bucket's layout, known to the receivers before the bytes arrive),
+:func:`open_store` / :func:`join_group` and :func:`broadcast`.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
+TRANSPORTS = ("auto", "shm", "object", "collective", "ipc")
+"""Values of ``rollout.sync_transport``."""
+BACKENDS = ("auto", "gloo", "nccl")
+"""Values of ``rollout.sync_backend`` (the collective transport's process group)."""
+
 
 class SyncError(RuntimeError):
     """A rollout engine does not hold the weights the learner just sent."""
+
+
+class TransportError(ValueError):
+    """A transport was asked for where it cannot work; the message names the config key."""
 
 
 def on_learners(learners: Sequence[Any], zero_stage: int, method: str, *args: Any) -> Any:
@@ -77,21 +102,151 @@ class ObjectStoreTransport:
         return state
 
 
+class CollectiveTransport:
+    """Any placement: learner rank 0 broadcasts the sync buckets over a process group of its own
+    with every rollout worker (rank 0 = learner rank 0, rank i + 1 = rollout worker i).
+
+    The group is built once, at the first sync, from a ``TCPStore`` that rank 0 hosts
+    (:func:`open_store`, :func:`join_group`): NCCL when rank 0 and every engine are on CUDA, gloo
+    otherwise (``backend``). Each sync the receivers first get the buckets' layout
+    (:class:`WireTensor`, no bytes), then every tensor of a bucket is broadcast; an engine whose
+    parameter matches receives straight into it, others receive into a buffer and load it. Under
+    ZeRO-3 every learner rank gathers the bucket's group while rank 0 sends it. A worker left out of
+    a sync (``targets``) still joins every broadcast, the group needs all of its members, but
+    discards the bytes and keeps its version: the check then catches it like any skipped sync.
+    """
+
+    name = "collective"
+
+    def __init__(self, learners: Sequence[Any], zero_stage: int, rollout: Sequence[Any], backend: str = "gloo",
+                 bucket_bytes: int = 64 * 2**20):
+        self.learners, self.zero_stage, self.rollout = learners, zero_stage, rollout
+        self.backend, self.bucket_bytes = backend, bucket_bytes
+        self.tag: Optional[str] = None
+
+    def _open(self) -> str:
+        import ray
+
+        tag = f"rlkit_sync_{uuid.uuid4().hex[:12]}"
+        world = 1 + len(self.rollout)
+        host, port = ray.get(self.learners[0].collective_open.remote(tag, world, self.backend))
+        # Every member blocks in the group's rendezvous until all have joined: start them together.
+        ray.get([self.learners[0].collective_join.remote(tag)] +
+                [w.collective_join.remote(host, port, tag, i + 1, world, self.backend)
+                 for i, w in enumerate(self.rollout)])
+        return tag
+
+    def send(self, version: int, targets: Sequence[Any]) -> dict[str, Any]:
+        import ray
+
+        if self.tag is None:
+            self.tag = self._open()
+        layout = ray.get(self.learners[0].sync_layout.remote(self.bucket_bytes))
+        ranks = self.learners if self.zero_stage == 3 else self.learners[:1]
+        sends = [a.collective_send.remote(self.tag, self.bucket_bytes) for a in ranks]
+        recvs = [w.collective_recv.remote(self.tag, version, layout, all(w is not t for t in targets))
+                 for w in self.rollout]
+        try:
+            return ray.get(sends + recvs)[0]
+        except Exception:
+            self.tag = None  # a member failed mid-broadcast: the next sync builds a new group
+            raise
+
+
+class IpcTransport:
+    """Rollout engines on learner rank 0's GPU: rank 0 hands out CUDA IPC handles of its weights
+    (``torch.multiprocessing`` reductions, bucket by bucket) and each engine copies device to device
+    from them; nothing passes through host memory. ZeRO ≤ 2 only (rank 0 holds the full weights)."""
+
+    name = "ipc"
+
+    def __init__(self, learners: Sequence[Any], bucket_bytes: int = 64 * 2**20):
+        self.learners, self.bucket_bytes = learners, bucket_bytes
+
+    def send(self, version: int, targets: Sequence[Any]) -> dict[str, Any]:
+        import ray
+
+        state = ray.get(self.learners[0].ipc_state.remote(self.bucket_bytes))
+        ray.get([w.load_ipc.remote(version, state["buckets"]) for w in targets])
+        del state["buckets"]
+        return state
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where an actor of the sync runs: its Ray node, its device and, on CUDA, the GPU's UUID
+    (device indices differ between processes that see different ``CUDA_VISIBLE_DEVICES``)."""
+
+    node: str
+    device: str
+    gpu: Optional[str] = None
+
+
+def choose_transport(learner: Placed, workers: Sequence[Placed], *, lora: bool, zero_stage: int,
+                     shm_room: bool = True) -> str:
+    """The ``auto`` transport: IPC when every engine is on learner rank 0's GPU (full weights
+    only, ZeRO ≤ 2); the collective over NCCL when GPUs are involved; shared memory when all are
+    CPU processes of one node with room in /dev/shm (full weights only); the collective over gloo
+    across nodes; else the object store (LoRA adapters on one CPU node, or no room in /dev/shm)."""
+    on_gpu = learner.device == "cuda" or any(w.device == "cuda" for w in workers)
+    if on_gpu:
+        same_gpu = learner.device == "cuda" and all(w.gpu == learner.gpu for w in workers)
+        return "ipc" if same_gpu and not lora and zero_stage != 3 else "collective"
+    if all(w.node == learner.node for w in workers):
+        return "shm" if shm_room and not lora else "object"
+    return "collective"
+
+
+def transport_error(name: str, learner: Placed, workers: Sequence[Placed], *, lora: bool, zero_stage: int,
+                    backend: str = "auto") -> Optional[str]:
+    """Why ``rollout.sync_transport: name`` (or ``rollout.sync_backend: backend``) cannot work on
+    this placement, or None when it can."""
+    key = f"rollout.sync_transport: {name}"
+    on_cuda = learner.device == "cuda" and all(w.device == "cuda" for w in workers)
+    if name == "shm":
+        if lora:
+            return f"{key} sends full weights; a LoRA policy sends adapters (use collective or object)"
+        if learner.device != "cpu" or any(w.device != "cpu" for w in workers):
+            return f"{key} needs the learner and every engine on CPU (use ipc or collective on GPUs)"
+        if any(w.node != learner.node for w in workers):
+            return f"{key} needs every rollout worker on learner rank 0's node (use collective or object)"
+    if name == "ipc":
+        if any(w.node != learner.node for w in workers):
+            return f"{key}: CUDA IPC cannot cross nodes; rollout workers run on other nodes (use collective)"
+        if learner.device != "cuda" or any(w.gpu != learner.gpu for w in workers):
+            return f"{key} needs every engine on learner rank 0's GPU (use collective)"
+        if lora or zero_stage == 3:
+            return f"{key} shares rank 0's full weights: not with LoRA or ZeRO-3 (use collective)"
+    if name == "collective" and backend == "nccl" and not on_cuda:
+        return "rollout.sync_backend: nccl needs learner rank 0 and every engine on CUDA (use gloo or auto)"
+    return None
+
+
+def collective_backend(learner: Placed, workers: Sequence[Placed], backend: str = "auto") -> str:
+    """NCCL when rank 0 and every engine are on CUDA, gloo otherwise (or as configured)."""
+    if backend != "auto":
+        return backend
+    on_cuda = learner.device == "cuda" and all(w.device == "cuda" for w in workers)
+    return "nccl" if on_cuda else "gloo"
+
+
 class WeightSync:
     """Chooses a transport once (at the first sync), sends, and verifies every tensor."""
 
     def __init__(self, learners: Sequence[Any], rollout: Sequence[Any], *, zero_stage: int, lora: bool,
-                 mode: str = "auto"):
+                 mode: str = "auto", backend: str = "auto"):
+        if mode not in TRANSPORTS:
+            raise TransportError(f"rollout.sync_transport: unknown transport {mode!r}; valid: {list(TRANSPORTS)}")
         self.learners, self.rollout = learners, rollout
-        self.zero_stage, self.lora, self.mode = zero_stage, lora, mode
+        self.zero_stage, self.lora, self.mode, self.backend = zero_stage, lora, mode, backend
         self.transport: Optional[Transport] = None
 
     def sync(self, version: int, *, bucket_bytes: int = 64 * 2**20, skip: tuple[int, ...] = (),
              transport: Optional[str] = None) -> dict[str, float]:
         """Send the learner's weights as ``version`` to every rollout worker not in ``skip``, then
-        verify all of them. ``transport`` forces one ("shm" or "object") for this sync."""
+        verify all of them. ``transport`` forces one of :data:`TRANSPORTS` for this sync."""
         chosen = self._choose() if transport is None else self._make(transport)
-        if isinstance(chosen, ObjectStoreTransport):
+        if hasattr(chosen, "bucket_bytes"):
             chosen.bucket_bytes = bucket_bytes
         t0 = time.perf_counter()
         state = chosen.send(version, [w for i, w in enumerate(self.rollout) if i not in skip])
@@ -114,28 +269,45 @@ class WeightSync:
                 raise SyncError(f"rollout worker {i}: {len(bad)} of {len(names)} tensors differ from the learner's, "
                                 f"first '{n}': checksum {got['sums'].get(n)} != learner {want[n]}")
 
+    def placement(self) -> tuple[Placed, list[Placed]]:
+        """Where learner rank 0 and each rollout worker run (asked once per transport choice)."""
+        import ray
+
+        places = ray.get([a.sync_place.remote() for a in [self.learners[0], *self.rollout]])
+        return Placed(**places[0]), [Placed(**p) for p in places[1:]]
+
     def _choose(self) -> Transport:
-        """Shared memory when it can work here (decided once), else the object store."""
+        """The configured transport, or the automatic one (decided once)."""
         import ray
 
         if self.transport is None:
-            name = "object"
-            if self.mode == "auto" and not self.lora:
-                nodes = ray.get([a.node_id.remote() for a in [self.learners[0], *self.rollout]])
-                weight_bytes = float(ray.get(self.learners[0].weight_bytes.remote()))
-                if len(set(nodes)) == 1 and shm_free_bytes() > 2.2 * weight_bytes:
-                    name = "shm"
-            self.transport = self._make(name)
+            learner, workers = self.placement()
+            name = self.mode
+            if name == "auto":
+                room = True
+                if learner.device == "cpu" and all(w.node == learner.node for w in workers) and not self.lora:
+                    room = shm_free_bytes() > 2.2 * float(ray.get(self.learners[0].weight_bytes.remote()))
+                name = choose_transport(learner, workers, lora=self.lora, zero_stage=self.zero_stage, shm_room=room)
+            self.transport = self._make(name, (learner, workers))
         return self.transport
 
-    def _make(self, name: str) -> Transport:
+    def _make(self, name: str, placed: Optional[tuple[Placed, list[Placed]]] = None) -> Transport:
         if self.transport is not None and self.transport.name == name:
             return self.transport
+        if name not in TRANSPORTS[1:]:
+            raise TransportError(f"unknown sync transport {name!r}; valid: {list(TRANSPORTS[1:])}")
+        learner, workers = placed or self.placement()
+        why = transport_error(name, learner, workers, lora=self.lora, zero_stage=self.zero_stage, backend=self.backend)
+        if why:
+            raise TransportError(why)
         if name == "shm":
             return ShmTransport(self.learners, self.zero_stage)
         if name == "object":
             return ObjectStoreTransport(self.learners, self.zero_stage)
-        raise ValueError(f"unknown sync transport {name!r}; valid: ['shm', 'object']")
+        if name == "ipc":
+            return IpcTransport(self.learners)
+        return CollectiveTransport(self.learners, self.zero_stage, self.rollout,
+                                   collective_backend(learner, workers, self.backend))
 
 
 def _close(got: Optional[float], want: float) -> bool:
@@ -149,3 +321,105 @@ def shm_free_bytes() -> int:
     except OSError:
         return 0
     return st.f_bavail * st.f_frsize
+
+
+# ---------------------------------------------------------------------- the collective's wire
+@dataclass(frozen=True)
+class WireTensor:
+    """One tensor of a broadcast bucket, as the receivers learn it before the bytes arrive.
+
+    ``part`` is "weight" for a full weight under its HF name, or "lora_A" / "lora_B" for the factors
+    of the LoRA adapter of weight ``name`` (``scaling``, ``fan_in_fan_out`` as in
+    :class:`rlkit.workers.lora_sync.LoraDelta`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    part: str = "weight"
+    scaling: float = 1.0
+    fan_in_fan_out: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+"""How long a member waits in the rendezvous or a broadcast (a sync may wait for a rollout
+worker to finish generating)."""
+
+
+def open_store(host: str) -> Any:
+    """The rendezvous store of a sync group, hosted by learner rank 0 on a free port of ``host``."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT)
+
+
+@dataclass
+class SyncGroup:
+    """A member's handle on a sync group: the process group, the store connection it was built
+    from (kept open for the group's lifetime) and the device its tensors live on."""
+
+    process_group: Any
+    store: Any
+    backend: str
+    tag: str
+
+    @property
+    def device(self) -> torch.device:
+        """The current CUDA device for NCCL, host memory for gloo."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+
+def join_group(host: str, port: int, tag: str, rank: int, world: int, backend: str, store: Any = None) -> SyncGroup:
+    """Join the sync group ``tag`` as ``rank`` of ``world``: a ``ProcessGroupGloo`` or
+    ``ProcessGroupNCCL`` built directly on the store (``torch.distributed``'s default group, the
+    learners' DeepSpeed group, is neither used nor changed). Blocks until every member has joined."""
+    import torch.distributed as dist
+
+    if store is None:
+        store = dist.TCPStore(host, port, is_master=False, timeout=GROUP_TIMEOUT)
+    prefixed = dist.PrefixStore(tag, store)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = GROUP_TIMEOUT
+        pg = dist.ProcessGroupNCCL(prefixed, rank, world, opts)
+    elif backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = GROUP_TIMEOUT
+        # Bound to this node's Ray address, which the other nodes reach (the hostname may not resolve).
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_node_ip())]
+        pg = dist.ProcessGroupGloo(prefixed, rank, world, opts)
+    else:
+        raise TransportError(f"rollout.sync_backend: unknown backend {backend!r}; valid: {list(BACKENDS)}")
+    return SyncGroup(pg, store, backend, tag)
+
+
+def broadcast(group: SyncGroup, tensors: Sequence[torch.Tensor], root: int = 0) -> None:
+    """Broadcast ``tensors`` from ``root`` into the same-shaped tensors of every other member, in
+    order, as raw bytes (any dtype, bf16 included, on either backend). All are issued before any is
+    awaited, so a bucket's transfers overlap. Every tensor must be contiguous and on ``group.device``."""
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = root
+    works = [group.process_group.broadcast([t.reshape(-1).view(torch.uint8)], opts) for t in tensors if t.numel()]
+    for w in works:
+        w.wait()
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except (ImportError, RuntimeError, AttributeError):  # outside Ray (bench/gpu_check.py's plain processes)
+        return "127.0.0.1"

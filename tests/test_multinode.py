@@ -4,7 +4,8 @@
 that carry the custom resources ``node_a`` / ``node_b``; ``resources.custom`` pins each role to
 one of them through its placement-group bundle. A tiny GRPO job then trains for two steps, so the
 weight sync (rank 0 on node_b → driver on node_a's raylet → rollout worker on node_a) crosses
-the node boundary and is checked by the runtime's checksums after every step.
+the node boundary and is checked by the runtime's checksums after every step. Across nodes the
+sync goes through the collective transport over gloo (rank 0 broadcasts to the engine).
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def test_rollout_and_learners_on_different_nodes_sync_across(two_nodes, tmp_path
         assert got["version"] == 2
         for name in names:
             assert got["sums"][name] == pytest.approx(want[name], rel=1e-6, abs=1e-6)
+        # Across nodes on CPU the automatic transport is rank 0's gloo broadcast group
+        # (rlkit.sync.CollectiveTransport); the object store delivers the same weights.
+        assert rt.weight_sync.transport.name == "collective"
+        rt.sync(transport="object")
     finally:
         for a in rt.learners + rt.rollout + [rt.reward]:
             ray.kill(a)

@@ -255,6 +255,21 @@ class HFEngine:
                 raise KeyError(f"weight sync: the engine has no tensor named '{name}'")
             target.copy_(t.to(target.dtype))
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def named_weights(self) -> dict[str, Tensor]:
+        """The model's parameters and buffers by HF name: a collective sync receives into them."""
+        return {**dict(self.model.named_buffers()), **dict(self.model.named_parameters())}
+
+    def weights_updated(self, names: list[str]) -> None:
+        """Tensors of ``names`` were written in place behind autograd's back (a collective received
+        into them): bump their version counters so derived copies (:class:`PackedLinears`) rebuild."""
+        weights = self.named_weights()
+        for n in names:
+            torch.autograd.graph.increment_version(weights[n])
+
     @torch.no_grad()
     def adopt_weights(self, named: dict[str, Tensor]) -> None:
         """Point the model's tensors at ``named`` (shared memory of a same-node sync), no copy;

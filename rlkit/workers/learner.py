@@ -397,6 +397,29 @@ class LearnerRank:
         if self._shm.get("writer") is not None:
             self._shm.pop("writer").close()
 
+    def sync_place(self) -> dict[str, Any]:
+        return weights.sync_place(self.policy)
+
+    def sync_layout(self, bucket_bytes: int) -> list:
+        return weights.wire_layout(self.policy, bucket_bytes)
+
+    def collective_open(self, tag: str, world: int, backend: str) -> tuple[str, int]:
+        return weights.open_group(self._sync_groups, tag, world, backend)
+
+    def collective_join(self, tag: str) -> None:
+        weights.join_opened(self._sync_groups, tag)
+
+    def collective_send(self, tag: str, bucket_bytes: int) -> dict[str, Any]:
+        return weights.send_on_group(self.policy, self.rank, self._zero, self._sync_groups, tag, bucket_bytes)
+
+    def ipc_state(self, bucket_bytes: int) -> dict[str, Any]:
+        return weights.ipc_state(self.policy, self._zero, bucket_bytes)
+
+    @property
+    def _sync_groups(self) -> dict:
+        """Rank 0's collective sync groups by tag (rlkit.sync.CollectiveTransport)."""
+        return self.__dict__.setdefault("_groups", {})
+
     def node_id(self) -> str:
         import ray
 

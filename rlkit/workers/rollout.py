@@ -5,6 +5,11 @@ weights that produced it. Weight sync arrives as buckets of named tensors (or, f
 the frozen base weights); after loading them the
 worker reports checksums of a fixed set of tensors so the driver can prove the engine has the new
 weights (a skipped or partial sync is detected, not silently trained on).
+
+Each transport of :mod:`rlkit.sync` has its receiving method here: ``load_buckets`` (object
+store), ``load_shm`` (shared memory), ``collective_join`` / ``collective_recv`` (the broadcast
+group; an engine that exposes ``named_weights`` receives straight into its matching parameters)
+and ``load_ipc`` (CUDA IPC handles).
 """
 
 from __future__ import annotations
@@ -68,22 +73,86 @@ class RolloutWorker:
         """Load weight buckets (each a list of (name, tensor), or an ObjectRef to one)."""
         import ray
 
-        from rlkit.workers.lora_sync import BaseWeights, LoraDelta
-
         t0 = time.perf_counter()
         nbytes = 0
         for bucket in buckets:
             if isinstance(bucket, ray.ObjectRef):
                 bucket = ray.get(bucket)
-            deltas = [d for d in bucket if isinstance(d, LoraDelta)]
-            if deltas:  # LoRA: adapters only; merge onto the frozen base weights here
-                if self._base is None:
-                    self._base = BaseWeights(self.model_dir)
-                nbytes += sum(d.nbytes for d in deltas)
-                bucket = self._base.merge(deltas)
-            else:
-                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            self.engine.load_weights(bucket)
+            nbytes += self._load_items(bucket)
+        self.version = version
+        return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
+
+    def _load_items(self, bucket: list) -> int:
+        """Load one bucket of sync items, (name, tensor) pairs or LoRA deltas; returns its bytes."""
+        from rlkit.workers.lora_sync import BaseWeights, LoraDelta
+
+        deltas = [d for d in bucket if isinstance(d, LoraDelta)]
+        if deltas:  # LoRA: adapters only; merge onto the frozen base weights here
+            if self._base is None:
+                self._base = BaseWeights(self.model_dir)
+            self.engine.load_weights(self._base.merge(deltas))
+            return sum(d.nbytes for d in deltas)
+        self.engine.load_weights(bucket)
+        return sum(t.numel() * t.element_size() for _, t in bucket)
+
+    # ---------------------------------------------------------------- collective and IPC syncs
+    def sync_place(self) -> dict[str, Any]:
+        """This worker's node, engine device and GPU (:class:`rlkit.sync.Placed`)."""
+        import torch
+
+        from rlkit.workers.weights import device_place
+
+        return device_place(torch.device(getattr(self.engine, "device", "cpu")))
+
+    def collective_join(self, host: str, port: int, tag: str, rank: int, world: int, backend: str) -> None:
+        """Join the sync group ``tag`` (blocks until learner rank 0 and every worker have joined)."""
+        from rlkit.sync import join_group
+
+        self._group = join_group(host, port, tag, rank, world, backend)
+
+    def collective_recv(self, tag: str, version: int, layout: list, discard: bool = False) -> dict[str, float]:
+        """Receive one sync from the group's broadcasts, bucket by bucket as ``layout`` says.
+
+        A full weight whose engine parameter has its shape, dtype and device (and is contiguous) is
+        received in place; anything else (another dtype, a LoRA factor, an engine without
+        ``named_weights``) into a buffer, then loaded. ``discard``: join every broadcast, keep
+        nothing (a worker left out of this sync; the group needs every member)."""
+        from rlkit.sync import broadcast
+
+        t0 = time.perf_counter()
+        group = getattr(self, "_group", None)
+        if group is None or group.tag != tag:
+            raise RuntimeError(f"rollout worker {self.worker_index}: not in sync group {tag}")
+        device = group.device
+        named = getattr(self.engine, "named_weights", None)
+        params = named() if named is not None and not discard else {}
+        nbytes = 0
+        for bucket in layout:
+            bufs = [_recv_target(params.get(w.name), w, device) for w in bucket]
+            broadcast(group, bufs)
+            nbytes += sum(w.nbytes for w in bucket)
+            if discard:
+                continue
+            in_place = [w.name for w, b in zip(bucket, bufs) if b is params.get(w.name)]
+            if in_place:
+                self.engine.weights_updated(in_place)
+            staged = [(w, b) for w, b in zip(bucket, bufs) if b is not params.get(w.name)]
+            if staged:
+                self._load_items(_items(staged))
+        if not discard:
+            self.version = version
+        return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
+
+    def load_ipc(self, version: int, buckets: list) -> dict[str, float]:
+        """Same-GPU sync: open each CUDA IPC handle of learner rank 0's weights and copy from it
+        (device to device); the learner's memory is released with the handle."""
+        t0 = time.perf_counter()
+        nbytes = 0
+        for bucket in buckets:
+            named = [(name, rebuild(*args)) for name, (rebuild, args) in bucket]
+            self.engine.load_weights(named)
+            nbytes += sum(t.numel() * t.element_size() for _, t in named)
+            del named
         self.version = version
         return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
 
@@ -117,3 +186,29 @@ class RolloutWorker:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _recv_target(param: Any, w: Any, device: Any) -> Any:
+    """The engine's own parameter when a full weight can be received into it as is, else a buffer."""
+    import torch
+
+    if (param is not None and w.part == "weight" and tuple(param.shape) == tuple(w.shape)
+            and param.dtype == w.torch_dtype and param.device == device and param.is_contiguous()):
+        return param
+    return torch.empty(w.shape, dtype=w.torch_dtype, device=device)
+
+
+def _items(staged: list) -> list:
+    """Received buffers as sync items: (name, tensor) pairs, or LoRA deltas from their A and B."""
+    from rlkit.workers.lora_sync import LoraDelta
+
+    items, factors = [], {}
+    for w, t in staged:
+        if w.part == "weight":
+            items.append((w.name, t))
+        else:
+            factors.setdefault(w.name, {})[w.part] = (w, t)
+    for name, f in factors.items():
+        (wa, a), (_, b) = f["lora_A"], f["lora_B"]
+        items.append(LoraDelta(name, a, b, wa.scaling, wa.fan_in_fan_out))
+    return items

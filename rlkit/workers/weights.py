@@ -10,6 +10,10 @@ A sync sends *items*: ``(HF name, tensor)`` pairs, or for a LoRA policy the adap
 are at hand the learner also takes its checksum (the float64 sum of the full weight the engine must
 end up holding), so the driver can check every tensor of every sync against the engine
 (:mod:`rlkit.sync`) without a second pass or gather.
+
+Per transport: :func:`object_state` (Ray object store), :func:`shm_state` (shared memory),
+:func:`collective_send` (a broadcast over the sync group, whose layout :func:`wire_layout` gives
+the receivers first) and :func:`ipc_state` (CUDA IPC handles).
 """
 
 from __future__ import annotations
@@ -57,21 +61,28 @@ def gathered(params: list[torch.Tensor], zero_stage: int):
     return contextlib.nullcontext()
 
 
+def param_groups(policy: torch.nn.Module, group_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """The policy's named parameters in groups of about ``group_bytes`` of full weights: the units
+    that :func:`full_groups` gathers and a collective sync sends (no data is read)."""
+    groups, group, size = [], [], 0
+    for name, p in policy.named_parameters():
+        group.append((name, p))
+        size += full_numel(p) * p.element_size()
+        if size >= group_bytes:
+            groups.append(group)
+            group, size = [], 0
+    return groups + ([group] if group else [])
+
+
 def full_groups(policy: torch.nn.Module, zero_stage: int,
                 group_bytes: int = GROUP_BYTES) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The policy's full weights in HF names, in groups of about ``group_bytes``.
 
     The tensors are valid until the next group is requested (under ZeRO-3 each group is gathered
     from every rank for that long), and every rank must exhaust the iterator."""
-    group, size = [], 0
-    named = list(policy.named_parameters())
-    for i, (name, p) in enumerate(named):
-        group.append((name, p))
-        size += full_numel(p) * p.element_size()
-        if size >= group_bytes or i == len(named) - 1:
-            with gathered([q for _, q in group], zero_stage):
-                yield [(n, q.detach()) for n, q in group]
-            group, size = [], 0
+    for group in param_groups(policy, group_bytes):
+        with gathered([q for _, q in group], zero_stage):
+            yield [(n, q.detach()) for n, q in group]
 
 
 def item_name(item: Any) -> str:
@@ -180,3 +191,105 @@ def checksum(policy: torch.nn.Module, zero_stage: int, names: list[str]) -> dict
 def param_vector(policy: torch.nn.Module, zero_stage: int) -> torch.Tensor:
     """Every full weight, flattened and concatenated (tests compare ranks and runs with it)."""
     return torch.cat([t.flatten().clone() for group in full_groups(policy, zero_stage) for _, t in group])
+
+
+# ---------------------------------------------------------------------- collective and IPC
+def sync_place(policy: torch.nn.Module) -> dict[str, Any]:
+    """This rank's node, device and GPU UUID (:class:`rlkit.sync.Placed`)."""
+    return device_place(next(policy.parameters()).device)
+
+
+def device_place(device: torch.device) -> dict[str, Any]:
+    """Node, device kind and (on CUDA) the physical GPU's UUID of ``device`` in this process."""
+    import ray
+
+    gpu = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+    return {"node": ray.get_runtime_context().get_node_id(), "device": device.type, "gpu": gpu}
+
+
+def wire_layout(policy: torch.nn.Module, bucket_bytes: int) -> list[list[Any]]:
+    """What :func:`collective_send` will broadcast, bucket by bucket, without the bytes: full
+    weights by shape (nothing is gathered under ZeRO-3), or a LoRA policy's two factors per adapter."""
+    from rlkit.sync import WireTensor
+
+    if is_lora(policy):
+        return [[WireTensor(d.name, tuple(t.shape), _dtype_name(t), part, d.scaling, d.fan_in_fan_out)
+                 for d in bucket for part, t in (("lora_A", d.A), ("lora_B", d.B))]
+                for bucket in pack(lora_deltas(policy), bucket_bytes)]
+    return [[WireTensor(n, full_shape(p), _dtype_name(p)) for n, p in group]
+            for group in param_groups(policy, bucket_bytes)]
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def wire_tensors(item: Any) -> list[torch.Tensor]:
+    """The tensors of one sync item in :func:`wire_layout`'s order."""
+    return [item.A, item.B] if isinstance(item, LoraDelta) else [item[1]]
+
+
+@torch.no_grad()
+def collective_send(policy: torch.nn.Module, rank: int, zero_stage: int, group: Any,
+                    bucket_bytes: int) -> dict[str, Any]:
+    """Rank 0 broadcasts the sync items bucket by bucket over the sync group (:func:`rlkit.sync.
+    broadcast`), in :func:`wire_layout`'s order, and takes each weight's checksum meanwhile. Under
+    ZeRO-3 the other ranks only join the gathers."""
+    from rlkit.sync import broadcast
+
+    names, sums, nbytes = [], {}, 0
+    for bucket in sync_buckets(policy, zero_stage, bucket_bytes):
+        if rank != 0:
+            continue
+        # A gloo group sends from host memory: tensors on a GPU are staged there (NCCL sends in place).
+        broadcast(group, [t.contiguous().to(group.device) for item in bucket for t in wire_tensors(item)])
+        names += [item_name(i) for i in bucket]
+        nbytes += sum(item_bytes(i) for i in bucket)
+        sums.update(bucket_sums(policy, bucket))
+    return {"names": names, "bytes": float(nbytes), "sums": sums}
+
+
+@torch.no_grad()
+def ipc_state(policy: torch.nn.Module, zero_stage: int, bucket_bytes: int) -> dict[str, Any]:
+    """Rank 0, engines on its GPU: a CUDA IPC handle of every weight (``torch.multiprocessing``'s
+    reduction, which shares the parameter's memory as it is, no copy), bucket by bucket, with names,
+    bytes and checksums. The engines copy from them before the driver lets training go on."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    if zero_stage == 3 or is_lora(policy):
+        raise ValueError("rollout.sync_transport: ipc shares rank 0's full weights: not with LoRA or ZeRO-3")
+    buckets, names, sums, nbytes = [], [], {}, 0
+    for group in full_groups(policy, zero_stage, bucket_bytes):
+        if any(t.device.type != "cuda" for _, t in group):
+            raise ValueError("rollout.sync_transport: ipc needs the learner's weights on CUDA")
+        buckets.append([(n, reduce_tensor(t)) for n, t in group])
+        names += [n for n, _ in group]
+        nbytes += sum(t.numel() * t.element_size() for _, t in group)
+        sums.update({n: tensor_sum(t) for n, t in group})
+    return {"buckets": buckets, "names": names, "bytes": float(nbytes), "sums": sums}
+
+
+def open_group(slot: dict, tag: str, world: int, backend: str) -> tuple[str, int]:
+    """Rank 0: host the rendezvous store of sync group ``tag`` on a free port of this node; the
+    group itself is joined by :func:`join_opened`, while the rollout workers join theirs."""
+    import ray
+
+    from rlkit.sync import open_store
+
+    host = ray.util.get_node_ip_address()
+    store = open_store(host)
+    slot[tag] = (host, store, world, backend)
+    return host, int(store.port)
+
+
+def join_opened(slot: dict, tag: str) -> None:
+    from rlkit.sync import join_group
+
+    host, store, world, backend = slot[tag]
+    slot[tag] = join_group(host, 0, tag, 0, world, backend, store=store)
+
+
+def send_on_group(policy: torch.nn.Module, rank: int, zero_stage: int, slot: dict, tag: str,
+                  bucket_bytes: int) -> dict[str, Any]:
+    """:func:`collective_send` on group ``tag`` (rank 0 holds it; other ZeRO-3 ranks only gather)."""
+    return collective_send(policy, rank, zero_stage, slot.get(tag), bucket_bytes)
