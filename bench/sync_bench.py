@@ -4,9 +4,11 @@
     .venv/bin/python bench/sync_bench.py --quick    # tiny random Llama (26 MB), buckets 1/4/64 MiB
 
 A :class:`rlkit.runtime.Runtime` with one DeepSpeed learner and one HF-engine rollout worker (Ray
-local cluster). Both transports: the object store, for each bucket size, and shared memory (the
-default when learner and rollout worker share a node: the learner copies its weights into one of
-two segments, the worker's engine adopts views of it; the row "shm"). For each object-store bucket size, ``--repeats`` calls of
+local cluster). Three transports: the object store, for each bucket size; the collective (learner
+rank 0 broadcasts each bucket over a gloo group of its own, the engine receives into its
+parameters; rows "coll N", for each bucket size; NCCL on GPUs runs the same code); and shared
+memory (the default when learner and rollout worker share a node: the learner copies its weights
+into one of two segments, the worker's engine adopts views of it; the row "shm"). For each object-store bucket size, ``--repeats`` calls of
 ``Runtime.sync(bucket_bytes=...)``: learner rank 0 clones its weights into buckets and puts each in
 the object store, the rollout worker gets them and copies them into its model, then the driver
 checks probe checksums. ``sync/seconds`` (transfer, without the checksum check) and ``sync/bytes``
@@ -71,9 +73,21 @@ def make_runtime(args: argparse.Namespace, run_dir: str):
     return Runtime(cfg, model_dir)
 
 
-def breakdown(rt, bucket_bytes: int) -> dict[str, float]:
+def breakdown(rt, bucket_bytes: int, transport: str = "object") -> dict[str, float]:
     """One sync done by hand through the same actor calls as ``Runtime.sync``, timed per side."""
     import ray
+
+    if transport == "collective":  # both sides run at once: each side's own time of the broadcast
+        tr = rt.weight_sync._make("collective")
+        layout = ray.get(rt.learners[0].sync_layout.remote(bucket_bytes))
+        t0 = time.perf_counter()
+        sent = rt.learners[0].collective_send.remote(tr.tag, bucket_bytes)
+        got = rt.rollout[0].collective_recv.remote(tr.tag, rt.version, layout)
+        state, loaded = ray.get([sent, got])
+        t2 = time.perf_counter()
+        rt.weight_sync.verify(rt.version, state["sums"])
+        return {"learner_pack_put_s": t2 - t0, "worker_get_load_s": loaded["seconds"], "worker_call_s": t2 - t0,
+                "buckets": len(layout), "total_s": t2 - t0, "bytes": state["bytes"]}
 
     if bucket_bytes == 0:  # shared memory
         t0 = time.perf_counter()
@@ -106,19 +120,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if shm:
             rt.sync(transport="shm")  # warm-up: create both segments, fault in their pages
             rt.sync(transport="shm")
-        for mib in args.buckets + ([0] if shm else []):
+        rt.sync(transport="collective")  # warm-up: build the gloo group, first broadcast
+        cases = ([("object", mib) for mib in args.buckets] + [("collective", mib) for mib in args.buckets]
+                 + ([("shm", 0)] if shm else []))
+        for transport, mib in cases:
             seconds, walls, nbytes = [], [], 0.0
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                m = rt.sync(bucket_bytes=int(mib * MiB), transport="shm" if mib == 0 else "object")
+                m = rt.sync(bucket_bytes=int(mib * MiB), transport=transport)
                 walls.append(time.perf_counter() - t0)
                 seconds.append(m["sync/seconds"])
                 nbytes = m["sync/bytes"]
             rate = common.summary(nbytes / s for s in seconds)
-            rows.append({"bucket_mib": mib, "transport": "shm" if mib == 0 else "object", "bytes": nbytes, "seconds": common.summary(seconds),
+            rows.append({"bucket_mib": mib, "transport": transport, "bytes": nbytes, "seconds": common.summary(seconds),
                          "bytes_per_s": rate, "wall_with_check_s": common.summary(walls),
-                         "breakdown": breakdown(rt, int(mib * MiB))})
-            label = "shared memory" if mib == 0 else f"bucket {mib:g} MiB"
+                         "breakdown": breakdown(rt, int(mib * MiB), transport)})
+            label = "shared memory" if transport == "shm" else f"{transport} bucket {mib:g} MiB"
             print(f"[sync] {label}: {common.fmt(rate, '.3g', 1e-9)} GB/s", flush=True)
     finally:
         rt.shutdown()
@@ -141,7 +158,7 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"{'bucket MiB':>10} {'sync s':>22} {'GB/s':>22} {'× memcpy':>22} {'learner s':>10} {'worker s':>9}")
     for r in res["buckets"]:
         b = r["breakdown"]
-        label = "shm" if r.get("transport") == "shm" else f"{r['bucket_mib']:g}"
+        label = {"shm": "shm", "collective": f"coll {r['bucket_mib']:g}"}.get(r.get("transport"), f"{r['bucket_mib']:g}")
         print(f"{label:>10} {common.fmt(r['seconds'], '.3f'):>22} "
               f"{common.fmt(r['bytes_per_s'], '.3g', 1e-9):>22} {common.fmt(r['ratio_vs_memcpy'], '.3f'):>22} "
               f"{b['learner_pack_put_s']:10.3f} {b['worker_get_load_s']:9.3f}")

@@ -239,7 +239,21 @@ class WeightSync:
             raise TransportError(f"rollout.sync_transport: unknown transport {mode!r}; valid: {list(TRANSPORTS)}")
         self.learners, self.rollout = learners, rollout
         self.zero_stage, self.lora, self.mode, self.backend = zero_stage, lora, mode, backend
-        self.transport: Optional[Transport] = None
+        self._made: dict[str, Transport] = {}
+        self.transport = None
+
+    @property
+    def transport(self) -> Optional[Transport]:
+        """The transport of every sync that forces none (chosen at the first sync)."""
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: Optional[Transport]) -> None:
+        # None (e.g. after the learner group restarted) drops every made transport: their groups
+        # and shared-memory writers belonged to the old ranks.
+        if value is None:
+            self._made = {}
+        self._transport = value
 
     def sync(self, version: int, *, bucket_bytes: int = 64 * 2**20, skip: tuple[int, ...] = (),
              transport: Optional[str] = None) -> dict[str, float]:
@@ -292,8 +306,15 @@ class WeightSync:
         return self.transport
 
     def _make(self, name: str, placed: Optional[tuple[Placed, list[Placed]]] = None) -> Transport:
+        """The transport ``name``, made once: a collective group or a shared-memory writer is kept
+        for every later sync that forces the same transport."""
         if self.transport is not None and self.transport.name == name:
             return self.transport
+        if name not in self._made:
+            self._made[name] = self._new(name, placed)
+        return self._made[name]
+
+    def _new(self, name: str, placed: Optional[tuple[Placed, list[Placed]]]) -> Transport:
         if name not in TRANSPORTS[1:]:
             raise TransportError(f"unknown sync transport {name!r}; valid: {list(TRANSPORTS[1:])}")
         learner, workers = placed or self.placement()

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlkit.sync import Placed, TransportError, WireTensor, choose_transport, collective_backend, transport_error
+from rlkit.sync import (
+    Placed,
+    TransportError,
+    WireTensor,
+    choose_transport,
+    collective_backend,
+    transport_error,
+)
 
 CPU_A, CPU_B = Placed("a", "cpu"), Placed("b", "cpu")
 GPU_0, GPU_1 = Placed("a", "cuda", "GPU-0"), Placed("a", "cuda", "GPU-1")
