@@ -42,11 +42,16 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / "hf" / "model.safetensors"))
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_model):
-    """4 steps in one go == 2 steps, SIGKILL, `--resume auto`, 2 more steps: bitwise equal weights."""
-    straight = tmp_path / "straight"
-    subprocess.run(_cmd(straight, tiny_model), env=_env(), check=True, timeout=600)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model) -> Path:
+    """The run directory of 4 uninterrupted steps."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(_cmd(run, tiny_model), env=_env(), check=True, timeout=600)
+    return run
 
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_model, straight):
+    """4 steps in one go == 2 steps, SIGKILL, `--resume auto`, 2 more steps: bitwise equal weights."""
     broken = tmp_path / "broken"
     proc = subprocess.Popen(_cmd(broken, tiny_model), env=_env(), start_new_session=True)
     deadline = time.time() + 600
@@ -65,6 +70,34 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_model):
         assert torch.equal(a[name], b[name]), f"{name} differs after resume"
     init = _weights_of_model(tiny_model)
     assert any(not torch.equal(a[n], init[n]) for n in a), "training did not change the weights"
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+def test_signalled_run_checkpoints_exits_75_and_resumes_exactly(tmp_path, tiny_model, straight, signame):
+    """A stop signal once step 1 is logged, in a run with no periodic checkpoints: the driver
+    finishes the step it is in, checkpoints it and exits with the requeue code 75; the requeued
+    `--resume auto` reaches weights bitwise equal to the uninterrupted run."""
+    from rlkit.metrics import read_metrics
+
+    run = tmp_path / "signalled"
+    proc = subprocess.Popen(_cmd(run, tiny_model, "checkpoint.every_steps=0"), env=_env(), start_new_session=True,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not any(
+            r.get("step") == 1 for r in (read_metrics(run) if (run / "metrics.jsonl").exists() else [])):
+        time.sleep(0.2)
+    os.kill(proc.pid, getattr(signal, signame))  # the driver only, as sbatch forwards it
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-2000:]
+    ckpt = checkpoint.latest(run)
+    assert ckpt is not None and ckpt.name in ("step_0000001", "step_0000002"), ckpt  # within one step
+    assert f"{signame} received; stopped after step {int(ckpt.name[5:])}" in err
+    subprocess.run(_cmd(run, tiny_model, "checkpoint.every_steps=0", "--resume", "auto"), env=_env(),
+                   check=True, timeout=600)
+    a, b = _weights(checkpoint.latest(straight)), _weights(checkpoint.latest(run))
+    assert checkpoint.latest(run).name == "step_0000004"
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after the signalled stop and resume"
 
 
 def _weights_of_model(model_dir: Path) -> dict[str, torch.Tensor]:
