@@ -1,7 +1,6 @@
 # The two set-up commands of the README are `make demo` (the main job) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export RAY_AUTH_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false

@@ -68,7 +68,7 @@ class Runtime:
         ray.get([w.ready.remote() for w in self.rollout])
         self.version = 0
         self.weight_sync = WeightSync(self.learners, self.rollout, zero_stage=cfg.learner.zero_stage, lora=cfg.learner.lora.enabled,
-                                      mode=r.sync_transport)
+                                      mode=r.sync_transport, backend=r.sync_backend)
         self.unit = 2 if cfg.algorithm_setup.needs.pairs else 1
 
     def _start_learners(self) -> None:
@@ -161,6 +161,7 @@ class Runtime:
         """Wait for Ray's restart of rollout worker ``i`` and bring its engine to the current
         version (a sync to it alone, verified on every worker)."""
         self.supervisor.wait_restarted(self.rollout[i].ready.remote, f"rollout worker {i}")
+        self.weight_sync.transport = None  # a collective group or mapped segment died with the worker
         if self.learners:
             self.weight_sync.sync(self.version, skip=tuple(j for j in range(len(self.rollout)) if j != i))
 
@@ -219,7 +220,7 @@ class Runtime:
              transport: Optional[str] = None) -> dict[str, float]:
         """Send the learner's weights to every rollout worker and verify every tensor
         (:class:`rlkit.sync.WeightSync`); ``skip`` leaves workers out (tests), ``transport`` forces
-        "shm" or "object"."""
+        one of :data:`rlkit.sync.TRANSPORTS`."""
         while True:
             try:
                 return self.weight_sync.sync(self.version, bucket_bytes=bucket_bytes, skip=skip, transport=transport)
@@ -231,6 +232,7 @@ class Runtime:
                     raise LearnerLost(ranks[0] if ranks else -1, "weight sync") from None
                 self.supervisor.died(f"rollout worker {workers[0]}", "weight sync")
                 self.supervisor.wait_restarted(self.rollout[workers[0]].ready.remote, f"rollout worker {workers[0]}")
+                self.weight_sync.transport = None
 
     def on_learners(self, method: str, *args) -> Any:
         return on_learners(self.learners, self.cfg.learner.zero_stage, method, *args)

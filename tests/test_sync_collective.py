@@ -17,7 +17,6 @@ import torch
 from rlkit.sync import (
     Placed,
     TransportError,
-    WireTensor,
     choose_transport,
     collective_backend,
     transport_error,

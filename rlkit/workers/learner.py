@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlkit import checkpoint
 from rlkit.algorithms.base import AlgorithmSetup, LossInputs, PairLossInputs
 from rlkit.config import LearnerConfig, ModelConfig, RunConfig
 from rlkit.logprobs import split_lm, token_stats
@@ -434,11 +435,11 @@ class LearnerRank:
         d = Path(directory)
         self.engine.save_checkpoint(str(d / "deepspeed"), tag="state", client_state=client_state,
                                     save_latest=False)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        torch.save(rng, d / f"rng_rank{self.rank}.pt")
+        # Plain tensors and numbers only: resume reads them without unpickling code (docs/security.md).
+        checkpoint.save_state(d / f"rng_rank{self.rank}.pt", checkpoint.capture_rng())
         if self.critic is not None:
-            torch.save({"model": self.critic.state_dict(), "opt": self.critic.opt.state_dict()},
-                       d / f"critic_rank{self.rank}.pt")
+            checkpoint.save_state(d / f"critic_rank{self.rank}.pt",
+                                  {"model": self.critic.state_dict(), "opt": self.critic.opt.state_dict()})
         model = self.policy
         if weights.is_lora(model):  # LoRA (stage ≤ 2): the adapter, plus merged full weights
             if self.rank == 0:
@@ -458,12 +459,9 @@ class LearnerRank:
     def load(self, directory: str) -> dict:
         d = Path(directory)
         _, client = self.engine.load_checkpoint(str(d / "deepspeed"), tag="state")
-        rng = torch.load(d / f"rng_rank{self.rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        checkpoint.restore_rng(checkpoint.load_state(d / f"rng_rank{self.rank}.pt"))
         if self.critic is not None:
-            state = torch.load(d / f"critic_rank{self.rank}.pt", weights_only=False)
+            state = checkpoint.load_state(d / f"critic_rank{self.rank}.pt")
             self.critic.load_state_dict(state["model"])
             self.critic.opt.load_state_dict(state["opt"])
         return client or {}
