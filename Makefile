@@ -5,7 +5,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick clean
+.PHONY: faults venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick clean
 
 venv:
 	@VENV=$(VENV) EXTRAS=dev bash launch/setup_venv.sh
@@ -51,6 +51,10 @@ bench-report: venv
 bench-quick: venv
 	$(PY) bench/e2e_bench.py --quick && $(PY) bench/sync_bench.py --quick && \
 	$(PY) bench/scaling_bench.py --quick && $(PY) bench/report.py --collect kl,rewards,engine --quick
+
+# Fault barrage (real SIGKILLs, NaN injections, SIGUSR1 stops) on tiny models; writes docs/reliability.md.
+faults: venv
+	OMP_NUM_THREADS=1 $(PY) bench/faults.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache runs
