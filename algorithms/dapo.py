@@ -130,24 +130,6 @@ def dapo_group_filter(raw_rewards_B: Tensor, group_ids_B: Tensor, cfg: DAPOConfi
     return keep_g[inv].reshape(raw_rewards_B.shape)
 
 
-def dynamic_sampling_done(kept_prompts: int, gen_batches_drawn: int, *, train_prompts: int,
-                          max_num_gen_batches: int) -> bool:
-    """Whether enough groups were kept to build the step's batch (verl ``RayDAPOTrainer.fit``).
-
-    True once ``kept_prompts`` ≥ ``train_prompts`` (``data.train_batch_size``); the caller then
-    truncates to ``train_prompts × G`` trajectories. Raises ``RuntimeError`` when more batches are
-    needed but ``max_num_gen_batches`` (> 0) have already been drawn; ≤ 0 means unlimited.
-    """
-    if kept_prompts >= train_prompts:
-        return True
-    if 0 < max_num_gen_batches <= gen_batches_drawn:
-        raise RuntimeError(
-            f"dynamic sampling: only {kept_prompts}/{train_prompts} prompt groups kept after "
-            f"{gen_batches_drawn} generation batches (max_num_gen_batches={max_num_gen_batches}); "
-            "the data may be too easy or too hard")
-    return False
-
-
 def dapo_needs(cfg: DAPOConfig) -> Needs:
     """Old log-probs only: no reference model (no KL); entropy only when its coef ≠ 0."""
     return Needs(old_logp=True, ref_logp=False, entropy=cfg.entropy_coef != 0.0)
@@ -183,4 +165,4 @@ DAPO = register(Algorithm(
 ))
 
 __all__ = ["DAPO", "DAPOConfig", "dapo_advantages", "dapo_group_filter", "dapo_loss", "dapo_needs",
-           "dynamic_sampling_done", "overlong_penalty"]
+           "overlong_penalty"]

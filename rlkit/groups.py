@@ -101,8 +101,8 @@ def check_short(kept: int, want: int, rounds: int, on_short: str, step: int) -> 
     if short and on_short == "raise":
         raise RuntimeError(
             f"step {step}: the group filter kept {kept}/{want} prompt groups after {rounds} generation "
-            f"batches (the algorithm's max_num_gen_batches); the data may be too easy or too hard for "
-            f"the policy, or allow more batches")
+            f"batches, the algorithm's limit (DAPO: max_num_gen_batches={rounds}); the data may be too easy "
+            f"or too hard for the policy, or allow more batches")
     return {"filter/short_groups": float(short), "filter/rounds": float(rounds)}
 
 

@@ -15,7 +15,6 @@ from rlkit.algorithms.dapo import (
     dapo_group_filter,
     dapo_loss,
     dapo_needs,
-    dynamic_sampling_done,
     overlong_penalty,
 )
 
@@ -73,6 +72,18 @@ def test_group_filter_runs_on_raw_outcome_not_shaped_reward():
     assert not dapo_group_filter(raw, torch.zeros(3, dtype=torch.long), DAPOConfig()).any()
     with pytest.raises(ValueError, match="non-finite"):
         dapo_group_filter(torch.tensor([float("nan"), 1.0]), torch.tensor([0, 0]), DAPOConfig())
+
+
+def dynamic_sampling_done(kept: int, drawn: int, *, train_prompts: int, max_num_gen_batches: int) -> bool:
+    """verl's stopping rule, as the driver applies DAPO's declared filter policy (rlkit.groups)."""
+    from rlkit.algorithms.base import AlgorithmSetup
+    from rlkit.groups import check_short, more_rounds
+
+    policy = AlgorithmSetup.build("dapo", {"max_num_gen_batches": max_num_gen_batches}).filter_policy
+    if more_rounds(kept, train_prompts, drawn, policy.max_rounds):
+        return False
+    check_short(kept, train_prompts, drawn, policy.on_short, step=0)
+    return True
 
 
 def test_dynamic_sampling_done():
