@@ -28,10 +28,18 @@ class ModelConfig(Section):
     """Frozen reference model folder (None: the initial policy)."""
     teacher_path: Optional[str] = None
     """Teacher model folder, for algorithms that declare a teacher (ExOPD / G-OPD)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights and compute dtype of every role. "auto": bfloat16 on a GPU (the learner keeps fp32
+    master weights in its optimizer), float32 on CPU; "float32" / "bfloat16" force one everywhere."""
     gradient_checkpointing: bool = False
     freeze_embeddings: bool = False
     """Keep the (tied) embedding / LM-head matrix fixed: 28 M of SmolLM2's 135 M parameters."""
+
+    def resolved_dtype(self, on_gpu: bool) -> str:
+        """The dtype a role uses on its device: ``dtype`` unless it is "auto" (bf16 on GPU, fp32 on CPU)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if on_gpu else "float32"
 
 
 class LoraConfig(Section):
@@ -51,6 +59,9 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(48, gt=0)
     threads: int = Field(2, ge=1)
     """torch threads inside each rollout worker."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs per vLLM engine (tensor parallelism). Above 1 the engine must be "vllm" and each
+    rollout worker must ask for that many GPUs (``resources.rollout_gpus``) on one node."""
     sync_transport: Literal["auto", "shm", "object", "collective", "ipc"] = "auto"
     """Weight sync (docs/gpu.md, :mod:`rlkit.sync`): "auto" picks by placement: ipc when every
     engine is on learner rank 0's GPU, collective when GPUs are involved, shm when everything is on
@@ -358,6 +369,11 @@ def validate_components(cfg: RunConfig, source: str) -> None:
     from rlkit.rewards import RewardConfig
 
     _build(RewardConfig, cfg.rewards, f"{source}: key 'rewards'")
+    from rlkit.placement import gpu_request_errors
+
+    errors = gpu_request_errors(cfg, cfg.resources.gpus_per_node)
+    if errors:
+        raise ConfigError("\n".join(f"{source}: {e}" for e in errors))
 
 
 def _build(cls: type, values: dict, where: str) -> Any:

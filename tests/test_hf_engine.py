@@ -120,3 +120,41 @@ def test_two_level_draw_matches_the_distribution_and_never_leaves_its_support():
     freq = torch.stack([(got == t).float().mean() for t in support])
     # 20,000 draws: standard error at most sqrt(0.25 / 20000) ~ 0.0035; 4 sigma.
     assert (freq - probs).abs().max() < 0.014, freq
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_make_engine_resolves_auto_dtype_and_device_here(engine):
+    from rlkit.workers.rollout import make_engine
+
+    # No GPU visible: "auto" is float32 on the CPU (bf16 only on a GPU), unless overridden.
+    eng = make_engine("hf", str(engine.tokenizer.name_or_path), dtype="auto", threads=1, seed=0, max_model_len=64)
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert eng.device.type == want
+    assert next(eng.model.parameters()).dtype == (torch.bfloat16 if want == "cuda" else torch.float32)
+    forced = make_engine("hf", str(engine.tokenizer.name_or_path), dtype="bfloat16", threads=1, seed=0,
+                         max_model_len=64)
+    assert next(forced.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="rollout.tensor_parallel_size: 2 needs rollout.engine: vllm"):
+        make_engine("hf", str(engine.tokenizer.name_or_path), dtype="auto", threads=1, seed=0, max_model_len=64,
+                    tensor_parallel_size=2)
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_cuda_engine_samples_and_scores_like_the_cpu_engine(engine):
+    """The same weights on CUDA (fp32): same greedy tokens, log-probs within float tolerance, and
+    the sampled log-probs are the processed distribution of its own forward."""
+    cuda = HFEngine(str(engine.tokenizer.name_or_path), threads=1, batch_size=12, device="cuda")
+    cuda.load_weights((n, t) for n, t in engine.model.state_dict().items())
+    assert cuda.device.type == "cuda" and not cuda.packed.enabled
+    prompts = _prompts()
+    assert [g.completion_ids for g in cuda.greedy(prompts, 10)] == [g.completion_ids for g in engine.greedy(prompts, 10)]
+    sampling = SamplingConfig(temperature=1.0, top_k=20, max_new_tokens=10)
+    gens = cuda.generate(prompts, 2, sampling, seed=3)
+    scored = cuda.score([g.prompt_ids for g in gens], [g.completion_ids for g in gens], sampling)
+    cpu_scored = engine.score([g.prompt_ids for g in gens], [g.completion_ids for g in gens], sampling)
+    for g, s, c in zip(gens, scored, cpu_scored):
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(s), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(s), torch.tensor(c), atol=1e-4, rtol=0)

@@ -40,8 +40,8 @@ def test_config_json_sizes_match_transformers(tmp_path):
 def test_valid_plan_batch_memory_sync_and_placement():
     cfg = _cfg(*DECLARED, "learner.num_ranks=2", "rollout.num_workers=3", "train.prompts_per_step=8",
                "train.samples_per_prompt=6", "learner.micro_batch_size=5", "learner.updates_per_step=2",
-               "rollout.max_new_tokens=40", "resources.learner_gpus=0.5", "resources.rollout_gpus=0.5",
-               "learner.zero_stage=2")
+               "rollout.max_new_tokens=40", "resources.learner_gpus=0.5", "resources.rollout_gpus=0.25",
+               "learner.zero_stage=2", "model.dtype=float32")
     r = plan(cfg, prompt_len=60)
     assert r.ok, r.errors
     b = r.batch
@@ -60,10 +60,11 @@ def test_valid_plan_batch_memory_sync_and_placement():
     assert r.memory["rollout"].kv_cache == 2 * 30 * 3 * 64 * 4 * 18 * 100
     assert r.sync_bytes_per_engine == 4 * psi
     assert r.sync_bytes_total == 4 * psi * 4  # rank 0 → object store once, then 3 engines read it
-    # Colocated: bundle r = learner r + rollout workers i ≡ r (mod 2); 1 GPU each, one node.
+    # Colocated: bundle r = learner r + rollout workers i ≡ r (mod 2): one GPU shared by rank 0 and
+    # two engines, 3/4 of one by rank 1 and its engine; first fit puts both on node 0.
     assert [r.layout.slot("rollout", i).bundle for i in range(3)] == [0, 1, 0]
-    assert r.layout.bundles["main"][0]["GPU"] == 1.5 and r.layout.bundles["main"][1]["GPU"] == 1.0
-    assert r.bundle_nodes == {("main", 0): 0, ("main", 1): 1}
+    assert r.layout.bundles["main"][0]["GPU"] == 1.0 and r.layout.bundles["main"][1]["GPU"] == 0.75
+    assert r.bundle_nodes == {("main", 0): 0, ("main", 1): 0}
     text = format_plan(r)
     for needle in ("plan: OK", "node 0:", "node 1:", "rollout[2]", "gradient accumulation", "ZeRO-2 over 2"):
         assert needle in text, needle
@@ -119,3 +120,78 @@ def test_infeasible_gpus_fail_with_a_clear_message(capsys, tmp_path):
     assert main_plan([str(conf), "resources.memory_gb_per_node=64"]) == 0
     assert "plan: OK" in capsys.readouterr().out
     assert main_plan([str(Path(tmp_path / "missing.yaml"))]) == 2
+
+
+def test_auto_dtype_is_bf16_on_gpu_and_fp32_on_cpu_unless_overridden():
+    psi = 134_515_008
+    gpu = plan(_cfg(*DECLARED, "resources.learner_gpus=1", "resources.rollout_gpus=1"), prompt_len=10)
+    assert gpu.cfg.model.dtype == "auto" and gpu.sync_bytes_per_engine == 2 * psi
+    # bf16 with fp32 master weights: 2Ψ weights, 2Ψ grads, 12Ψ (Adam moments + master copy).
+    assert (gpu.memory["learner"].weights, gpu.memory["learner"].optimizer) == (2 * psi, 12 * psi)
+    cpu = plan(_cfg(*DECLARED), prompt_len=10)
+    assert cpu.sync_bytes_per_engine == 4 * psi and cpu.memory["learner"].optimizer == 8 * psi
+    forced = plan(_cfg(*DECLARED, "resources.learner_gpus=1", "model.dtype=float32"), prompt_len=10)
+    assert forced.sync_bytes_per_engine == 4 * psi
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["rollout.engine=vllm", "rollout.tensor_parallel_size=4", "resources.rollout_gpus=4"],
+     "rollout.tensor_parallel_size", "larger than a node's GPUs (2)"),
+    (["rollout.engine=vllm", "rollout.tensor_parallel_size=2", "resources.rollout_gpus=1"],
+     "rollout.tensor_parallel_size", "set it to 2"),
+    (["rollout.tensor_parallel_size=2", "resources.rollout_gpus=2"],
+     "rollout.tensor_parallel_size", "needs rollout.engine: vllm"),
+    (["resources.rollout_gpus=1.5"], "resources.rollout_gpus", "must be whole"),
+    (["resources.learner_gpus=0.5", "resources.rollout_gpus=0.3", "rollout.num_workers=2"],
+     "resources.learner_gpus + resources.rollout_gpus", "add up to at most 1"),
+    (["resources.learner_gpus=2", "resources.rollout_gpus=1"],
+     "resources.learner_gpus + resources.rollout_gpus", "needs 3 GPUs; a node has 2"),
+    (["rollout.sync_transport=ipc", "resources.learner_gpus=0.5", "resources.rollout_gpus=0.5",
+      "resources.placement=separate"], "rollout.sync_transport", "placement is 'separate'"),
+    (["rollout.sync_transport=ipc"], "rollout.sync_transport", "need GPUs"),
+    (["rollout.sync_transport=ipc", "resources.learner_gpus=0.5", "resources.rollout_gpus=0.5",
+      "learner.num_ranks=2", "rollout.num_workers=2"], "rollout.sync_transport", "rollout[1] sit(s) with other"),
+    (["rollout.sync_backend=nccl"], "rollout.sync_backend", "nccl needs learner rank 0 and every engine on CUDA"),
+])
+def test_gpu_requests_the_cluster_cannot_hold_fail_at_config_and_in_plan(overrides, key, words, capsys):
+    with pytest.raises(ConfigError) as e:
+        _cfg(*DECLARED, *overrides)
+    assert f"key '{key}'" in str(e.value) and words in str(e.value)
+    # `rlkit plan` refuses it with the same message (status 2: the config itself is rejected).
+    assert main_plan(["configs/grpo_demo.yaml", *DECLARED, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"key '{key}'" in err and words in err
+
+
+def test_undeclared_cluster_checks_gpus_in_plan_against_this_machine():
+    # Nothing declared: config validation cannot know a node's GPUs; the plan checks against this
+    # machine (no GPU here, or fewer than 64 anywhere).
+    cfg = _cfg("rollout.engine=vllm", "rollout.tensor_parallel_size=64", "resources.rollout_gpus=64")
+    r = plan(cfg, prompt_len=10)
+    assert not r.ok
+    assert any("key 'rollout.tensor_parallel_size'" in e and "larger than a node's GPUs" in e for e in r.errors)
+
+
+def test_ipc_on_one_shared_gpu_and_whole_gpu_tensor_parallel_are_accepted():
+    ok = plan(_cfg(*DECLARED, "rollout.sync_transport=ipc", "resources.learner_gpus=0.5",
+                   "resources.rollout_gpus=0.25", "rollout.num_workers=2"), prompt_len=10)
+    assert ok.ok, ok.errors
+    tp = plan(_cfg(*DECLARED, "rollout.engine=vllm", "rollout.tensor_parallel_size=2", "resources.rollout_gpus=2",
+                   "resources.learner_gpus=1", "resources.placement=separate", "learner.num_ranks=2"), prompt_len=10)
+    assert tp.ok, tp.errors
+    assert "split over 2 GPUs" in tp.memory["rollout"].notes
+
+
+def test_vllm_missing_fails_at_start_naming_the_extra():
+    from rlkit.placement import start_errors, vllm_installed
+
+    cfg = _cfg("rollout.engine=vllm")  # config validation passes: a CPU machine may check a GPU config
+    errors = start_errors(cfg, 0.0)
+    if vllm_installed():
+        assert errors == []
+    else:
+        assert errors and "key 'rollout.engine'" in errors[0] and "pip install 'rlkit[vllm]'" in errors[0]
+        from rlkit.workers.rollout import make_engine
+
+        with pytest.raises(ImportError, match=r"pip install 'rlkit\[vllm\]'"):
+            make_engine("vllm", "unused", dtype="auto", threads=1, seed=0, max_model_len=64)

@@ -74,8 +74,15 @@ def test_object_and_gloo_collective_work_anywhere(name):
 def test_config_accepts_every_transport_and_rejects_others():
     from rlkit.config import ConfigError, load_config
 
-    for name in ("auto", "shm", "object", "collective", "ipc"):
+    for name in ("auto", "shm", "object", "collective"):
         assert load_config(None, [f"rollout.sync_transport={name}"]).rollout.sync_transport == name
+    # ipc only where the placement puts every engine on learner rank 0's one GPU (rlkit.placement).
+    gpu = ["resources.learner_gpus=0.5", "resources.rollout_gpus=0.5"]
+    assert load_config(None, ["rollout.sync_transport=ipc", *gpu]).rollout.sync_transport == "ipc"
+    with pytest.raises(ConfigError, match="key 'rollout.sync_transport': ipc needs every engine"):
+        load_config(None, ["rollout.sync_transport=ipc"])
+    with pytest.raises(ConfigError, match="key 'rollout.sync_backend': nccl needs"):
+        load_config(None, ["rollout.sync_backend=nccl"])
     with pytest.raises(ConfigError, match="rollout.sync_transport"):
         load_config(None, ["rollout.sync_transport=nccl"])
     with pytest.raises(ConfigError, match="rollout.sync_backend"):
@@ -247,8 +254,10 @@ def test_collective_sync_of_lora_sends_adapters_only(ray_session, tmp_path, tiny
 
 
 def test_forced_transport_that_cannot_work_fails_at_the_first_sync(ray_session, tmp_path, tiny_llama_dir):
-    cfg = _config(tmp_path, tiny_llama_dir, **{"rollout.sync_transport": "ipc", "learner.num_ranks": 1,
-                                               "rollout.num_workers": 1})
+    cfg = _config(tmp_path, tiny_llama_dir, **{"learner.num_ranks": 1, "rollout.num_workers": 1})
+    # Config validation refuses ipc without GPU requests; set after it, as if the placement had
+    # turned out otherwise than requested, the first sync must still refuse it.
+    cfg.rollout.sync_transport = "ipc"
     trainer = _run(cfg)
     rt = trainer.runtime
     try:

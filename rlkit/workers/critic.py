@@ -17,7 +17,8 @@ from rlkit.types import TrainBatch
 
 
 class Critic(nn.Module):
-    def __init__(self, model_dir: str, *, heads: int = 2, lr: float = 1e-5, max_grad_norm: float = 1.0, seed: int = 0):
+    def __init__(self, model_dir: str, *, heads: int = 2, lr: float = 1e-5, max_grad_norm: float = 1.0, seed: int = 0,
+                 device: torch.device | str = "cpu"):
         super().__init__()
         from transformers import AutoModel
 
@@ -30,13 +31,17 @@ class Critic(nn.Module):
             self.head.bias.zero_()
         self.heads = heads
         self.max_grad_norm = max_grad_norm
+        self.to(device)  # the learner's device: its GPU when it has one
         self.opt = torch.optim.AdamW(self.parameters(), lr=lr)
 
     def values(self, batch: TrainBatch) -> Tensor:
-        """Values at response positions, [B, T, heads] (or [B, T] for one head); 0 at padding."""
-        hidden = self.backbone(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_mask_B_L).last_hidden_state
+        """Values at response positions, [B, T, heads] (or [B, T] for one head); 0 at padding. The
+        forward runs on the critic's device, the values come back on the batch's (differentiably)."""
+        dev = self.head.weight.device
+        hidden = self.backbone(input_ids=batch.input_ids_B_L.to(dev),
+                               attention_mask=batch.attention_mask_B_L.to(dev)).last_hidden_state
         sel_B_L, _ = response_positions(batch)
-        v_N_H = self.head(hidden[sel_B_L])
+        v_N_H = self.head(hidden[sel_B_L.to(dev)]).to(batch.response_mask_B_T.device)
         mask = batch.response_mask_B_T.bool()
         out = v_N_H.new_zeros(*mask.shape, self.heads)
         out[mask] = v_N_H

@@ -37,7 +37,9 @@ def draw(lp_R_V: Tensor, rng: torch.Generator) -> Tensor:
     p_R_K_B = p.view(R, -1, BLOCK)
     cdf_R_K = p_R_K_B.sum(-1, dtype=torch.float64).cumsum(-1)
     total = cdf_R_K[:, -1:]
-    u = torch.rand(R, 1, generator=rng, dtype=torch.float64) * total
+    # The uniforms come from ``rng`` on the CPU whatever the device: the same seed draws the same
+    # tokens on CPU and CUDA when the distributions agree.
+    u = torch.rand(R, 1, generator=rng, dtype=torch.float64).to(p.device) * total
     # The last block / token with mass bounds each search (rounding may push u past a cumsum's end).
     k = torch.minimum(torch.searchsorted(cdf_R_K, u, right=True), (cdf_R_K < total).sum(-1, keepdim=True))
     below = torch.where(k > 0, cdf_R_K.gather(-1, (k - 1).clamp(min=0)), torch.zeros_like(u))
@@ -152,19 +154,25 @@ def _packed_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
 
 
 class HFEngine:
-    def __init__(self, model_dir: str, *, dtype: str = "float32", threads: int = 1, batch_size: int = 64):
+    """The decoding engine on ``device`` ("cuda" when a GPU is visible, else "cpu"; default: that choice)."""
+
+    def __init__(self, model_dir: str, *, dtype: str = "float32", threads: int = 1, batch_size: int = 64,
+                 device: str | None = None):
         from transformers import AutoModelForCausalLM
 
         from rlkit.assets import load_tokenizer
 
         torch.set_num_threads(threads)
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.batch_size = batch_size
-        self.packed = PackedLinears(self.model, batch_size)
+        # oneDNN-packed weights are a CPU optimization; on CUDA the plain linears run.
+        self.packed = PackedLinears(self.model if self.device.type == "cpu" else torch.nn.Module(), batch_size)
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
         width = max(len(s) for s in seqs)
@@ -173,7 +181,7 @@ class HFEngine:
         for i, s in enumerate(seqs):
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             attn[i, width - len(s):] = 1
-        return ids, attn
+        return ids.to(self.device), attn.to(self.device)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, seed: int) -> list[Generation]:
@@ -234,11 +242,12 @@ class HFEngine:
             keep = (~done).nonzero().squeeze(-1)
             if keep.numel() == 0:
                 break
-            attn = torch.cat([attn, torch.ones(attn.shape[0], 1, dtype=attn.dtype)], dim=1)
+            attn = torch.cat([attn, torch.ones(attn.shape[0], 1, dtype=attn.dtype, device=attn.device)], dim=1)
             step_ids, step_pos = nxt[:, None], step_pos + 1
             if keep.numel() < alive.numel():  # finished rows leave the batch
                 cache.batch_select_indices(keep)
-                alive, attn, step_ids, step_pos = alive[keep], attn[keep], step_ids[keep], step_pos[keep]
+                alive = alive[keep.cpu()]
+                attn, step_ids, step_pos = attn[keep], step_ids[keep], step_pos[keep]
         return [
             Generation(prompt_ids=list(prompts[r // n]), completion_ids=tokens[r], logprobs=logps[r],
                        finish_reason="stop" if stopped[r] else "length")
@@ -280,18 +289,18 @@ class HFEngine:
             target = params.get(name, buffers.get(name))
             if target is None:
                 raise KeyError(f"weight sync: the engine has no tensor named '{name}'")
-            if t.dtype == target.dtype and t.shape == target.shape:
+            if t.dtype == target.dtype and t.shape == target.shape and t.device == target.device:
                 target.data = t
             else:
-                target.data = t.to(target.dtype).reshape(target.shape).clone()
+                target.data = t.to(target.device, target.dtype).reshape(target.shape).clone()
 
     @torch.no_grad()
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], sampling: SamplingConfig) -> list[list[float]]:
         out = []
         for p, c in zip(prompt_ids, completion_ids):
-            ids = torch.tensor([p + c], dtype=torch.long)
-            logits = self.model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(c) - 1]
-            lp = support_logprobs(logits, sampling).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            ids = torch.tensor([p + c], dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(c) - 1].float()
+            lp = support_logprobs(logits, sampling).gather(-1, torch.tensor(c, device=self.device)[:, None]).squeeze(-1)
             out.append(lp.tolist())
         return out
 

@@ -90,13 +90,42 @@ class Scorer(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: TrainBatch, **kwargs) -> dict[str, torch.Tensor]:
-        return token_stats(self.model, batch, **kwargs)
+        return stats_on_device(self.model, batch, **kwargs)
 
 
-def load_frozen(model_dir: str, dtype: str):
+def learner_device() -> torch.device:
+    """CUDA when this process sees a GPU (Ray's ``num_gpus`` sets CUDA_VISIBLE_DEVICES), else CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def batch_to(batch: TrainBatch, device: torch.device) -> TrainBatch:
+    """``batch`` with every tensor (extras included) on ``device``; the batch itself if already there."""
+    if batch.input_ids_B_L.device == device:
+        return batch
+    moved = {f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+             if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return dataclasses.replace(batch, **moved, extras={k: v.to(device) for k, v in batch.extras.items()})
+
+
+def stats_on_device(model: torch.nn.Module, batch: TrainBatch, **kwargs) -> dict[str, torch.Tensor]:
+    """:func:`token_stats` with the forward on ``model``'s device and the results on the batch's.
+
+    Batches, advantages and losses stay on the CPU (they are small: B × T); the forward, the fused
+    log-prob pass and their backward run where the model is. ``.to`` is differentiable, so the
+    gradient of a CPU loss reaches the GPU weights.
+    """
+    dev = next(model.parameters()).device
+    home = batch.input_ids_B_L.device
+    out = token_stats(model, batch_to(batch, dev), **kwargs)
+    return {k: v.to(home) for k, v in out.items()}
+
+
+def load_frozen(model_dir: str, dtype: str, device: torch.device | None = None):
+    """A frozen model (reference, teacher) in ``dtype`` on ``device`` (default: :func:`learner_device`)."""
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    m.to(device if device is not None else learner_device())
     m.eval().requires_grad_(False)
     return m
 
@@ -116,13 +145,16 @@ class LearnerRank:
         self.algo, self.algo_cfg, self.needs = spec.algorithm.algo, spec.algorithm.cfg, spec.algorithm.needs
         self.engine = self._init_engine()
         # Preference algorithms always read reference log-probs (Needs.ref_logp), so they load it too.
-        self.ref = load_frozen(mc.ref_path or spec.model_dir, mc.dtype) if self.needs.reference else None
-        self.teacher = load_frozen(mc.teacher_path, mc.dtype) if self.needs.teacher_logp else None
+        self.device = learner_device()
+        dtype = mc.resolved_dtype(self.device.type == "cuda")
+        self.ref = load_frozen(mc.ref_path or spec.model_dir, dtype, self.device) if self.needs.reference else None
+        self.teacher = load_frozen(mc.teacher_path, dtype, self.device) if self.needs.teacher_logp else None
         self.critic = None
         if self.needs.values:
             from rlkit.workers.critic import Critic
 
-            self.critic = Critic(spec.model_dir, lr=lc.critic_lr, max_grad_norm=lc.max_grad_norm, seed=spec.seed)
+            self.critic = Critic(spec.model_dir, lr=lc.critic_lr, max_grad_norm=lc.max_grad_norm, seed=spec.seed,
+                                 device=self.device)
         self.batch: Optional[TrainBatch] = None
         """This rank's shard of the step's batch (``set_batch``), with its side-pass tensors."""
         self._shm: dict = {}  # the shared-memory sync writer (rank 0, same-node rollout workers)
@@ -131,22 +163,30 @@ class LearnerRank:
         self.truncation = spec.sampling if spec.sampling.truncates else None
 
     def _init_engine(self):
+        """The DeepSpeed engine of the policy: on CUDA over NCCL when this rank has a GPU (CPU tensors
+        such as the batch counts go over gloo in the same group: backend "cpu:gloo,cuda:nccl"), on
+        CPU over gloo otherwise. bf16 (``model.dtype`` bfloat16, or "auto" on a GPU) keeps fp32
+        master weights in the optimizer, and ``check_grad_overflow`` makes a non-finite gradient
+        skip the update (``engine.was_step_applied()`` is False) exactly as in fp32."""
+        cuda = torch.cuda.is_available()
+        # The accelerator follows the device this rank really has, whatever the parent exported.
+        os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
         import deepspeed
 
-        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-        if not torch.cuda.is_available():
+        if not cuda:
             _patch_deepspeed_shm()
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
         from transformers import AutoModelForCausalLM
 
         s, lc = self.spec, self.spec.learner
+        bf16 = s.model.resolved_dtype(cuda) == "bfloat16"
         ds_config = {
             "train_micro_batch_size_per_gpu": lc.micro_batch_size,
             "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False,
             "gradient_clipping": lc.max_grad_norm,
             "zero_optimization": {"stage": lc.zero_stage},
-            "bf16": {"enabled": s.model.dtype == "bfloat16"},
+            "bf16": {"enabled": bf16, "check_grad_overflow": True},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -208,7 +248,7 @@ class LearnerRank:
             out["old_logp"] = self._in_micro_batches(
                 lambda mb: self.engine(mb, truncation=self.truncation, **kw)["logp"])
         if self.needs.ref_logp:
-            out["ref_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw)["logp"])
+            out["ref_logp"] = self._in_micro_batches(lambda mb: stats_on_device(self.ref, mb, **kw)["logp"])
         phi = self.needs.ref_temper_phi
         if phi is not None:
             # log q_φ(y) = φ·z_y − logsumexp(φ·z) with z = ref logits / T: the log-softmax at
@@ -216,14 +256,14 @@ class LearnerRank:
             # § RAPO). φ = 0 is the uniform distribution over the vocabulary: −log V at every token.
             if phi > 0:
                 kw_phi = dict(kw, temperature=T / phi)
-                out["ref_tempered_logp"] = self._in_micro_batches(lambda mb: token_stats(self.ref, mb, **kw_phi)["logp"])
+                out["ref_tempered_logp"] = self._in_micro_batches(lambda mb: stats_on_device(self.ref, mb, **kw_phi)["logp"])
             else:
                 V = self.ref.get_output_embeddings().weight.shape[0]
                 out["ref_tempered_logp"] = -math.log(V) * b.response_mask_B_T
         if self.critic is not None:
             out["values"] = self._in_micro_batches(self.critic.values)
         if self.teacher is not None:
-            out["teacher_logp"] = self._in_micro_batches(lambda mb: token_stats(self.teacher, mb, **kw)["logp"])
+            out["teacher_logp"] = self._in_micro_batches(lambda mb: stats_on_device(self.teacher, mb, **kw)["logp"])
         self.batch.extras.update(out)
         reads = self.algo.advantage_reads
         kl = {}

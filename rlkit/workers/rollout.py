@@ -23,15 +23,37 @@ from rlkit.types import Rollout
 from rlkit.workers.engine import SamplingConfig
 
 
-def make_engine(engine: str, model_dir: str, *, dtype: str, threads: int, seed: int, max_model_len: int):
+def make_engine(engine: str, model_dir: str, *, dtype: str, threads: int, seed: int, max_model_len: int,
+                tensor_parallel_size: int | None = None):
+    """The worker's engine on this process's device: CUDA when Ray gave it a GPU, else CPU.
+
+    ``dtype`` "auto" resolves here (:meth:`rlkit.config.ModelConfig.resolved_dtype`: bf16 on GPU,
+    fp32 on CPU). ``tensor_parallel_size`` (vLLM only) defaults to ``RLKIT_TENSOR_PARALLEL_SIZE``,
+    which :meth:`rlkit.placement.Placement.options` sets from ``rollout.tensor_parallel_size``.
+    """
+    import os
+
+    import torch
+
+    from rlkit.config import ModelConfig
+    from rlkit.placement import TP_ENV, VLLM_EXTRA, vllm_installed
+
+    on_gpu = torch.cuda.is_available()
+    dtype = ModelConfig(dtype=dtype).resolved_dtype(on_gpu)
+    tp = tensor_parallel_size or int(os.environ.get(TP_ENV, "1"))
     if engine == "hf":
+        if tp > 1:
+            raise ValueError(f"rollout.tensor_parallel_size: {tp} needs rollout.engine: vllm")
         from rlkit.workers.hf_engine import HFEngine
 
-        return HFEngine(model_dir, dtype=dtype, threads=threads)
+        return HFEngine(model_dir, dtype=dtype, threads=threads, device="cuda" if on_gpu else "cpu")
     if engine == "vllm":
+        if not vllm_installed():
+            raise ImportError(f"rollout.engine: vllm is not installed; {VLLM_EXTRA}, or set rollout.engine: hf")
         from rlkit.workers.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_dir, dtype=dtype, threads=threads, seed=seed, max_model_len=max_model_len)
+        return VLLMEngine(model_dir, dtype=dtype, threads=threads, seed=seed, max_model_len=max_model_len,
+                          tensor_parallel_size=tp)
     raise ValueError(f"rollout.engine: unknown engine '{engine}'; valid: ['hf', 'vllm']")
 
 

