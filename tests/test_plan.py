@@ -195,3 +195,20 @@ def test_vllm_missing_fails_at_start_naming_the_extra():
 
         with pytest.raises(ImportError, match=r"pip install 'rlkit\[vllm\]'"):
             make_engine("vllm", "unused", dtype="auto", threads=1, seed=0, max_model_len=64)
+
+
+def test_gpu_config_validates_and_plans_on_cpu_with_a_model_folder(tiny_llama_dir, capsys):
+    from rlkit.cli import main
+
+    over = [f"model.path={tiny_llama_dir}"]
+    assert main(["config", "configs/grpo_gpu.yaml", *over]) == 0
+    out = capsys.readouterr().out
+    assert f"path: {tiny_llama_dir}" in out and "engine: vllm" in out and "dtype: bfloat16" in out
+    cfg = load_config("configs/grpo_gpu.yaml", over)
+    assert (cfg.resources.learner_gpus, cfg.resources.rollout_gpus, cfg.rollout.tensor_parallel_size) == (1, 1, 1)
+    node = ["resources.nodes=1", "resources.cpus_per_node=16", "resources.memory_gb_per_node=64"]
+    r = plan(load_config("configs/grpo_gpu.yaml", [*over, *node, "resources.gpus_per_node=2"]), prompt_len=40)
+    assert r.ok, r.errors
+    assert r.memory["learner"].device == "gpu" and r.memory["rollout"].device == "gpu"
+    one = plan(load_config("configs/grpo_gpu.yaml", [*over, *node, "resources.gpus_per_node=1"]), prompt_len=40)
+    assert not one.ok and "asks for 2 GPU in total; the declared cluster has 1" in one.errors[0]
