@@ -33,3 +33,16 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     from rlkit.assets import tiny_model_dir
 
     return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model", tokenizer=smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray instance for one test module (2 CPUs, no dashboard, authentication off)."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+    yield
+    ray.shutdown()

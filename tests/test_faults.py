@@ -22,19 +22,8 @@ CONST = str(Path(__file__).parent / "data" / "const_rewards.py")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from rlkit.assets import tiny_model_dir
-
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
-    yield
-    ray.shutdown()
+def tiny_model(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def _trainer(cfg):

@@ -4,7 +4,6 @@ SmolLM2's real tokenizer. One Ray session serves the module."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -38,15 +37,6 @@ def tiny_model(tmp_path_factory):
     from rlkit.assets import tiny_model_dir
 
     return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
-    yield
-    ray.shutdown()
 
 
 def test_grpo_three_steps_changes_weights_and_syncs(ray_session, tmp_path, tiny_model):
