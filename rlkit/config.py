@@ -75,6 +75,9 @@ class RolloutConfig(Section):
     """Generate step k+1 while learning on step k (one-step off-policy; staleness is recorded).
     Exact resume holds for the synchronous mode; with overlap the in-flight batch is redrawn and
     regenerated from the checkpoint's weights."""
+    max_staleness: int = Field(0, ge=0)
+    """Bounded asynchrony: generation runs up to this many policy versions ahead of the learner; no
+    sample older than this is trained on (docs/async.md). 0: the synchronous loop."""
 
     @property
     def sampling(self):
@@ -109,6 +112,12 @@ class LearnerConfig(Section):
     """Learning rate of the critic (only for algorithms that declare ``Needs.values``)."""
     tis_cap: Optional[float] = None
     """Truncated importance sampling cap for the sampler/learner gap (None: off)."""
+    is_correction: Literal["token_tis", "seq_is", "token_mask", "seq_mask"] = "token_tis"
+    """Off-policy correction from the per-token behaviour log-probs, used when ``tis_cap`` (or the
+    mask bounds) are set: truncated IS per token, truncated IS per sequence, or masking tokens /
+    sequences whose ratio leaves [``is_low``, ``is_high``] (docs/async.md)."""
+    is_low: float = Field(0.0, ge=0.0)
+    is_high: Optional[float] = None
 
 
 class AlgorithmSection(Section):
