@@ -5,7 +5,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: faults venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick clean
+.PHONY: faults venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick gpu-check clean
 
 venv:
 	@VENV=$(VENV) EXTRAS=dev bash launch/setup_venv.sh
@@ -55,6 +55,11 @@ bench-quick: venv
 # Fault barrage (real SIGKILLs, NaN injections, SIGUSR1 stops) on tiny models; writes docs/reliability.md.
 faults: venv
 	OMP_NUM_THREADS=1 $(PY) bench/faults.py $(ARGS)
+
+# GPU pieces without Ray or vLLM (Triton, bf16 fused pass, learner update, HF engine, IPC sync) in one
+# JSON report, bench/out/gpu_check.json; ARGS=--dry runs the CPU twins at tiny sizes (docs/gpu.md).
+gpu-check: venv
+	$(PY) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache runs

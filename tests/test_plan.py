@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlkit.config import ConfigError
-
-from rlkit.config import load_config
+from rlkit.config import ConfigError, load_config
 from rlkit.placement import MIN_CPU, layout
 from rlkit.plan import format_plan, main_plan, model_sizes, plan
 

@@ -9,6 +9,7 @@ verified by the runtime's per-tensor checksums after every sync.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,20 @@ def test_forced_transport_that_cannot_work_fails_at_the_first_sync(ray_session, 
         _kill(rt)
 
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ipc_transport_between_two_processes_on_one_gpu(tmp_path, tiny_llama_dir):
+    """The IPC transport for real: learner-side ``weights.ipc_state`` of a CUDA policy in this
+    process, ``RolloutWorker.load_ipc`` in a spawned process on the same GPU; every tensor's
+    checksum on the engine equals the learner's, and the bytes are the full fp32 weights."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from transformers import AutoModelForCausalLM
+
+    from bench.gpu_check import ipc_transfer
+
+    res = ipc_transfer(tiny_llama_dir, "cuda")
+    assert res["transport"] == "ipc" and res["checksums_match"], res
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    assert res["bytes"] == 4 * sum(p.numel() for p in model.parameters())
