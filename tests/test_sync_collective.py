@@ -268,8 +268,6 @@ def test_forced_transport_that_cannot_work_fails_at_the_first_sync(ray_session, 
         _kill(rt)
 
 
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ipc_transport_between_two_processes_on_one_gpu(tmp_path, tiny_llama_dir):
