@@ -17,7 +17,6 @@ import torch
 
 from rlkit.sync import (
     Placed,
-    TransportError,
     choose_transport,
     collective_backend,
     transport_error,
@@ -254,18 +253,15 @@ def test_collective_sync_of_lora_sends_adapters_only(ray_session, tmp_path, tiny
         _kill(rt)
 
 
-def test_forced_transport_that_cannot_work_fails_at_the_first_sync(ray_session, tmp_path, tiny_llama_dir):
+def test_forced_transport_that_cannot_work_fails_at_start(ray_session, tmp_path, tiny_llama_dir):
+    from rlkit.placement import PlacementError
+
     cfg = _config(tmp_path, tiny_llama_dir, **{"learner.num_ranks": 1, "rollout.num_workers": 1})
-    # Config validation refuses ipc without GPU requests; set after it, as if the placement had
-    # turned out otherwise than requested, the first sync must still refuse it.
+    # Config validation refuses ipc without GPU requests; set after it, the start-up check against
+    # the live cluster refuses it before any actor starts (transport_error covers the first sync).
     cfg.rollout.sync_transport = "ipc"
-    trainer = _run(cfg)
-    rt = trainer.runtime
-    try:
-        with pytest.raises(TransportError, match="rollout.sync_transport: ipc needs every engine on learner rank 0's GPU"):
-            rt.sync()
-    finally:
-        _kill(rt)
+    with pytest.raises(PlacementError, match="key 'rollout.sync_transport': ipc needs every engine on learner rank 0's"):
+        _run(cfg)
 
 
 @pytest.mark.gpu
