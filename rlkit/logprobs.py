@@ -32,7 +32,7 @@ def response_positions(batch: TrainBatch) -> tuple[Tensor, Tensor]:
     """
     B, L = batch.input_ids_B_L.shape
     n_B = batch.response_mask_B_T.sum(-1).long()
-    pos = torch.arange(L)[None, :]
+    pos = torch.arange(L, device=batch.input_ids_B_L.device)[None, :]
     start = (batch.prompt_len_B - 1)[:, None]
     sel_B_L = (pos >= start) & (pos < start + n_B[:, None])
     labels_B_L = torch.roll(batch.input_ids_B_L, shifts=-1, dims=1)
