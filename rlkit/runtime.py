@@ -67,13 +67,12 @@ class Runtime:
         self._start_learners()
         ray.get([w.ready.remote() for w in self.rollout])
         self.version = 0
-        self.weight_sync = WeightSync(self.learners, self.rollout, zero_stage=cfg.learner.zero_stage, lora=cfg.learner.lora.enabled,
-                                      mode=r.sync_transport, backend=r.sync_backend)
+        self.weight_sync = WeightSync(self.learners, self.rollout, zero_stage=cfg.learner.zero_stage,
+                                      lora=cfg.learner.lora.enabled, mode=r.sync_transport, backend=r.sync_backend)
         self.unit = 2 if cfg.algorithm_setup.needs.pairs else 1
 
     def _start_learners(self) -> None:
         """Create the learner group (the list object is kept: the weight sync holds it)."""
-
         if self._learner_args is None:
             return
         Learner_, spec = self._learner_args
