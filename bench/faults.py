@@ -194,7 +194,7 @@ def stop_signals(model: Path, count: int, work: Path) -> dict[str, Any]:
     from rlkit import checkpoint
 
     run = work / "signals"
-    steps = count + 1
+    steps = 2 * count + 2  # a stop may come one step late: every resumed run still has steps left
     cmd = [sys.executable, "-m", "rlkit", "train", str(common.ROOT / "tests" / "data" / "tiny_run.yaml"),
            f"run_dir={run}", f"model.path={model}", f"rewards.rewards=[{{name: '{TOY}'}}]", f"train.steps={steps}",
            "checkpoint.every_steps=0", "learner.num_ranks=1"]
