@@ -383,6 +383,35 @@ def validate_components(cfg: RunConfig, source: str) -> None:
     errors = gpu_request_errors(cfg, cfg.resources.gpus_per_node)
     if errors:
         raise ConfigError("\n".join(f"{source}: {e}" for e in errors))
+    _validate_async(cfg, source, algo)
+
+
+def _validate_async(cfg: RunConfig, source: str, algo: Any) -> None:
+    """Bounded asynchrony and its off-policy corrections (docs/async.md): no knob that does nothing,
+    and no scaling correction for a loss that is not linear in the advantage."""
+    lc, mode = cfg.learner, cfg.learner.is_correction
+    scaling = mode in ("token_tis", "seq_is")
+    if cfg.rollout.max_staleness and cfg.rollout.overlap:
+        raise ConfigError(f"{source}: key 'rollout.overlap': rollout.max_staleness = {cfg.rollout.max_staleness} "
+                          f"already generates ahead of the learner; leave overlap false")
+    if scaling and (lc.is_low > 0 or lc.is_high is not None):
+        raise ConfigError(f"{source}: key 'learner.is_low': is_low/is_high bound the masking corrections "
+                          f"(token_mask, seq_mask), not '{mode}' (which is capped by learner.tis_cap)")
+    if mode == "seq_is" and lc.tis_cap is None:
+        raise ConfigError(f"{source}: key 'learner.tis_cap': is_correction 'seq_is' needs a cap")
+    if not scaling:
+        if lc.tis_cap is not None:
+            raise ConfigError(f"{source}: key 'learner.tis_cap': is_correction '{mode}' masks by "
+                              f"[is_low, is_high]; leave tis_cap null")
+        if lc.is_low == 0 and lc.is_high is None:
+            raise ConfigError(f"{source}: key 'learner.is_high': is_correction '{mode}' needs is_low > 0 or is_high")
+        if lc.is_high is not None and lc.is_high <= lc.is_low:
+            raise ConfigError(f"{source}: key 'learner.is_high': {lc.is_high} must exceed is_low = {lc.is_low}")
+    if scaling and lc.tis_cap is not None and lc.tis_cap <= 0:
+        raise ConfigError(f"{source}: key 'learner.tis_cap': the cap must be positive, got {lc.tis_cap}")
+    if scaling and lc.tis_cap is not None and not algo.linear_in_advantage:
+        raise ConfigError(f"{source}: key 'learner.is_correction': algorithm '{algo.name}' is not linear in the "
+                          f"advantage, so '{mode}' cannot be applied by scaling it; use token_mask or seq_mask")
 
 
 def _build(cls: type, values: dict, where: str) -> Any:

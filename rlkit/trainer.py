@@ -84,6 +84,8 @@ class Trainer:
         self._pending: Optional[tuple[list, list]] = None
         """Rows and in-flight generation refs of the next step (``rollout.overlap``)."""
         self._sampler_before_pending: dict = {}
+        self._async = None
+        """Bounded asynchrony (``rollout.max_staleness`` > 0): :class:`rlkit.async_rl.AsyncCollector`."""
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: Optional[str] = None) -> dict[str, float]:
@@ -177,6 +179,8 @@ class Trainer:
         lost_from, restarts = self.state.step, self.state.learner_restarts
         self.runtime.restart_learners()
         self._pending = None  # generated for a step that will be redone
+        if self._async is not None:
+            self._async.reset()
         if latest is not None:
             self._restore(latest)
         else:
@@ -255,6 +259,12 @@ class Trainer:
         """Sample and score generation batches; with a group filter (DAPO), draw further batches as
         the algorithm's :class:`FilterPolicy` allows until enough groups survive. Surplus groups
         carry over to the next step; a short batch raises or is logged, as the policy says."""
+        if self.cfg.rollout.max_staleness and self._async is None:
+            from rlkit.async_rl import AsyncCollector
+
+            self._async = AsyncCollector(self)
+        if self._async is not None:
+            return self._async.collect(timer)  # generation runs ahead (docs/async.md)
         want, policy = self.cfg.train.prompts_per_step, self.filter_policy
         max_rounds = policy.max_rounds if self.algo.group_filter is not None else 1
         kept, metrics, rounds = list(self.state.carry), {}, 0

@@ -367,11 +367,8 @@ class LearnerRank:
         old = micro.extras.get("old_logp", logp.detach())
         adv = micro.advantages_B_T if micro.advantages_B_T is not None else torch.zeros_like(logp)
         metrics = _gap_metrics(micro.sampler_logp_B_T, old, mask)
-        if s.learner.tis_cap is not None:
-            # Truncated IS for the sampler/learner mismatch. Losses are linear in A where unclipped,
-            # so scaling A by the detached weight w = min(π_old/π_sampler, cap) equals weighting each token.
-            w = torch.exp(old - micro.sampler_logp_B_T).clamp(max=s.learner.tis_cap) * mask
-            adv = adv * w
+        # Off-policy correction for the sampler/learner mismatch and for stale samples (docs/async.md).
+        adv, mask = _off_policy_correction(s.learner, old, micro.sampler_logp_B_T, mask, adv, metrics)
         entropy = stats["entropy"] if self.needs.entropy else stats["entropy"].detach()
         inputs = LossInputs(
             logp_B_T=logp, mask_B_T=mask, advantages_B_T=adv, num_tokens_global=tokens,
@@ -527,3 +524,21 @@ def _gap_metrics(sampler_logp: torch.Tensor, learner_logp: torch.Tensor, mask: t
     n = mask.sum().clamp(min=1)
     ratio = torch.exp((learner_logp.detach() - sampler_logp).clamp(-20, 20)) * mask
     return {"gap/kl": float(k3.sum() / n), "gap/max_ratio": float(ratio.max()) if mask.any() else 1.0}
+
+
+def _off_policy_correction(lc: LearnerConfig, old_logp: torch.Tensor, sampler_logp: torch.Tensor,
+                           mask: torch.Tensor, adv: torch.Tensor, metrics: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The advantages and loss mask after ``learner.is_correction`` (:func:`rlkit.async_rl.off_policy_weights`),
+    its ratio statistics added to ``metrics``. Scaling corrections (token_tis, seq_is) multiply the
+    advantages by the detached weight: losses are linear in A where unclipped, so this equals
+    weighting each token (config validation refuses them otherwise). Masks take tokens out of the
+    loss mask instead, which is valid for any loss; the global token count that normalizes the loss
+    is left as it is, so a masked token contributes zero rather than renormalizing the others."""
+    from rlkit.async_rl import SCALING, correction_active, off_policy_weights
+
+    mode = lc.is_correction
+    if not correction_active(mode, lc.tis_cap, lc.is_low, lc.is_high):
+        return adv, mask
+    w, m = off_policy_weights(old_logp, sampler_logp, mask, mode, cap=lc.tis_cap, low=lc.is_low, high=lc.is_high)
+    metrics.update(m)
+    return (adv * w, mask) if mode in SCALING else (adv, mask * w)
