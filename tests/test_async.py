@@ -279,6 +279,20 @@ def test_n2_run_respects_the_bound_and_saves_the_sampler_before_the_buffer(ray_s
     assert trainer._sampler_before_pending == s.state_dict()
 
 
+def test_n1_token_mask_drops_stale_tokens_in_the_learner(ray_session, tmp_path, tiny_model):
+    """rollout.max_staleness = 1 with token_mask in a narrow band [0.999, 1.001]: at step 0 the
+    samples are on-policy (ratio 1 up to float noise), nothing is masked; from step 1 the samples
+    are one version old after an lr 1e-2 update, so tokens leave the band and are masked (measured:
+    0.0, 1.0, 0.99 of the tokens)."""
+    cfg = tiny_config(tmp_path, tiny_model, **{
+        "rollout.max_staleness": 1, "learner.is_correction": "token_mask", "learner.is_low": 0.999,
+        "learner.is_high": 1.001, "learner.lr": 1.0e-2})
+    _, metrics, _ = _run(cfg, 3)
+    assert [m["rollout/staleness_mean"] for m in metrics] == [0.0, 1.0, 1.0]
+    assert metrics[0]["is/masked_frac"] == 0.0
+    assert all(m["is/masked_frac"] > 0.5 for m in metrics[1:]), [m["is/masked_frac"] for m in metrics]
+
+
 @pytest.mark.slow
 def test_n2_learns_the_toy_task(ray_session, tmp_path, tiny_model):
     """GRPO with rollout.max_staleness = 2 (token-level TIS, cap 2) raises the toy reward (fraction
