@@ -7,12 +7,21 @@ verified) and redoes the call, so a step completes with exactly its own prompts.
 rejoin a DeepSpeed step, so its death is :class:`LearnerLost`, which the driver answers by
 restarting the learner group from the last checkpoint. Every wait on an actor during a step has a
 timeout (:meth:`Supervisor.timeout_s`), so a hung actor is :class:`StageTimeout`, not a stalled run.
+
+The driver's side: :class:`StopSignals` turns SIGTERM/SIGUSR1 into "checkpoint after this step",
+then :class:`Preempted` exits with code 75; :func:`check_finite` names a non-finite tensor before
+the learner sees it.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from collections import Counter
 from typing import Any, Callable, Optional, Sequence
+
+import torch
 
 
 class ActorLost(RuntimeError):
@@ -125,3 +134,55 @@ class Supervisor:
                 self.died(name, stage)
                 revive()
                 self.recovered.append({"actor": name, "stage": stage, "seconds": time.perf_counter() - t0})
+
+
+REQUEUE_EXIT = 75
+"""Exit code of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL): requeue it."""
+
+
+class Preempted(SystemExit):
+    """Raised by :meth:`rlkit.trainer.Trainer.fit` after a stop signal, once the checkpoint is written; the
+    process exits with :data:`REQUEUE_EXIT`."""
+
+    def __init__(self, signum: int, step: int, path: Any):
+        super().__init__(REQUEUE_EXIT)
+        self.signum, self.step, self.path = signum, step, path
+        print(f"rlkit: {signal.Signals(signum).name} received; stopped after step {step} with checkpoint {path}; "
+              f"resume with --resume auto (exit code {REQUEUE_EXIT})", file=sys.stderr, flush=True)
+
+
+class StopSignals:
+    """While active, the named signals only set ``received`` (the loop stops after its step);
+    the previous handlers come back on exit. Outside the main thread it does nothing."""
+
+    def __init__(self, names: list[str]):
+        self.signals = [getattr(signal, n) for n in names]
+        self.received: Optional[int] = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_finite(step: int, rollouts, **tensors) -> None:
+    """Raise, naming the tensor and the first bad row (its prompt), when a per-row tensor
+    holds NaN or inf; ``None`` tensors are skipped."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            row = int(bad.reshape(t.shape[0], -1).any(-1).nonzero()[0, 0])
+            r = rollouts[row]
+            raise ValueError(f"step {step}: non-finite {name} in row {row} (prompt row {r.prompt_index}, group "
+                             f"{r.group_id}); caught before the learner")

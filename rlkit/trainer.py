@@ -16,6 +16,7 @@ from rlkit import checkpoint, groups
 from rlkit.algorithms.base import AdvantageInputs
 from rlkit.config import RunConfig, build_data_spec, build_reward_config, dump_config
 from rlkit.groups import ScoredGroup
+from rlkit.recovery import Preempted, StopSignals, check_finite
 from rlkit.types import collate
 
 
@@ -391,65 +392,3 @@ def model_dir(cfg: RunConfig) -> str:
     from rlkit.assets import smollm2_dir
 
     return str(smollm2_dir()) if cfg.model.path == "smollm2" else cfg.model.path
-
-
-REQUEUE_EXIT = 75
-"""Exit code of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL): requeue it."""
-
-
-class Preempted(SystemExit):
-    """Raised by :meth:`Trainer.fit` after a stop signal, once the checkpoint is written; the
-    process exits with :data:`REQUEUE_EXIT`."""
-
-    def __init__(self, signum: int, step: int, path: Path):
-        import signal
-        import sys
-
-        super().__init__(REQUEUE_EXIT)
-        self.signum, self.step, self.path = signum, step, path
-        print(f"rlkit: {signal.Signals(signum).name} received; stopped after step {step} with checkpoint {path}; "
-              f"resume with --resume auto (exit code {REQUEUE_EXIT})", file=sys.stderr, flush=True)
-
-
-class StopSignals:
-    """While active, the named signals only set ``received`` (the loop stops after its step);
-    the previous handlers come back on exit. Outside the main thread it does nothing."""
-
-    def __init__(self, names: list[str]):
-        import signal
-
-        self.signals = [getattr(signal, n) for n in names]
-        self.received: Optional[int] = None
-        self._old: dict = {}
-
-    def __enter__(self) -> "StopSignals":
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def check_finite(step: int, rollouts, **tensors) -> None:
-    """Raise, naming the tensor and the first bad row (its prompt), when a per-row tensor
-    holds NaN or inf; ``None`` tensors are skipped."""
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        bad = ~torch.isfinite(t)
-        if bad.any():
-            row = int(bad.reshape(t.shape[0], -1).any(-1).nonzero()[0, 0])
-            r = rollouts[row]
-            raise ValueError(f"step {step}: non-finite {name} in row {row} (prompt row {r.prompt_index}, group "
-                             f"{r.group_id}); caught before the learner")

@@ -217,7 +217,7 @@ def test_learner_rank_killed_restarts_the_group_from_the_checkpoint(ray_session,
 
 
 def test_non_finite_numbers_are_named_before_the_learner():
-    from rlkit.trainer import check_finite
+    from rlkit.recovery import check_finite
     from rlkit.types import Rollout
 
     rs = [Rollout([1], [2], [-0.1], "stop", 0, g, 10 + g) for g in range(3)]
