@@ -365,7 +365,7 @@ def validate_components(cfg: RunConfig, source: str) -> None:
     if cfg.learner.tis_cap is not None and not algo.linear_in_advantage:
         raise ConfigError(f"{source}: key 'learner.tis_cap': algorithm '{algo.name}' is not linear in the "
                           f"advantage, so truncated IS cannot be applied by scaling it; leave tis_cap null")
-    if algo.kind == "preference":
+    if algo_needs.pairs:
         if cfg.learner.micro_batch_size % 2:
             raise ConfigError(f"{source}: key 'learner.micro_batch_size': preference algorithms need an even "
                               f"micro-batch (whole chosen/rejected pairs), got {cfg.learner.micro_batch_size}")

@@ -356,7 +356,7 @@ class LearnerRank:
         return None
 
     def _micro_loss(self, micro: TrainBatch, tokens: float, seqs: float, controller: dict, weight: float = 1.0):
-        if self.algo.kind == "preference":
+        if self.needs.pairs:
             return self._pair_loss(micro, seqs / 2)
         s = self.spec
         stats = self.engine(
