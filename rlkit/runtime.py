@@ -68,7 +68,8 @@ class Runtime:
         ray.get([w.ready.remote() for w in self.rollout])
         self.version = 0
         self.weight_sync = WeightSync(self.learners, self.rollout, zero_stage=cfg.learner.zero_stage,
-                                      lora=cfg.learner.lora.enabled, mode=r.sync_transport, backend=r.sync_backend)
+                                      lora=cfg.learner.lora.enabled, mode=r.sync_transport, backend=r.sync_backend,
+                                      timeout_s=self.supervisor.timeout_s)
         self.unit = 2 if cfg.algorithm_setup.needs.pairs else 1
 
     def _start_learners(self) -> None:

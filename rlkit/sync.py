@@ -19,6 +19,10 @@ learner took while the bytes were at hand (:mod:`rlkit.workers.weights`); :meth:
 compares them, tensor by tensor, with the engines' own sums after loading, so a skipped sync or a
 partial one (any tensor) is caught, whichever transport moved the bytes.
 
+Every wait of a sync is bounded (``timeout_s``, the runtime's step timeout: docs/reliability.md):
+a hung engine or learner rank, or a collective peer that never joins, becomes
+:class:`rlkit.recovery.StageTimeout` naming the sync stage, not a stalled run.
+
 The wire format of the collective transport, shared by both ends, is at the bottom of this module:
 :class:`WireTensor` (a bucket's layout, known to the receivers before the bytes arrive),
 :func:`open_store` / :func:`join_group` and :func:`broadcast`.
@@ -31,9 +35,11 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
+
+from rlkit.recovery import StageTimeout
 
 TRANSPORTS = ("auto", "shm", "object", "collective", "ipc")
 """Values of ``rollout.sync_transport``."""
@@ -49,17 +55,30 @@ class TransportError(ValueError):
     """A transport was asked for where it cannot work; the message names the config key."""
 
 
-def on_learners(learners: Sequence[Any], zero_stage: int, method: str, *args: Any) -> Any:
-    """Learner rank 0's answer to ``method``. Under ZeRO-3 every rank holds a shard of each
-    weight, so methods that read full weights run on all ranks together (they gather)."""
+def wait(refs: Any, what: str, timeout_s: Optional[float] = None) -> Any:
+    """``ray.get(refs)`` bounded by ``timeout_s`` (None: unbounded); a timeout is
+    :class:`StageTimeout` naming ``what``."""
     import ray
 
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise StageTimeout(f"weight sync ({what}): no answer within {timeout_s:.0f} s (recovery.min_timeout_s / "
+                           f"timeout_factor × the slowest step); an engine or learner rank is hung") from None
+
+
+def on_learners(learners: Sequence[Any], zero_stage: int, method: str, *args: Any,
+                timeout_s: Optional[float] = None) -> Any:
+    """Learner rank 0's answer to ``method``. Under ZeRO-3 every rank holds a shard of each
+    weight, so methods that read full weights run on all ranks together (they gather)."""
     ranks = learners if zero_stage == 3 else learners[:1]
-    return ray.get([getattr(a, method).remote(*args) for a in ranks])[0]
+    return wait([getattr(a, method).remote(*args) for a in ranks], f"learner {method}", timeout_s)[0]
 
 
 class Transport(Protocol):
     name: str
+    timeout_s: Optional[float]
+    """Bound of each wait of :meth:`send` (set by :class:`WeightSync` before every sync)."""
 
     def send(self, version: int, targets: Sequence[Any]) -> dict[str, Any]:
         """Deliver the learner's current weights as ``version`` to ``targets`` (rollout actors);
@@ -71,16 +90,16 @@ class ShmTransport:
     (:mod:`rlkit.workers.shm_sync`)."""
 
     name = "shm"
+    timeout_s: Optional[float] = None
 
     def __init__(self, learners: Sequence[Any], zero_stage: int):
         self.learners, self.zero_stage = learners, zero_stage
         self.tag = uuid.uuid4().hex[:12]
 
     def send(self, version: int, targets: Sequence[Any]) -> dict[str, Any]:
-        import ray
-
-        state = on_learners(self.learners, self.zero_stage, "shm_state", self.tag)
-        ray.get([w.load_shm.remote(version, state["segment"], state["entries"]) for w in targets])
+        state = on_learners(self.learners, self.zero_stage, "shm_state", self.tag, timeout_s=self.timeout_s)
+        wait([w.load_shm.remote(version, state["segment"], state["entries"]) for w in targets],
+             "engines load shm", self.timeout_s)
         return state
 
 
@@ -89,15 +108,14 @@ class ObjectStoreTransport:
     ``bucket_bytes``; every worker reads the same objects."""
 
     name = "object"
+    timeout_s: Optional[float] = None
 
     def __init__(self, learners: Sequence[Any], zero_stage: int, bucket_bytes: int = 64 * 2**20):
         self.learners, self.zero_stage, self.bucket_bytes = learners, zero_stage, bucket_bytes
 
     def send(self, version: int, targets: Sequence[Any]) -> dict[str, Any]:
-        import ray
-
-        state = on_learners(self.learners, self.zero_stage, "full_state", self.bucket_bytes)
-        ray.get([w.load_buckets.remote(version, state["refs"]) for w in targets])
+        state = on_learners(self.learners, self.zero_stage, "full_state", self.bucket_bytes, timeout_s=self.timeout_s)
+        wait([w.load_buckets.remote(version, state["refs"]) for w in targets], "engines load buckets", self.timeout_s)
         del state["refs"]  # release the buckets from the object store
         return state
 
@@ -117,6 +135,7 @@ class CollectiveTransport:
     """
 
     name = "collective"
+    timeout_s: Optional[float] = None
 
     def __init__(self, learners: Sequence[Any], zero_stage: int, rollout: Sequence[Any], backend: str = "gloo",
                  bucket_bytes: int = 64 * 2**20):
@@ -125,29 +144,26 @@ class CollectiveTransport:
         self.tag: Optional[str] = None
 
     def _open(self) -> str:
-        import ray
-
         tag = f"rlkit_sync_{uuid.uuid4().hex[:12]}"
         world = 1 + len(self.rollout)
-        host, port = ray.get(self.learners[0].collective_open.remote(tag, world, self.backend))
+        host, port = wait(self.learners[0].collective_open.remote(tag, world, self.backend), "open group",
+                          self.timeout_s)
         # Every member blocks in the group's rendezvous until all have joined: start them together.
-        ray.get([self.learners[0].collective_join.remote(tag)] +
-                [w.collective_join.remote(host, port, tag, i + 1, world, self.backend)
-                 for i, w in enumerate(self.rollout)])
+        wait([self.learners[0].collective_join.remote(tag)] +
+             [w.collective_join.remote(host, port, tag, i + 1, world, self.backend)
+              for i, w in enumerate(self.rollout)], "join group", self.timeout_s)
         return tag
 
     def send(self, version: int, targets: Sequence[Any]) -> dict[str, Any]:
-        import ray
-
         if self.tag is None:
             self.tag = self._open()
-        layout = ray.get(self.learners[0].sync_layout.remote(self.bucket_bytes))
+        layout = wait(self.learners[0].sync_layout.remote(self.bucket_bytes), "layout", self.timeout_s)
         ranks = self.learners if self.zero_stage == 3 else self.learners[:1]
         sends = [a.collective_send.remote(self.tag, self.bucket_bytes) for a in ranks]
         recvs = [w.collective_recv.remote(self.tag, version, layout, all(w is not t for t in targets))
                  for w in self.rollout]
         try:
-            return ray.get(sends + recvs)[0]
+            return wait(sends + recvs, "broadcast", self.timeout_s)[0]
         except Exception:
             self.tag = None  # a member failed mid-broadcast: the next sync builds a new group
             raise
@@ -159,15 +175,14 @@ class IpcTransport:
     from them; nothing passes through host memory. ZeRO ≤ 2 only (rank 0 holds the full weights)."""
 
     name = "ipc"
+    timeout_s: Optional[float] = None
 
     def __init__(self, learners: Sequence[Any], bucket_bytes: int = 64 * 2**20):
         self.learners, self.bucket_bytes = learners, bucket_bytes
 
     def send(self, version: int, targets: Sequence[Any]) -> dict[str, Any]:
-        import ray
-
-        state = ray.get(self.learners[0].ipc_state.remote(self.bucket_bytes))
-        ray.get([w.load_ipc.remote(version, state["buckets"]) for w in targets])
+        state = wait(self.learners[0].ipc_state.remote(self.bucket_bytes), "learner ipc_state", self.timeout_s)
+        wait([w.load_ipc.remote(version, state["buckets"]) for w in targets], "engines load ipc", self.timeout_s)
         del state["buckets"]
         return state
 
@@ -231,14 +246,16 @@ def collective_backend(learner: Placed, workers: Sequence[Placed], backend: str 
 
 
 class WeightSync:
-    """Chooses a transport once (at the first sync), sends, and verifies every tensor."""
+    """Chooses a transport once (at the first sync), sends, and verifies every tensor. Each wait
+    is bounded by ``timeout_s()`` seconds (None: unbounded)."""
 
     def __init__(self, learners: Sequence[Any], rollout: Sequence[Any], *, zero_stage: int, lora: bool,
-                 mode: str = "auto", backend: str = "auto"):
+                 mode: str = "auto", backend: str = "auto", timeout_s: Optional[Callable[[], float]] = None):
         if mode not in TRANSPORTS:
             raise TransportError(f"rollout.sync_transport: unknown transport {mode!r}; valid: {list(TRANSPORTS)}")
         self.learners, self.rollout = learners, rollout
         self.zero_stage, self.lora, self.mode, self.backend = zero_stage, lora, mode, backend
+        self.timeout_s = timeout_s or (lambda: None)
         self._made: dict[str, Transport] = {}
         self.transport = None
 
@@ -262,6 +279,7 @@ class WeightSync:
         chosen = self._choose() if transport is None else self._make(transport)
         if hasattr(chosen, "bucket_bytes"):
             chosen.bucket_bytes = bucket_bytes
+        chosen.timeout_s = self.timeout_s()
         t0 = time.perf_counter()
         state = chosen.send(version, [w for i, w in enumerate(self.rollout) if i not in skip])
         seconds = time.perf_counter() - t0
@@ -271,10 +289,8 @@ class WeightSync:
 
     def verify(self, version: int, want: dict[str, float]) -> None:
         """Every rollout worker holds ``version`` and, for every tensor sent, the learner's sum."""
-        import ray
-
         names = list(want)
-        for i, got in enumerate(ray.get([w.checksum.remote(names) for w in self.rollout])):
+        for i, got in enumerate(wait([w.checksum.remote(names) for w in self.rollout], "verify", self.timeout_s())):
             if got["version"] != version:
                 raise SyncError(f"rollout worker {i} holds policy version {got['version']}, learner is at {version}")
             bad = [n for n in names if not _close(got["sums"].get(n), want[n])]
@@ -285,22 +301,19 @@ class WeightSync:
 
     def placement(self) -> tuple[Placed, list[Placed]]:
         """Where learner rank 0 and each rollout worker run (asked once per transport choice)."""
-        import ray
-
-        places = ray.get([a.sync_place.remote() for a in [self.learners[0], *self.rollout]])
+        places = wait([a.sync_place.remote() for a in [self.learners[0], *self.rollout]], "placement", self.timeout_s())
         return Placed(**places[0]), [Placed(**p) for p in places[1:]]
 
     def _choose(self) -> Transport:
         """The configured transport, or the automatic one (decided once)."""
-        import ray
-
         if self.transport is None:
             learner, workers = self.placement()
             name = self.mode
             if name == "auto":
                 room = True
                 if learner.device == "cpu" and all(w.node == learner.node for w in workers) and not self.lora:
-                    room = shm_free_bytes() > 2.2 * float(ray.get(self.learners[0].weight_bytes.remote()))
+                    room = shm_free_bytes() > 2.2 * float(wait(self.learners[0].weight_bytes.remote(), "weight bytes",
+                                                              self.timeout_s()))
                 name = choose_transport(learner, workers, lora=self.lora, zero_stage=self.zero_stage, shm_room=room)
             self.transport = self._make(name, (learner, workers))
         return self.transport
