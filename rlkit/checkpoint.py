@@ -2,7 +2,12 @@
 
 A checkpoint is written under a temporary name, signed (``MANIFEST.json``), completed with a
 ``COMPLETE`` marker, fsync'd and renamed to ``step_NNNNNNN``. A writer killed mid-write leaves
-only a ``.tmp-*`` folder, which :func:`latest` ignores, so the previous checkpoint still loads.
+only a ``.tmp-*`` folder, which :func:`latest` ignores, so the previous checkpoint still loads. A
+write that fails (disk full, permission denied, on the driver or on a learner rank) is
+:class:`CheckpointWriteError` naming the path and the intact previous checkpoint
+(:func:`writing`), and its partial folder is removed. :func:`resolve` also checks that every
+torch and safetensors file is whole (:func:`check_whole`), so a truncated file given to
+``--resume`` is named before anything reads it, trusted or not.
 
 Layout of a checkpoint:
     deepspeed/state/...   model, optimizer, scheduler (ZeRO partitions, per rank; DeepSpeed's format)
@@ -34,6 +39,9 @@ import random
 import re
 import secrets
 import shutil
+import struct
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,6 +60,10 @@ _HOW_TO_TRUST = f"if you trust where it came from, set {TRUST_ENV}=1 (or pass --
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed; the message names the path and the previous checkpoint."""
 
 
 def trusted() -> bool:
@@ -261,6 +273,78 @@ def begin(run_dir: str | Path, step: int) -> Path:
     return tmp
 
 
+@contextmanager
+def writing(tmp: Path, run_dir: str | Path, step: int):
+    """Around every write of the checkpoint in ``tmp``: a failure (an ``OSError`` here, a torch
+    writer's error or an error raised on a learner rank) removes the partial folder and becomes
+    :class:`CheckpointWriteError` naming the file being written (the exception's, else the newest
+    file in ``tmp``), the free space left, and the previous checkpoint, which stays loadable."""
+    try:
+        yield
+    except Exception as e:
+        cause = getattr(e, "cause", None) or e  # a Ray task error carries the rank's exception
+        path = getattr(cause, "filename", None) or _newest_file(tmp) or tmp
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(root(run_dir)).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        prev = latest(run_dir)
+        raise CheckpointWriteError(
+            f"checkpoint of step {step}: writing {path} failed ({type(cause).__name__}: {first}; {free}); the "
+            f"partial folder was removed; "
+            + (f"the previous checkpoint {prev} is intact: resume with --resume auto" if prev else
+               "no earlier checkpoint exists")) from e
+
+
+def _newest_file(directory: Path) -> Optional[Path]:
+    try:
+        files = [p for p in Path(directory).rglob("*") if p.is_file()]
+    except OSError:
+        return None
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def check_whole(ckpt: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first torch (``.pt``, a zip archive) or
+    safetensors file of ``ckpt`` that is truncated or not what its format says."""
+    for p in sorted(Path(ckpt).rglob("*")):
+        if not p.is_file():
+            continue
+        why = None
+        if p.suffix == ".pt":
+            try:
+                with zipfile.ZipFile(p) as z:
+                    bad = z.testzip()
+                why = f"member {bad} is corrupted" if bad else None
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                why = f"not a complete torch archive ({e})"
+        elif p.suffix == ".safetensors":
+            why = _safetensors_problem(p)
+        if why:
+            raise CheckpointError(f"{p}: truncated or corrupted: {why}; resume from an earlier checkpoint")
+
+
+def _safetensors_problem(p: Path) -> Optional[str]:
+    """Why ``p`` is not a whole safetensors file (header length, JSON header, data size)."""
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than the header length"
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            return f"header of {n} bytes does not fit in {size} bytes"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            return f"header is not JSON ({e})"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    need = 8 + n + max(ends, default=0)
+    return f"{size} bytes, the header describes {need}" if size < need else None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -323,6 +407,7 @@ def resolve(resume: Optional[str], run_dir: str | Path) -> Optional[Path]:
         if not (p / "COMPLETE").is_file():
             raise CheckpointError(f"--resume {p}: not a complete checkpoint (no COMPLETE marker)")
     verify(p)
+    check_whole(p)
     return p
 
 

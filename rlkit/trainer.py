@@ -365,11 +365,12 @@ class Trainer:
         # An in-flight batch (overlap) is not saved: resume redraws its prompts and regenerates.
         self.state.sampler = self._sampler_before_pending if self._pending else self.sampler.state_dict()
         self.state.controller = self.controller.state_dict() if self.controller else {}
-        self.runtime.save(str(tmp), {"step": self.state.step})
-        self.tokenizer.save_pretrained(str(tmp / "hf"))  # the folder loads in transformers/vLLM as is
-        state = self.state.__dict__ | {"carry": [g.to_dict() for g in self.state.carry],
-                                       "version": self.runtime.version}
-        return checkpoint.commit(tmp, self.state.step, state, dump_config(self.cfg), self.cfg.checkpoint.keep)
+        with checkpoint.writing(tmp, self.run_dir, self.state.step):  # a failed write names its path
+            self.runtime.save(str(tmp), {"step": self.state.step})
+            self.tokenizer.save_pretrained(str(tmp / "hf"))  # the folder loads in transformers/vLLM as is
+            state = self.state.__dict__ | {"carry": [g.to_dict() for g in self.state.carry],
+                                           "version": self.runtime.version}
+            return checkpoint.commit(tmp, self.state.step, state, dump_config(self.cfg), self.cfg.checkpoint.keep)
 
     def _restore(self, ckpt: Path) -> None:
         saved = checkpoint.load_trainer_state(ckpt)
