@@ -285,17 +285,23 @@ def writing(tmp: Path, run_dir: str | Path, step: int):
         cause = getattr(e, "cause", None) or e  # a Ray task error carries the rank's exception
         path = getattr(cause, "filename", None) or _newest_file(tmp) or tmp
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        full = _free_bytes(tmp) < 2**20  # torch's writer reports ENOSPC as a bare position error
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            free = f"{shutil.disk_usage(root(run_dir)).free / 2**20:.1f} MiB free there"
-        except OSError:
-            free = "free space unknown"
+        free = (("the filesystem was full; " if full else "") +
+                f"{_free_bytes(root(run_dir)) / 2**20:.1f} MiB free there after removing the partial folder")
         prev = latest(run_dir)
         raise CheckpointWriteError(
             f"checkpoint of step {step}: writing {path} failed ({type(cause).__name__}: {first}; {free}); the "
             f"partial folder was removed; "
             + (f"the previous checkpoint {prev} is intact: resume with --resume auto" if prev else
                "no earlier checkpoint exists")) from e
+
+
+def _free_bytes(path: Path) -> float:
+    try:
+        return float(shutil.disk_usage(path).free)
+    except OSError:
+        return float("nan")
 
 
 def _newest_file(directory: Path) -> Optional[Path]:

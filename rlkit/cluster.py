@@ -22,7 +22,7 @@ import tempfile
 from rlkit.config import RunConfig
 
 FORWARDED = ("RAY_AUTH_MODE", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "RLKIT_CACHE", "TOKENIZERS_PARALLELISM",
-             "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "RLKIT_TRUST_CHECKPOINTS", "GLOO_SOCKET_IFNAME",
+             "RLKIT_TRUST_CHECKPOINTS", "GLOO_SOCKET_IFNAME",
              "NCCL_SOCKET_IFNAME")
 """Settings every actor needs as the driver has them."""
 SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_TOKEN",
@@ -76,9 +76,8 @@ def init_ray(cfg: RunConfig) -> None:
         _auth_for_join()
     else:
         _auth_for_private_instance()
-    # Weight buckets are read straight from the object store's shared memory (no deserialization
-    # copy); engines copy them into their parameters once.
-    os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
+    # Torch tensors between actors are copied (Ray's default): the one zero-copy path, weight
+    # buckets in the object store, is scoped to its payload (rlkit.workers.weights.StoreBucket).
     # Ray reads RAY_* settings into its config once, when it is imported: read them again.
     from ray._raylet import Config
 

@@ -44,10 +44,22 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_model) -> Path:
-    """The run directory of 4 uninterrupted steps."""
+    """The run directory of 4 uninterrupted steps (its output in ``output.txt`` beside it)."""
     run = tmp_path_factory.mktemp("straight") / "run"
-    subprocess.run(_cmd(run, tiny_model), env=_env(), check=True, timeout=600)
+    proc = subprocess.run(_cmd(run, tiny_model), env=_env(), check=False, timeout=600, capture_output=True, text=True)
+    (run.parent / "output.txt").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return run
+
+
+def test_a_correct_run_prints_no_data_corruption_warning(straight):
+    """Torch tensors cross actors by copy; the one zero-copy path (weight buckets in the object store)
+    is scoped to its payload, so a run prints neither Ray's zero-copy warning nor torch's warning
+    about tensors over non-writable NumPy arrays (both printed by every run when zero-copy tensor
+    transfer was enabled globally)."""
+    out = (straight.parent / "output.txt").read_text()
+    for warning in ("ZeroCopyTensorsWarning", "only works safely for read-only tensors", "is not writable"):
+        assert warning not in out, out[max(0, out.find(warning) - 800):][:1600]
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, tiny_model, straight):
@@ -136,3 +148,77 @@ def test_resume_from_incomplete_path_is_refused(tmp_path):
     bad.mkdir()
     with pytest.raises(checkpoint.CheckpointError, match="COMPLETE"):
         checkpoint.resolve(str(bad), tmp_path)
+
+
+def _mount_small_disk(path: Path, size_bytes: int) -> None:
+    path.mkdir(parents=True)
+    size_kib = max(64, size_bytes // 1024)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs CAP_SYS_ADMIN): {proc.stderr.strip()}")
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_disk_full_while_checkpointing_names_the_path_and_keeps_the_previous(tmp_path, tiny_model, straight):
+    """A real full disk: the run directory on a tmpfs with room for one checkpoint (step 2) but not a
+    second (step 4). The run stops with one message naming the file that could not be written and
+    the intact step-2 checkpoint; the partial folder is gone; the step-2 checkpoint verifies and a
+    copy of the run directory resumes from it to weights bitwise equal to the uninterrupted run."""
+    one = _tree_bytes(checkpoint.complete_checkpoints(straight)[0])
+    disk = tmp_path / "disk"
+    _mount_small_disk(disk, int(1.5 * one) + 2 * 2**20)
+    try:
+        run = disk / "run"
+        proc = subprocess.run(_cmd(run, tiny_model), env=_env(), capture_output=True, text=True, timeout=600,
+                              check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        err = proc.stderr
+        assert "Traceback" not in err, err[-3000:]
+        assert "checkpoint of step 4: writing " + str(checkpoint.root(run) / "step_0000004.tmp-") in err, err[-3000:]
+        assert "No space left on device" in err or "the filesystem was full" in err, err[-3000:]
+        assert f"the previous checkpoint {checkpoint.root(run) / 'step_0000002'} is intact" in err, err[-3000:]
+        assert [p.name for p in checkpoint.root(run).iterdir()] == ["step_0000002"]
+        kept = checkpoint.resolve("auto", run)
+        assert kept is not None and kept.name == "step_0000002"
+        assert checkpoint.load_trainer_state(kept)["step"] == 2
+        copy = tmp_path / "copy"
+        subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    subprocess.run(_cmd(copy, tiny_model, "--resume", "auto"), env=_env(), check=True, timeout=600)
+    a, b = _weights(checkpoint.latest(straight)), _weights(checkpoint.latest(copy))
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resuming past the failed write"
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+@pytest.mark.parametrize("victim", ["hf/model.safetensors", "rng_rank0.pt"])
+def test_truncated_checkpoint_is_named_trusted_or_not(tmp_path, straight, monkeypatch, victim, trusted):
+    """A checkpoint file cut short: refused naming the file, whether the manifest is checked (its
+    digest differs) or the user trusts the checkpoint (the file is not whole)."""
+    ckpt = tmp_path / "step_0000002"
+    subprocess.run(["cp", "-a", str(checkpoint.complete_checkpoints(straight)[0]), str(ckpt)], check=True)
+    path = ckpt / victim
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    monkeypatch.setenv(checkpoint.TRUST_ENV, "1" if trusted else "0")
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.resolve(str(ckpt), tmp_path)
+    assert str(path) in str(e.value)
+    assert ("truncated or corrupted" if trusted else "content differs") in str(e.value)
+
+
+def test_truncated_checkpoint_given_to_the_command_is_one_message(tmp_path, tiny_model, straight):
+    ckpt = tmp_path / "step_0000002"
+    subprocess.run(["cp", "-a", str(checkpoint.complete_checkpoints(straight)[0]), str(ckpt)], check=True)
+    victim = next((ckpt / "deepspeed").rglob("*.pt"))
+    victim.write_bytes(victim.read_bytes()[:1000])
+    proc = subprocess.run(_cmd(tmp_path / "run", tiny_model, "--resume", str(ckpt), "--trust-checkpoint"),
+                          env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert f"{victim}: truncated or corrupted" in proc.stderr, proc.stderr[-3000:]

@@ -128,18 +128,50 @@ def bucket_sums(policy: torch.nn.Module, bucket: list[Any]) -> dict[str, float]:
     return {n: tensor_sum(t) for n, t in bucket}
 
 
+class StoreBucket(list):
+    """A bucket of ``(name, tensor)`` pairs as it travels through the Ray object store: each tensor
+    is pickled as a flat byte array (NumPy, which Ray stores out of band and hands every reader as
+    a read-only view of the store's shared memory: no deserialization copy), and comes back as a
+    tensor over those bytes. This is the one zero-copy path between rlkit's actors, and it is safe:
+    the learner's bytes are copied into the store by ``ray.put`` (nothing later writes the
+    learner's tensors into it), and the engine only reads the views (``copy_`` into its own
+    parameters, :meth:`rlkit.workers.hf_engine.HFEngine.load_weights`). Everything else that
+    crosses actors is copied (Ray's default for torch tensors; rlkit does not turn on
+    ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS``). ``tests/test_sync_collective.py`` checks the store's
+    bytes are unchanged after engines loaded them. LoRA deltas are pickled as they are."""
+
+    def __reduce__(self):
+        pairs = [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                  t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()) for n, t in self]
+        return _store_bucket_pairs, (pairs,)
+
+
+def _store_bucket_pairs(pairs: list) -> list[tuple[str, torch.Tensor]]:
+    """The reader's side of :class:`StoreBucket`: tensors over the (read-only) stored bytes."""
+    import warnings
+
+    out = []
+    with warnings.catch_warnings():
+        # The views are read-only by contract (see StoreBucket); torch warns on any such array.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, dtype, shape, raw in pairs:
+            out.append((name, torch.from_numpy(raw).view(getattr(torch, dtype)).view(shape)))
+    return out
+
+
 @torch.no_grad()
 def object_state(policy: torch.nn.Module, rank: int, zero_stage: int, bucket_bytes: int) -> dict[str, Any]:
     """Rank 0: the sync items put in the Ray object store once per bucket (every rollout worker
     then reads the same objects), with their names, bytes and checksums. No clone: ``ray.put``
     serializes each bucket into the store, which is the one copy (made while the bucket is
-    gathered under ZeRO-3)."""
+    gathered under ZeRO-3); readers get views of it (:class:`StoreBucket`)."""
     import ray
 
     refs, names, sums, nbytes = [], [], {}, 0
     for bucket in sync_buckets(policy, zero_stage, bucket_bytes):
         if rank == 0:
-            refs.append(ray.put(bucket))
+            lora = any(isinstance(i, LoraDelta) for i in bucket)
+            refs.append(ray.put(bucket if lora else StoreBucket(bucket)))
             names += [item_name(i) for i in bucket]
             nbytes += sum(item_bytes(i) for i in bucket)
             sums.update(bucket_sums(policy, bucket))
