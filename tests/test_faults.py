@@ -176,6 +176,27 @@ def test_hung_reward_call_becomes_an_error_naming_the_stage(ray_session, tmp_pat
         _kill(trainer.runtime)
 
 
+def test_hung_engine_during_weight_sync_becomes_an_error_naming_the_sync(ray_session, tmp_path, tiny_model):
+    """A rollout worker frozen (SIGSTOP, a real hung process) while the weights are sent: the sync's
+    wait ends at the step timeout as StageTimeout naming the sync stage, instead of blocking."""
+    from rlkit.recovery import StageTimeout
+
+    cfg = tiny_config(tmp_path, tiny_model, "grpo", {"beta": 0.0},
+                      **{"learner.num_ranks": 1, "recovery.min_timeout_s": 4})
+    trainer = _trainer(cfg)
+    rt = trainer.runtime
+    pid = ray.get(rt.rollout[0].ready.remote())["pid"]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.perf_counter()
+        with pytest.raises(StageTimeout, match=r"weight sync \(engines load shm\): no answer within 4 s"):
+            rt.sync()
+        assert time.perf_counter() - t0 < 30
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        _kill(rt)
+
+
 def test_learner_rank_killed_restarts_the_group_from_the_checkpoint(ray_session, tmp_path, tiny_model):
     """SIGKILL of learner rank 0 after the step-2 checkpoint: fit restarts the learner group from
     it, redoes step 3, and ends with weights bitwise equal to a run that was never interrupted."""
