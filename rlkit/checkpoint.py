@@ -279,8 +279,13 @@ def writing(tmp: Path, run_dir: str | Path, step: int):
     writer's error or an error raised on a learner rank) removes the partial folder and becomes
     :class:`CheckpointWriteError` naming the file being written (the exception's, else the newest
     file in ``tmp``), the free space left, and the previous checkpoint, which stays loadable."""
+    from rlkit.recovery import LearnerLost
+
     try:
         yield
+    except LearnerLost:  # a rank died while saving: the driver restarts the group, not a disk problem
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except Exception as e:
         cause = getattr(e, "cause", None) or e  # a Ray task error carries the rank's exception
         path = getattr(cause, "filename", None) or _newest_file(tmp) or tmp

@@ -297,7 +297,15 @@ class Placement:
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.groups[s.group],
                                                     placement_group_bundle_index=s.bundle)
         probe = ray.remote(_endpoint).options(num_cpus=MIN_CPU, num_gpus=0, scheduling_strategy=strategy)
-        return tuple(ray.get(probe.remote(), timeout=timeout_s))
+        try:
+            return tuple(ray.get(probe.remote(), timeout=timeout_s))
+        except ray.exceptions.GetTimeoutError:
+            # After a node left, Ray reschedules the group's bundles; none fits the remaining nodes.
+            raise PlacementError(
+                f"learner rank 0's placement bundle (group '{s.group}': "
+                f"{self.layout.bundles[s.group][s.bundle]}) could not be placed within {timeout_s:.0f} s: a node "
+                f"holding it left the cluster and the remaining nodes cannot hold it (cluster now: "
+                f"{_shown(ray.available_resources())} available)") from None
 
     def node_id(self, role: str, index: int) -> str:
         """Hex id of the node holding ``role[index]``'s bundle."""
@@ -318,8 +326,13 @@ def _unplaceable_message(plan: Layout, timeout_s: float, cluster: dict[str, floa
     lines = [f"placement groups not ready after {timeout_s:.0f} s: the cluster cannot host these bundles"]
     for name, bundles in plan.bundles.items():
         lines.append(f"  group '{name}' ({plan.strategies[name]}): {bundles}")
-    shown = {k: v for k, v in sorted(cluster.items()) if not k.startswith(("node:", "memory", "object_store"))}
-    lines.append(f"  cluster total: {shown}")
+    lines.append(f"  cluster total: {_shown(cluster)}")
     lines.append("  check resources.* in the config (run `rlkit plan CONFIG`) and that all nodes have joined")
     return "\n".join(lines)
 
+
+
+def _shown(resources: dict[str, float]) -> dict[str, float]:
+    """Resources worth showing a user (not Ray's per-node and memory entries)."""
+    return {k: v for k, v in sorted(resources.items())
+            if not k.startswith(("node:", "memory", "object_store", "bundle_group_")) and "_group_" not in k}

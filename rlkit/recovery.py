@@ -111,13 +111,19 @@ class Supervisor:
                 raise ActorLost(f"{name} died and Ray did not restart it") from None
 
     def get_learners(self, refs: Sequence[Any], stage: str, timeout_s: Optional[float] = None) -> list:
-        """Every learner rank's answer; a dead rank is :class:`LearnerLost` naming it."""
-        out = []
+        """Every learner rank's answer; a dead rank is :class:`LearnerLost` naming it. Every rank
+        is waited for: when one dies, the others fail in their collectives (a gloo or NCCL error),
+        and the death, not the symptom, is what the driver answers."""
+        out, error = [], None
         for rank, ref in enumerate(refs):
             try:
                 out.append(self.get(ref, stage, timeout_s))
             except dead_actor_error():
                 raise LearnerLost(rank, stage) from None
+            except Exception as e:  # noqa: BLE001 - re-raised below unless a later rank died
+                error = error or e
+        if error is not None:
+            raise error
         return out
 
     def call_with_restarts(self, name: str, stage: str, call: Callable[[], Any],

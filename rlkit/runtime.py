@@ -79,7 +79,7 @@ class Runtime:
         Learner_, spec = self._learner_args
         n = self.cfg.learner.num_ranks
         # Rank 0's node IP and a free port there, found before any rank blocks in the rendezvous.
-        addr, port = self.placement.master_endpoint()
+        addr, port = self.placement.master_endpoint(timeout_s=min(300.0, self.supervisor.timeout_s()))
         self.learners[:] = [Learner_.options(**self.placement.options("learner", rank)).remote(
             rank, n, addr, port, spec) for rank in range(n)]
         # Start-up loads models and joins the process group: not bounded by the step timeout.

@@ -16,7 +16,8 @@ from rlkit import checkpoint, groups
 from rlkit.algorithms.base import AdvantageInputs
 from rlkit.config import RunConfig, build_data_spec, build_reward_config, dump_config
 from rlkit.groups import ScoredGroup
-from rlkit.recovery import Preempted, StopSignals, check_finite
+from rlkit.placement import PlacementError
+from rlkit.recovery import LearnerLost, Preempted, StageTimeout, StopSignals, check_finite
 from rlkit.types import collate
 
 
@@ -165,7 +166,11 @@ class Trainer:
             log.log_eval(self.state.step, report, metrics=False)
         progress.update(self.state.step, last)
         if self.cfg.checkpoint.every_steps and self.state.step % self.cfg.checkpoint.every_steps == 0:
-            self.save()
+            try:
+                self.save()
+            except LearnerLost as e:  # died while saving: this step is redone from the last checkpoint
+                self._recover_learners(e, log)
+                return {}, False
         return last, evaluated
 
     def _recover_learners(self, err, log) -> None:
@@ -178,7 +183,12 @@ class Trainer:
             raise RuntimeError(f"step {self.state.step}: {err}, and the learner group was already restarted "
                                f"{self.cfg.recovery.learner_restarts} times (recovery.learner_restarts); {where}")
         lost_from, restarts = self.state.step, self.state.learner_restarts
-        self.runtime.restart_learners()
+        try:
+            self.runtime.restart_learners()
+        except (PlacementError, StageTimeout, LearnerLost) as e:  # e.g. the learners' node left
+            where = f"resume from {latest} with --resume auto" if latest else "no checkpoint was written yet"
+            raise RuntimeError(f"step {self.state.step}: {err}; restarting the learner group failed: {e}; "
+                               f"{where} once the cluster has the resources") from None
         self._pending = None  # generated for a step that will be redone
         if self._async is not None:
             self._async.reset()

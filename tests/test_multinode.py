@@ -11,6 +11,7 @@ sync goes through the collective transport over gloo (rank 0 broadcasts to the e
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,54 @@ def test_rollout_and_learners_on_different_nodes_sync_across(two_nodes, tmp_path
         # (rlkit.sync.CollectiveTransport); the object store delivers the same weights.
         assert rt.weight_sync.transport.name == "collective"
         rt.sync(transport="object")
+    finally:
+        for a in rt.learners + rt.rollout + [rt.reward]:
+            ray.kill(a)
+        rt.placement.remove()
+
+
+def test_learner_node_lost_mid_run_stops_with_a_resumable_checkpoint(two_nodes, tmp_path, tiny_llama_dir):
+    """node_b's raylet (both learner ranks) is killed during step 2. The learner group cannot
+    restart: no node carries ``node_b`` any more. The run must not hang: within the step timeout
+    it stops with an error naming the lost placement and the checkpoint to resume from, and that
+    checkpoint verifies. (Runs last in this module: the cluster keeps one node afterwards.)"""
+    from rlkit import checkpoint
+    from rlkit.runtime import Runtime
+    from rlkit.trainer import Trainer, model_dir
+
+    cfg = load_config(None, [f"{k}={v}" for k, v in {
+        "run_dir": tmp_path / "run", "model.path": tiny_llama_dir, "data.kind": "arithmetic",
+        "data.num_train": 32, "data.num_eval": 4, "rewards.rewards": f"[{{name: '{TOY_REWARD}'}}]",
+        "rollout.max_new_tokens": 6, "rollout.threads": 1, "learner.threads": 1, "learner.num_ranks": 2,
+        "learner.micro_batch_size": 4, "learner.lr": 1.0e-3, "train.prompts_per_step": 2,
+        "train.samples_per_prompt": 4, "train.steps": 3, "eval.num_problems": 0, "progress": "false",
+        "report_to": "[]", "algorithm.name": "grpo", "resources.placement": "separate",
+        "resources.custom": "{rollout: {node_a: 0.1}, reward: {node_a: 0.1}, learner: {node_b: 0.1}}",
+        "checkpoint.every_steps": 1, "recovery.min_timeout_s": 15, "recovery.learner_restarts": 2,
+    }.items()])
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
+    node_b = next(n for n in two_nodes.worker_nodes)
+    learn, calls = rt.learn, []
+
+    def learn_losing_node_b(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            two_nodes.remove_node(node_b, allow_graceful=False)
+        return learn(*args, **kw)
+
+    rt.learn = learn_losing_node_b
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(Exception) as e:
+            trainer.fit()
+        elapsed = time.perf_counter() - t0
+        msg = str(e.value)
+        assert elapsed < 240, (elapsed, msg)
+        ckpt = checkpoint.root(tmp_path / "run") / "step_0000001"
+        assert str(ckpt) in msg and "--resume auto" in msg, msg
+        assert "learner rank" in msg and "could not be placed" in msg, msg  # names the lost placement
+        assert checkpoint.resolve("auto", tmp_path / "run") == ckpt
     finally:
         for a in rt.learners + rt.rollout + [rt.reward]:
             ray.kill(a)
