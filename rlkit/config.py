@@ -118,6 +118,12 @@ class LearnerConfig(Section):
     sequences whose ratio leaves [``is_low``, ``is_high``] (docs/async.md)."""
     is_low: float = Field(0.0, ge=0.0)
     is_high: Optional[float] = None
+    offload_optimizer: bool = False
+    """DeepSpeed ZeRO optimizer offload: Adam's states and fp32 master weights live in host memory
+    and the optimizer step runs on CPU (ZeRO stage ≥ 1); frees GPU memory for colocated engines."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-3 parameter offload: the weights' shards live in host memory between uses
+    (``learner.zero_stage: 3`` only)."""
 
 
 class AlgorithmSection(Section):
@@ -212,6 +218,8 @@ class ResourcesConfig(Section):
     cpus_per_node: Optional[float] = Field(None, gt=0)
     gpus_per_node: Optional[float] = Field(None, ge=0)
     memory_gb_per_node: Optional[float] = Field(None, gt=0)
+    gpu_memory_gb: Optional[float] = Field(None, gt=0)
+    """Memory of one GPU, for ``rlkit plan``'s per-GPU fit; None: the local GPU's, if any."""
     custom: dict[str, dict[str, float]] = {}
     """Custom Ray node resources per actor, by role (learner, rollout, reward), e.g.
     ``{learner: {trainer_node: 1}}`` to pin learners to nodes started with ``--resources``."""
@@ -267,6 +275,12 @@ class RunConfig(Section):
         bad_k = [k for k in self.eval.k if not 1 <= k <= self.eval.n]
         if bad_k:
             raise ValueError(f"eval.k = {bad_k}: every k must lie in 1..eval.n = {self.eval.n}")
+        if self.learner.offload_params and self.learner.zero_stage != 3:
+            raise ValueError("learner.offload_params needs learner.zero_stage: 3 (only ZeRO-3 partitions the "
+                             "weights it would offload); use learner.offload_optimizer at stage 1 or 2")
+        if self.learner.offload_optimizer and self.learner.zero_stage == 0:
+            raise ValueError("learner.offload_optimizer needs learner.zero_stage ≥ 1 (DeepSpeed offloads the "
+                             "ZeRO optimizer)")
         if self.learner.zero_stage == 3 and self.learner.lora.enabled:
             # A LoRA sync reads adapters and merged weights directly; under ZeRO-3 they are shards.
             raise ValueError("learner.lora.enabled with learner.zero_stage 3 is not supported: LoRA keeps "

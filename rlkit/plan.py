@@ -19,6 +19,14 @@ Activations use Korthikanti et al. 2022 (eq. 2, per layer s·b·h·(34 + 5·a·s
 doubled for fp32) without checkpointing and 2·s·b·h per layer with it; KV cache is
 2·layers·kv_heads·head_dim·bytes per token. These are estimates to catch order-of-magnitude
 mistakes, not allocator-exact numbers.
+
+GPU fit (before any actor starts): every bundle with GPUs is checked against one GPU's memory
+(``resources.gpu_memory_gb``, else the local GPU's): actors sharing a GPU (fractional requests in
+one bundle, e.g. a colocated learner and engine) must fit together; an actor with whole GPUs must
+fit in its share of them. A vLLM engine counts as the fraction of each GPU it preallocates
+(:data:`VLLM_GPU_FRACTION`, the engine's ``gpu_memory_utilization``). Optimizer states offloaded
+with ``learner.offload_optimizer`` (and ZeRO-3 weights with ``learner.offload_params``) count as
+host memory, not GPU memory.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from rlkit.config import RunConfig
 from rlkit.placement import Layout, layout
 
 GiB = 2**30
+VLLM_GPU_FRACTION = 0.5
+"""Share of each of its GPUs a vLLM engine preallocates (rlkit.workers.vllm_engine's default
+``gpu_memory_utilization``): weights, activations and KV cache live inside it."""
 ASSUMED_PROMPT_TOKENS = 256
 SMOLLM2 = {"hidden": 576, "layers": 30, "vocab": 49152, "heads": 9, "kv_heads": 3, "head_dim": 64,
            "intermediate": 1536, "tied": True}
@@ -100,10 +111,17 @@ class RoleMemory:
     kv_cache: float = 0.0
     device: str = "host"
     notes: str = ""
+    host_part: float = 0.0
+    """Bytes of ``total`` kept in host memory even when ``device`` is "gpu" (DeepSpeed offload)."""
 
     @property
     def total(self) -> float:
         return self.weights + self.grads + self.optimizer + self.frozen + self.activations + self.kv_cache
+
+    @property
+    def device_bytes(self) -> float:
+        """What must sit in the device's memory (all of it on "host")."""
+        return self.total - self.host_part
 
 
 @dataclass
@@ -296,8 +314,13 @@ def memory_estimates(cfg: RunConfig, m: ModelSizes, trainable: int, b: BatchMath
     # The fused log-prob pass keeps one chunk of logits (and its softmax) alive, never [tokens × V].
     acts += 2 * min(cfg.learner.chunk_size, micro * seq_len) * m.vocab * 4
     learner_dev = "gpu" if cfg.resources.learner_gpus > 0 else "host"
-    learner = RoleMemory("learner", weights, grads, optim, ref, acts, device=learner_dev,
-                         notes=f"ZeRO-{stage} over {n} rank(s)" + (", + reference model" if ref else ""))
+    lc = cfg.learner
+    offloaded = (optim if lc.offload_optimizer else 0.0) + (weights if lc.offload_params else 0.0)
+    notes = f"ZeRO-{stage} over {n} rank(s)" + (", + reference model" if ref else "")
+    if offloaded and learner_dev == "gpu":
+        notes += f"; {_size(offloaded)} offloaded to host memory"
+    learner = RoleMemory("learner", weights, grads, optim, ref, acts, device=learner_dev, notes=notes,
+                         host_part=offloaded if learner_dev == "gpu" else 0.0)
     seqs_per_worker = b.prompts_per_worker * b.samples_per_prompt
     r_width = 2 if _dtype(cfg, cfg.resources.rollout_gpus > 0) == "bfloat16" else 4
     kv = 2 * m.layers * m.kv_heads * m.head_dim * r_width * seqs_per_worker * seq_len
@@ -373,9 +396,13 @@ def plan(cfg: RunConfig, prompt_len: int | None = None) -> PlanReport:
         if idx is None:
             continue
         nodes[idx].actors.append(f"{s.role}[{s.index}]")
-        if mem[s.role].device == "host":
-            nodes[idx].host_bytes += mem[s.role].total
+        nodes[idx].host_bytes += mem[s.role].total if mem[s.role].device == "host" else mem[s.role].host_part
     warnings = []
+    gpu_gb = gpu_memory_gb(cfg)
+    if gpu_gb is None and any(bd.get("GPU") for bds in lay.bundles.values() for bd in bds):
+        warnings.append("GPU memory fit not checked: set resources.gpu_memory_gb (no local GPU to read it from)")
+    elif gpu_gb is not None:
+        errors += gpu_fit_errors(cfg, lay, mem, gpu_gb)
     for nd in nodes:
         if nd.memory_gb is not None and nd.host_bytes > nd.memory_gb * GiB:
             errors.append(f"node {nd.index}: host-memory estimate {nd.host_bytes / GiB:.1f} GiB for "
@@ -389,6 +416,48 @@ def plan(cfg: RunConfig, prompt_len: int | None = None) -> PlanReport:
     # Rank 0 puts each bucket in the object store once; every engine reads it once.
     return PlanReport(cfg, m, trainable, lay, nodes, source, where, b, mem, payload,
                       payload * (cfg.rollout.num_workers + 1), errors, warnings)
+
+
+def gpu_memory_gb(cfg: RunConfig) -> float | None:
+    """One GPU's memory in GiB: ``resources.gpu_memory_gb``, else the local GPU's, else None."""
+    if cfg.resources.gpu_memory_gb is not None:
+        return cfg.resources.gpu_memory_gb
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GiB
+    return None
+
+
+def _gpu_need(cfg: RunConfig, role: str, mem: RoleMemory, gpus: float, gpu_gb: float) -> float:
+    """Bytes of one GPU's memory that one actor of ``role`` holding ``gpus`` GPUs takes on each."""
+    if role == "rollout" and cfg.rollout.engine == "vllm":
+        return VLLM_GPU_FRACTION * gpu_gb * GiB
+    return mem.device_bytes / max(gpus, 1.0)
+
+
+def gpu_fit_errors(cfg: RunConfig, lay: Layout, mem: dict[str, RoleMemory], gpu_gb: float) -> list[str]:
+    """Bundles whose actors do not fit in one GPU's memory (see the module docstring), each naming
+    the actors, the estimate and what to change."""
+    errors = []
+    for group, bundles in lay.bundles.items():
+        for i, bundle in enumerate(bundles):
+            members = [s for s in lay.slots.values() if s.group == group and s.bundle == i and s.gpus > 0]
+            if not members:
+                continue
+            shared = bundle.get("GPU", 0.0) <= 1.0 + 1e-9  # fractional requests land on one GPU
+            parts = [(f"{s.role}[{s.index}]", _gpu_need(cfg, s.role, mem[s.role], s.gpus, gpu_gb)) for s in members]
+            checks = [parts] if shared else [[p] for p in parts]
+            for check in checks:
+                need = sum(b for _, b in check)
+                if need > gpu_gb * GiB:
+                    who = " + ".join(f"{name} {b / GiB:.1f} GiB" for name, b in check)
+                    errors.append(
+                        f"GPU memory: bundle {group}/{i}: {who} = {need / GiB:.1f} GiB on one GPU, which has "
+                        f"{gpu_gb:g} GiB (resources.gpu_memory_gb); try learner.offload_optimizer: true, more "
+                        f"learner.num_ranks with learner.zero_stage: 3, a smaller learner.micro_batch_size, "
+                        f"model.gradient_checkpointing: true, or resources.placement: separate")
+    return errors
 
 
 # ----------------------------------------------------------------------------------------------

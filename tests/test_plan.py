@@ -210,3 +210,69 @@ def test_gpu_config_validates_and_plans_on_cpu_with_a_model_folder(tiny_llama_di
     assert r.memory["learner"].device == "gpu" and r.memory["rollout"].device == "gpu"
     one = plan(load_config("configs/grpo_gpu.yaml", [*over, *node, "resources.gpus_per_node=1"]), prompt_len=40)
     assert not one.ok and "asks for 2 GPU in total; the declared cluster has 1" in one.errors[0]
+
+
+def _qwen_like(tmp_path: Path, hidden: int = 1536, layers: int = 28, vocab: int = 151936) -> str:
+    """A config.json of a 1.5 B-parameter model (Qwen2.5-1.5B's sizes), no weights."""
+    d = tmp_path / "qwen_like"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": hidden, "num_hidden_layers": layers, "vocab_size": vocab,
+        "num_attention_heads": 12, "num_key_value_heads": 2, "intermediate_size": 8960,
+        "tie_word_embeddings": True}))
+    return str(d)
+
+
+def test_gpu_memory_fit_names_the_bundle_and_offload_makes_it_fit(tmp_path):
+    """A colocated learner (1.5 B parameters, bf16, ZeRO-2 on one rank) and HF engine share one
+    24 GiB GPU: Adam's fp32 states and master weights alone take 12 B per parameter (≈ 17 GiB), so
+    the plan refuses naming the bundle, both actors and the GPU size; offloading the optimizer moves
+    those bytes to host memory and the same GPU fits; an 80 GiB GPU fits without offload."""
+    model = _qwen_like(tmp_path)
+    base = [f"model.path={model}", "resources.nodes=1", "resources.cpus_per_node=16", "resources.gpus_per_node=1",
+            "resources.memory_gb_per_node=256", "resources.learner_gpus=0.5", "resources.rollout_gpus=0.5",
+            "learner.num_ranks=1", "learner.micro_batch_size=2", "model.gradient_checkpointing=true",
+            "train.prompts_per_step=4", "train.samples_per_prompt=4", "rollout.max_new_tokens=256"]
+    tight = plan(_cfg(*base, "resources.gpu_memory_gb=24"), prompt_len=128)
+    assert not tight.ok
+    err = next(e for e in tight.errors if e.startswith("GPU memory"))
+    assert "bundle main/0: learner[0]" in err and "rollout[0]" in err and "24 GiB" in err
+    assert "learner.offload_optimizer" in err
+    learner = tight.memory["learner"]
+    psi = learner.weights / 2  # bf16 weights
+    assert learner.optimizer == 12 * psi and learner.host_part == 0
+    offloaded = plan(_cfg(*base, "resources.gpu_memory_gb=24", "learner.offload_optimizer=true"), prompt_len=128)
+    assert offloaded.ok, offloaded.errors
+    assert offloaded.memory["learner"].host_part == 12 * psi
+    assert offloaded.memory["learner"].device_bytes == learner.device_bytes - 12 * psi
+    assert "offloaded to host memory" in format_plan(offloaded)
+    assert plan(_cfg(*base, "resources.gpu_memory_gb=80"), prompt_len=128).ok
+
+
+def test_vllm_counts_its_preallocated_share_and_whole_gpu_actors_are_checked_alone(tmp_path):
+    model = _qwen_like(tmp_path)
+    base = [f"model.path={model}", "resources.nodes=1", "resources.cpus_per_node=16", "resources.gpus_per_node=2",
+            "resources.memory_gb_per_node=256", "learner.num_ranks=1", "learner.micro_batch_size=2",
+            "train.prompts_per_step=4", "train.samples_per_prompt=4", "rollout.engine=vllm",
+            "resources.gpu_memory_gb=40"]
+    # Colocated on one GPU: vLLM preallocates half of it, the learner's ≈ 24 GiB do not fit in the rest.
+    shared = plan(_cfg(*base, "resources.learner_gpus=0.5", "resources.rollout_gpus=0.5"), prompt_len=128)
+    err = next(e for e in shared.errors if e.startswith("GPU memory"))
+    assert "rollout[0] 20.0 GiB" in err
+    # Whole GPUs each: the learner has its own 40 GiB, vLLM its own; both fit.
+    separate = plan(_cfg(*base, "resources.learner_gpus=1", "resources.rollout_gpus=1",
+                         "resources.placement=separate"), prompt_len=128)
+    assert not [e for e in separate.errors if e.startswith("GPU memory")], separate.errors
+
+
+def test_offload_needs_the_zero_stage_that_offloads():
+    with pytest.raises(ConfigError, match="offload_params needs learner.zero_stage: 3"):
+        _cfg("learner.offload_params=true", "learner.zero_stage=2")
+    with pytest.raises(ConfigError, match="offload_optimizer needs learner.zero_stage ≥ 1"):
+        _cfg("learner.offload_optimizer=true", "learner.zero_stage=0")
+    assert _cfg("learner.offload_params=true", "learner.offload_optimizer=true", "learner.zero_stage=3")
+
+
+def test_gpu_fit_unchecked_without_a_gpu_size_says_so(tmp_path):
+    r = plan(_cfg(f"model.path={_qwen_like(tmp_path)}", *DECLARED, "resources.learner_gpus=1"), prompt_len=64)
+    assert any("GPU memory fit not checked" in w for w in r.warnings)
