@@ -78,6 +78,13 @@ class RolloutConfig(Section):
     max_staleness: int = Field(0, ge=0)
     """Bounded asynchrony: generation runs up to this many policy versions ahead of the learner; no
     sample older than this is trained on (docs/async.md). 0: the synchronous loop."""
+    partial_rollouts: bool = False
+    """Let a weight sync land while a generation is in flight (HF engine only): the engine swaps
+    weights between decode steps and records each token's policy version (docs/async.md)."""
+    partial_kv: Literal["keep", "recompute"] = "keep"
+    """After a mid-generation swap: "keep" the KV cache the older weights built for the prefix
+    (free), or "recompute" it with the new weights (one prefill; each token then comes exactly from
+    the version it records)."""
 
     @property
     def sampling(self):

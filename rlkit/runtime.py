@@ -46,7 +46,7 @@ class Runtime:
         from rlkit.placement import Placement
         from rlkit.workers.learner import LearnerRank
         from rlkit.workers.reward import make_reward_actor
-        from rlkit.workers.rollout import RolloutWorker
+        from rlkit.workers.rollout import rollout_actor
 
         self.cfg = cfg
         init_ray(cfg)
@@ -54,11 +54,16 @@ class Runtime:
         r, rc = cfg.rollout, cfg.recovery
         self.supervisor = Supervisor(rc.actor_restarts, rc.min_timeout_s, rc.timeout_factor)
         restarts = {"max_restarts": rc.actor_restarts}  # Ray restarts them; the runtime redoes the call
-        Rollout_ = ray.remote(RolloutWorker)
+        if r.partial_rollouts and r.engine != "hf":
+            raise ValueError(f"rollout.partial_rollouts swaps weights between the HF engine's decode steps; "
+                             f"rollout.engine is {r.engine!r} (set rollout.engine: hf or partial_rollouts: false)")
+        self.partial = r.partial_rollouts
+        """A sync may land in the middle of a generation (docs/async.md § Partial rollouts)."""
+        Rollout_ = rollout_actor(self.partial)
         self.rollout = [
             Rollout_.options(**self.placement.options("rollout", i), **restarts).remote(
                 model_dir, engine=r.engine, dtype=cfg.model.dtype, threads=r.threads, seed=cfg.train.seed + i,
-                worker_index=i)
+                worker_index=i, partial_kv=r.partial_kv)
             for i in range(r.num_workers)
         ]
         self.reward = make_reward_actor(build_reward_config(cfg), **self.placement.options("reward", 0), **restarts)
@@ -115,11 +120,12 @@ class Runtime:
 
     def _generated(self, t: GenerationTask, ref: Any) -> list[Rollout]:
         """A task's rollouts; a worker that restarted before running it (its engine back at the
-        initial weights) counts as dead."""
+        initial weights) counts as dead. With partial rollouts a sync may land before or during the
+        task, so its samples may be newer than the version it was started at, never older."""
         from rlkit.recovery import StaleWorker
 
         part = self.supervisor.get(ref, "generate")
-        if any(r.policy_version != t.version for r in part):
+        if any(r.policy_version < t.version if self.partial else r.policy_version != t.version for r in part):
             raise StaleWorker(f"rollout worker {t.worker} answered with policy version "
                               f"{part[0].policy_version}, expected {t.version}: it restarted")
         return part

@@ -347,6 +347,9 @@ class Trainer:
                "response/truncated_frac": float(batch.truncated_B.float().mean()),
                "rollout/staleness_mean": float(batch.staleness_B.float().mean()),
                "rollout/tokens": float(lengths.sum())}
+        from rlkit.async_rl import token_version_metrics
+
+        out.update(token_version_metrics(batch.token_staleness_B_T, mask))
         return out
 
     def _encode(self, text: str) -> list[int]:

@@ -38,11 +38,21 @@ class Rollout:
     """log π_sampler of each completion token (temperature/top-p/top-k applied)."""
     finish_reason: str
     policy_version: int
-    """Learner version whose weights produced this sample."""
+    """Learner version whose weights produced this sample: the oldest of ``token_versions`` (a
+    partial rollout's tokens may come from several versions; docs/async.md)."""
     group_id: int
     """Index of the prompt within the step; the G samples of one prompt share it."""
     prompt_index: int
     """Row index of the prompt in the dataset."""
+    token_versions: Optional[list[int]] = None
+    """The policy version that produced each completion token (non-decreasing); None: every
+    token's is ``policy_version``."""
+
+    def versions(self) -> list[int]:
+        """Each completion token's policy version."""
+        if self.token_versions is None:
+            return [self.policy_version] * len(self.completion_ids)
+        return list(self.token_versions)
 
 
 @dataclass
@@ -73,10 +83,13 @@ class TrainBatch:
     group_ids_B: Tensor
     truncated_B: Tensor
     staleness_B: Tensor
-    """Learner version at training time minus the sample's policy version."""
+    """Learner version at training time minus the sample's policy version (its oldest token's)."""
     advantages_B_T: Optional[Tensor] = None
     extras: dict[str, Tensor] = field(default_factory=dict)
     """Per-token side inputs computed by learner passes: old/ref/teacher log-probs."""
+    token_staleness_B_T: Optional[Tensor] = None
+    """Learner version at training time minus the version that produced each response token (0
+    off the mask); differs from ``staleness_B`` only within partial rollouts."""
 
     @property
     def size(self) -> int:
@@ -97,6 +110,7 @@ class TrainBatch:
             staleness_B=pick(self.staleness_B),
             advantages_B_T=None if self.advantages_B_T is None else pick(self.advantages_B_T),
             extras={k: pick(v) for k, v in self.extras.items()},
+            token_staleness_B_T=None if self.token_staleness_B_T is None else pick(self.token_staleness_B_T),
         )
 
 
@@ -109,6 +123,7 @@ def collate(rollouts: list[Rollout], rewards: list[float], pad_id: int, version:
     attn = torch.zeros((B, L), dtype=torch.long)
     rmask = torch.zeros((B, T), dtype=torch.float32)
     slogp = torch.zeros((B, T), dtype=torch.float32)
+    tstale = torch.zeros((B, T), dtype=torch.long)
     for b, r in enumerate(rollouts):
         seq = r.prompt_ids + r.completion_ids
         ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
@@ -116,6 +131,7 @@ def collate(rollouts: list[Rollout], rewards: list[float], pad_id: int, version:
         n = len(r.completion_ids)
         rmask[b, :n] = 1.0
         slogp[b, :n] = torch.tensor(r.sampler_logp, dtype=torch.float32)
+        tstale[b, :n] = version - torch.tensor(r.versions(), dtype=torch.long)
     return TrainBatch(
         input_ids_B_L=ids,
         attention_mask_B_L=attn,
@@ -126,4 +142,5 @@ def collate(rollouts: list[Rollout], rewards: list[float], pad_id: int, version:
         group_ids_B=torch.tensor([r.group_id for r in rollouts], dtype=torch.long),
         truncated_B=torch.tensor([r.finish_reason == "length" for r in rollouts]),
         staleness_B=torch.tensor([version - r.policy_version for r in rollouts], dtype=torch.long),
+        token_staleness_B_T=tstale,
     )

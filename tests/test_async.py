@@ -1,8 +1,10 @@
 """Bounded asynchronous RL (docs/async.md): the off-policy corrections by hand, the staleness bound
-under randomized timing, N = 0 against the synchronous loop bitwise, and real runs with N = 2."""
+under randomized timing (with and without partial rollouts), N = 0 against the synchronous loop
+bitwise, real runs with N = 1 and 2, a sync landing mid-generation, and resume with a buffer."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlkit.async_rl import GenerationBuffer, Started, off_policy_weights, split_fresh, staleness_ok
+from rlkit.async_rl import (GenerationBuffer, Started, off_policy_weights, oldest_version, split_fresh, staleness_ok,
+                             token_version_metrics)
 from rlkit.config import ConfigError, load_config
 
 TOY_REWARD = str(Path(__file__).parent / "toy_rewards.py") + ":letter_a"
@@ -99,13 +102,33 @@ def test_config_refuses_corrections_that_would_do_nothing_or_be_wrong():
 
 # ------------------------------------------------------------------ the bound, with random timing
 class _Sample:
-    def __init__(self, version: int):
+    def __init__(self, version: int, token_versions=None):
         self.policy_version = version
+        self.token_versions = token_versions
 
 
 class _Group:
     def __init__(self, version: int, size: int = 2):
         self.rollouts = [_Sample(version) for _ in range(size)]
+
+
+def test_staleness_is_the_oldest_tokens_and_token_metrics_count_older_tokens():
+    """A partial rollout is as stale as its oldest token: at version 5 with N = 2 a sample whose
+    tokens came from versions 2, 3, 3 is dropped (with its group) although most tokens are fresh
+    enough; one from 3, 4, 5 is kept. The token metrics by hand on a 2 × 4 batch."""
+    fresh = _Sample(3, [3, 4, 5])
+    old = _Sample(2, [2, 3, 3])
+    assert oldest_version(fresh) == 3 and oldest_version(old) == 2 and oldest_version(_Sample(4)) == 4
+    g_fresh, g_old = _Group(0), _Group(0)
+    g_fresh.rollouts, g_old.rollouts = [fresh, _Sample(4, [4, 4])], [_Sample(5, [5]), old]
+    keep, dropped = split_fresh([g_fresh, g_old], 5, 2)
+    assert keep == [g_fresh] and dropped == 2
+    # Learner at 5: row 0 has tokens from 5, 4, 4 (one pad); row 1 from 5, 5, 5, 5.
+    stale = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    m = token_version_metrics(stale, mask)
+    assert m == pytest.approx({"rollout/token_staleness_mean": 2 / 7, "rollout/old_token_frac": 2 / 7,
+                               "rollout/partial_frac": 0.5})
 
 
 def _simulate(n: int, seed: int, steps: int = 40) -> dict:
@@ -198,6 +221,111 @@ def test_staleness_bound_holds_under_random_timing(n):
     assert worst == n
 
 
+def _simulate_partial(n: int, seed: int, steps: int = 40) -> dict:
+    """The loop with partial rollouts, token by token: each worker decodes its FIFO of generations
+    one token at a time (random durations) and a sync does not queue behind them: it lands at the
+    end of the decode step in flight when it arrives, and every later token records the new
+    version. The driver waits for the batch it takes (its clock moves to that batch's end), learns
+    for a random time, syncs (waiting for every worker to apply it), as the real collector does."""
+    rng = random.Random(seed)
+    workers = 2
+    queues: list[list[int]] = [[] for _ in range(workers)]  # generation ids, FIFO
+    current: list = [None] * workers  # [id, tokens left, versions so far]
+    held = [0] * workers
+    free_at = [0.0] * workers  # when the worker's decode step in flight ends
+    clock, version, counter = 0.0, 0, 0
+    buffer = GenerationBuffer(n)
+    results: dict[int, list[list[int]]] = {}
+    carry: list = []
+    seen = {"max_staleness": 0, "max_buffered": 0, "dropped": 0, "trained": 0, "partial": 0}
+
+    def decode_one(w: int) -> bool:
+        """Start the worker's next decode step (at ``free_at``); False when it has nothing to do."""
+        if current[w] is None:
+            if not queues[w]:
+                return False
+            current[w] = [queues[w].pop(0), rng.randint(1, 8), []]
+        current[w][2].append(held[w])  # the token is computed by the weights held when it starts
+        current[w][1] -= 1
+        free_at[w] += rng.uniform(0.02, 0.4)
+        if current[w][1] == 0:
+            results.setdefault(current[w][0], []).append(current[w][2])
+            current[w] = None
+        return True
+
+    def run_until(w: int, t: float) -> None:
+        """Every decode step that starts before ``t``."""
+        while free_at[w] < t and decode_one(w):
+            pass
+        free_at[w] = max(free_at[w], t) if current[w] is None and not queues[w] else free_at[w]
+
+    def start() -> Started:
+        nonlocal counter
+        counter += 1
+        for w in range(workers):
+            run_until(w, clock)
+            queues[w].append(counter)
+        return Started([], counter, version)
+
+    def wait(batch: Started) -> list[list[int]]:
+        nonlocal clock
+        for w in range(workers):
+            while len([1 for k in queues[w] if k == batch.tasks]) or (current[w] and current[w][0] == batch.tasks):
+                decode_one(w)
+            clock = max(clock, free_at[w])
+        return results[batch.tasks]
+
+    for _ in range(steps):
+        buffer.top_up(version, start)
+        seen["max_buffered"] = max(seen["max_buffered"], len(buffer))
+        kept, dropped = split_fresh(carry, version, n)
+        for _round in range(1 + (rng.random() < 0.3)):
+            b = buffer.take() or start()
+            made = wait(b)
+            for vs in made:
+                assert vs == sorted(vs) and b.version <= vs[0] and vs[-1] <= version
+                seen["partial"] += len(set(vs)) > 1
+            group = _Group(0)
+            group.rollouts = [_Sample(min(vs), vs) for vs in made]
+            fresh, d = split_fresh([group], version, n)
+            kept += fresh
+            dropped += d
+        trained, carry = kept[:1], kept[1:]
+        for g in trained:
+            for r in g.rollouts:
+                assert staleness_ok(version, min(r.token_versions), n)
+                seen["max_staleness"] = max(seen["max_staleness"], version - min(r.token_versions))
+        seen["dropped"] += dropped
+        seen["trained"] += len(trained)
+        clock += rng.uniform(0.1, 3.0)  # learn: the workers keep decoding meanwhile
+        version += 1
+        for w in range(workers):  # the sync lands after the decode step in flight on each worker
+            run_until(w, clock)
+            free_at[w] = max(free_at[w], clock) + 0.01
+            held[w] = version
+        clock = max(free_at)
+    return seen
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 4])
+def test_partial_rollouts_staleness_bound_holds_under_random_timing(n):
+    """Partial rollouts over 50 random schedules per N: every sample's token versions never
+    decrease, start no earlier than its batch's version and end no later than the learner's; no
+    trained sample's oldest token is older than N versions; the bound is reached. Syncs do land
+    mid-generation for N ≥ 1 (samples with several versions) and never for N = 0, where each
+    batch is finished before the learner steps (the synchronous loop)."""
+    worst, partial = 0, 0
+    for seed in range(50):
+        seen = _simulate_partial(n, seed)
+        assert seen["max_buffered"] <= n + 1
+        assert seen["max_staleness"] <= n
+        assert seen["trained"] == 40
+        worst = max(worst, seen["max_staleness"])
+        partial += seen["partial"]
+    assert worst == n
+    assert (partial > 0) == (n > 0)
+
+
 # ------------------------------------------------------------------ real runs
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
@@ -222,11 +350,27 @@ def tiny_model(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
+def _steps(trainer, steps: int) -> list[dict]:
+    """``steps`` trainer steps and their metrics."""
+    from rlkit.metrics import StageTimer
+
+    timer = StageTimer()
+    metrics = []
+    for _ in range(steps):
+        metrics.append(trainer.step(timer))
+        trainer.state.step += 1  # as Trainer._train_step does: the step picks the generation seeds
+    return metrics
+
+
+def _kill(rt) -> None:
+    for a in rt.learners + rt.rollout + [rt.reward]:
+        ray.kill(a)
+
+
 def _run(cfg, steps: int, collector_n=None):
     """``steps`` trainer steps on a fresh actor graph; the learner's final weights and the metrics.
     ``collector_n`` drives the asynchronous collector with that N whatever the config says."""
     from rlkit.async_rl import AsyncCollector
-    from rlkit.metrics import StageTimer
     from rlkit.runtime import Runtime
     from rlkit.trainer import Trainer, model_dir
 
@@ -236,25 +380,25 @@ def _run(cfg, steps: int, collector_n=None):
         if collector_n is not None:
             trainer._async = AsyncCollector(trainer, collector_n)
         rt.sync()
-        timer = StageTimer()
-        metrics = []
-        for _ in range(steps):
-            metrics.append(trainer.step(timer))
-            trainer.state.step += 1  # as Trainer._train_step does: the step picks the generation seeds
+        metrics = _steps(trainer, steps)
         return ray.get(rt.learners[0].param_vector.remote()), metrics, trainer
     finally:
-        for a in rt.learners + rt.rollout + [rt.reward]:
-            ray.kill(a)
+        _kill(rt)
 
 
 def test_n0_collector_equals_the_synchronous_loop_bitwise(ray_session, tmp_path, tiny_model):
     """The asynchronous collector with N = 0 (buffer of one batch) trains exactly the synchronous
-    loop's samples: after three steps the learner's weights are bitwise equal."""
+    loop's samples: after three steps the learner's weights are bitwise equal, also with partial
+    rollouts on (threaded rollout actors; with N = 0 no sync ever meets a generation in flight)."""
     sync_w, sync_m, _ = _run(tiny_config(tmp_path / "a", tiny_model), 3)
     async_w, async_m, _ = _run(tiny_config(tmp_path / "b", tiny_model), 3, collector_n=0)
-    assert torch.equal(sync_w, async_w)
-    assert [m["reward/mean"] for m in sync_m] == [m["reward/mean"] for m in async_m]
-    assert all(m["rollout/staleness_mean"] == 0.0 for m in async_m)
+    partial_w, partial_m, _ = _run(tiny_config(tmp_path / "c", tiny_model, **{"rollout.partial_rollouts": True}), 3,
+                                   collector_n=0)
+    assert torch.equal(sync_w, async_w) and torch.equal(sync_w, partial_w)
+    assert [m["reward/mean"] for m in sync_m] == [m["reward/mean"] for m in async_m] == [
+        m["reward/mean"] for m in partial_m]
+    assert all(m["rollout/staleness_mean"] == 0.0 for m in async_m + partial_m)
+    assert all(m["rollout/old_token_frac"] == 0.0 and m["rollout/partial_frac"] == 0.0 for m in partial_m)
 
 
 def test_n2_run_respects_the_bound_and_saves_the_sampler_before_the_buffer(ray_session, tmp_path, tiny_model):
@@ -316,3 +460,117 @@ def test_n2_learns_the_toy_task(ray_session, tmp_path, tiny_model):
     assert all(m["async/dropped_stale"] == 0.0 for m in metrics)
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last >= first + 0.03 and last >= 1.4 * first, rewards
+
+
+def test_partial_rollout_sync_mid_generation_versions_and_is_weights(ray_session, tmp_path, tiny_model):
+    """rollout.max_staleness = 1 with partial rollouts (KV recomputed after a swap). Step 0 trains
+    batch 0 while batch 1 generates; the step's sync (to version 1) is made to land exactly before
+    batch 1's decode step 4 (the engine's test rendezvous). Batch 1's tokens 0-3 then record version
+    0, the rest version 1, and the behaviour log-probs of the latter are version 1's teacher-forced
+    log-probs. Step 1 trains batch 1 at version 1 with token_mask in the band [0.9999, 1.0001]: the
+    learner masks the version-0 tokens (ratio π_1/π_0) and none of the version-1 ones (ratio 1 up
+    to float noise), so its masked fraction is the fraction of old tokens (measured: the old tokens'
+    |log ratio| ≥ 5e-3, the new ones' engine-vs-engine gap ≤ 1e-6: both far from the band's 1e-4)."""
+    from rlkit.runtime import Runtime
+    from rlkit.trainer import Trainer, model_dir
+
+    cfg = tiny_config(tmp_path, tiny_model, **{
+        "rollout.max_staleness": 1, "rollout.partial_rollouts": True, "rollout.partial_kv": "recompute",
+        "rollout.max_new_tokens": 10, "learner.is_correction": "token_mask", "learner.is_low": 0.9999,
+        "learner.is_high": 1.0001, "learner.lr": 1.0e-2, "learner.micro_batch_size": 16})
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
+    try:
+        taken, scored_v1 = [], []
+        collect, side_passes = rt.collect, rt.side_passes
+
+        def spy_collect(tasks):
+            taken.append(collect(tasks))
+            return taken[-1]
+
+        def spy_side_passes(batch):
+            if len(taken) == 2:  # step 1, before its learn and sync: the engine holds version 1
+                rs = taken[1]
+                scored_v1.extend(ray.get(rt.rollout[0].score.remote(
+                    [r.prompt_ids for r in rs], [r.completion_ids for r in rs], dataclasses.asdict(cfg.rollout.sampling))))
+            return side_passes(batch)
+
+        rt.collect, rt.side_passes = spy_collect, spy_side_passes
+        rt.sync()
+        ray.get(rt.rollout[0].hold_generation.remote(4, 1))  # the second generation: batch 1
+        metrics = _steps(trainer, 2)
+        batch1 = taken[1]
+        assert any(len(r.completion_ids) > 4 for r in batch1)
+        for r in batch1:
+            k = len(r.completion_ids)
+            assert r.token_versions == [0] * min(k, 4) + [1] * max(k - 4, 0) and r.policy_version == 0
+        for r in taken[0]:
+            assert r.token_versions == [0] * len(r.completion_ids)
+        # Behaviour log-probs per token: version 1's from token 4 on, not version 1's before it.
+        gap = [abs(a - b) for r, s in zip(batch1, scored_v1) for a, b in zip(r.sampler_logp[:4], s[:4])]
+        assert max(gap) > 1e-3
+        for r, s in zip(batch1, scored_v1):
+            torch.testing.assert_close(torch.tensor(r.sampler_logp[4:]), torch.tensor(s[4:]), atol=1e-4, rtol=0)
+        tokens = sum(len(r.completion_ids) for r in batch1)
+        old = sum(min(len(r.completion_ids), 4) for r in batch1)
+        m0, m1 = metrics
+        assert m0["rollout/old_token_frac"] == 0.0 and m0["is/masked_frac"] == 0.0
+        assert m1["async/max_staleness"] == 1.0 and m1["rollout/staleness_mean"] == 1.0
+        assert m1["rollout/old_token_frac"] == pytest.approx(old / tokens)
+        assert m1["rollout/partial_frac"] == pytest.approx(sum(len(r.completion_ids) > 4 for r in batch1) / len(batch1))
+        assert m1["async/dropped_stale"] == 0.0
+        assert m1["is/masked_frac"] == pytest.approx(old / tokens)
+    finally:
+        _kill(rt)
+
+
+def test_partial_rollouts_n2_bound_and_resume_regenerates_the_buffer(ray_session, tmp_path, tiny_model):
+    """rollout.max_staleness = 2 with partial rollouts and real actors, whatever the timing: every
+    trained token is at most 2 versions old, every sample's versions never decrease and start no
+    earlier than its batch, nothing is dropped. A checkpoint taken with two batches in the buffer
+    (in flight or done) records the sampler from before them; a trainer resumed from it on the same
+    actors redraws exactly those prompts, regenerates them with the same seeds at the checkpoint's
+    version (staleness 0 at its first step) and trains on."""
+    from rlkit import checkpoint
+    from rlkit.runtime import Runtime
+    from rlkit.trainer import Trainer, model_dir
+
+    cfg = tiny_config(tmp_path, tiny_model, **{"rollout.max_staleness": 2, "rollout.partial_rollouts": True,
+                                               "learner.tis_cap": 2.0, "rollout.max_new_tokens": 12})
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
+    try:
+        taken, collect = [], rt.collect
+
+        def spy_collect(tasks):
+            taken.append((rt.version, tasks[0].version, collect(tasks)))
+            return taken[-1][2]
+
+        rt.collect = spy_collect
+        rt.sync()
+        metrics = _steps(trainer, 4)
+        for now, started, rollouts in taken:
+            for r in rollouts:
+                vs = r.token_versions
+                assert vs == sorted(vs) and started <= vs[0] == r.policy_version and vs[-1] <= now
+                assert now - vs[0] <= 2
+        assert all(m["async/max_staleness"] <= 2.0 and m["async/dropped_stale"] == 0.0 for m in metrics)
+        assert [m["async/max_staleness"] for m in metrics][:3] == [0.0, 1.0, 2.0]
+        assert all(0.0 <= m["rollout/old_token_frac"] <= 1.0 for m in metrics)
+
+        buffered = [b.rows for b in trainer._async.buffer._q]
+        assert len(buffered) == 2
+        ckpt = trainer.save()
+        resumed = Trainer(cfg, runtime=rt)
+        resumed._restore(ckpt)
+        assert resumed.state.step == 4 and rt.version == 4
+        assert checkpoint.load_trainer_state(ckpt)["sampler"] == trainer._sampler_before_pending
+        taken.clear()
+        after = _steps(resumed, 1)
+        # The first batch after resume is the oldest buffered batch's prompts, regenerated at version 4.
+        assert [r.index for r in resumed._async.buffer._q[0].rows] == [r.index for r in buffered[1]]
+        now, started, rollouts = taken[-1]
+        assert sorted({r.prompt_index for r in rollouts}) == sorted(r.index for r in buffered[0])
+        assert started == 4 and after[0]["async/max_staleness"] == 0.0 and rt.version == 5
+    finally:
+        _kill(rt)

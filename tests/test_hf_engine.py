@@ -158,3 +158,59 @@ def test_cuda_engine_samples_and_scores_like_the_cpu_engine(engine):
     for g, s, c in zip(gens, scored, cpu_scored):
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(s), atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(s), torch.tensor(c), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("on_swap", ["recompute", "keep"])
+def test_weights_swapped_mid_generation_record_per_token_versions(engine, on_swap):
+    """Partial rollouts: a load from another thread lands between two decode steps (here exactly
+    before step 4, by the engine's test rendezvous). Tokens 0-3 record version v and carry the old
+    weights' log-probs; tokens from step 4 on record v + 1. With ``recompute`` the prefix's KV cache
+    is rebuilt, so every later token's log-prob is the new weights' teacher-forced one; with
+    ``keep`` the old cache stays (its later log-probs match neither model's full forward)."""
+    import threading
+
+    sampling = SamplingConfig(temperature=8.0, max_new_tokens=10)  # spread out (the fixture sharpens)
+    prompts = _prompts()
+    params = dict(engine.model.named_parameters())
+    old = {n: t.detach().clone() for n, t in params.items()}
+    g = torch.Generator().manual_seed(5)
+    new = {n: t * (1 + 0.2 * torch.randn(t.shape, generator=g)) for n, t in old.items()}
+    v = engine.policy_version
+    plain = engine.generate(prompts, 2, sampling, seed=9)
+    assert all(x.versions == [v] * len(x.completion_ids) for x in plain)
+    engine.on_swap = on_swap
+    engine.hold_after(4)
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(gens=engine.generate(prompts, 2, sampling, seed=9)))
+    th.start()
+    try:
+        with engine.swapping(v + 1):
+            engine.load_weights(new.items())
+        th.join()
+        gens = out["gens"]
+        assert engine.policy_version == v + 1
+        swapped = [x for x in gens if len(x.completion_ids) > 4]
+        assert len(swapped) >= 4, "too few rows lived past the swap for the test to bite"
+        for x, p in zip(gens, plain):
+            k = len(x.completion_ids)
+            assert x.versions == [v] * min(k, 4) + [v + 1] * max(k - 4, 0)
+            # The same seed and the same weights up to the swap: the same first four tokens.
+            assert x.completion_ids[:4] == p.completion_ids[:4] and x.logprobs[:4] == p.logprobs[:4]
+        after = engine.score([x.prompt_ids for x in swapped], [x.completion_ids for x in swapped], sampling)
+        with engine.swapping(v):
+            engine.load_weights(old.items())
+        before = engine.score([x.prompt_ids for x in swapped], [x.completion_ids for x in swapped], sampling)
+        gap = max(abs(a - b) for s, t in zip(after, before) for a, b in zip(s[4:], t[4:]))
+        assert gap > 0.05, "the two weight versions must give different log-probs"
+        for x, a, b in zip(swapped, after, before):
+            torch.testing.assert_close(torch.tensor(x.logprobs[:4]), torch.tensor(b[:4]), atol=2e-5, rtol=0)
+            if on_swap == "recompute":
+                torch.testing.assert_close(torch.tensor(x.logprobs[4:]), torch.tensor(a[4:]), atol=2e-5, rtol=0)
+        if on_swap == "keep":
+            err = max(abs(lp - a) for x, s in zip(swapped, after) for lp, a in zip(x.logprobs[5:], s[5:]))
+            assert err > 1e-3, "with the old KV cache kept, later tokens are not the new model's full forward"
+    finally:
+        th.join()
+        engine.on_swap = "keep"
+        with engine.swapping(v):
+            engine.load_weights(old.items())

@@ -8,11 +8,23 @@ learner scores, so a sampled token's log-prob is exactly the processed distribut
 from.
 Measured at the demo's shape (8 prompts x 8 samples x 48 tokens, SmolLM2, 2 threads) this is faster
 than ``generate``, which prefills every sample and spends ~90 ms per step in ``torch.multinomial``.
+
+Partial rollouts (``rollout.partial_rollouts``, docs/async.md): a weight load may arrive from
+another thread while a generation runs. Every forward (prefill, decode step, score) and every load
+pass through the engine's :class:`WeightGate`, so weights change only between decode steps, never
+inside a forward; each sampled token records the policy version of the weights that computed its
+distribution (:attr:`SampledGeneration.versions`) next to its log-prob. After a swap the prefix's
+KV cache is kept (``on_swap = "keep"``, as PipelineRL's in-flight weight updates,
+arXiv:2509.19128) or rebuilt by the new weights (``"recompute"``, as AReaL's interruptible
+generation, arXiv:2505.24298).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -22,6 +34,61 @@ from rlkit.workers.engine import Generation, SamplingConfig
 
 
 BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
+HOLD_TIMEOUT_S = 300.0  # how long a held generation (:meth:`HFEngine.hold_after`) waits for new weights
+
+
+@dataclass
+class SampledGeneration(Generation):
+    """A :class:`Generation` with the policy version that produced each completion token."""
+
+    versions: list[int] = field(default_factory=list)
+
+
+class WeightGate:
+    """Forwards and weight loads of one engine exclude each other; a load that is waiting goes
+    before the next forward (so a decode loop that re-enters at once cannot starve it).
+
+    ``forward()`` and ``load()`` are context managers; loads also exclude each other. Loads notify
+    :meth:`wait_for` callers, which wait outside both."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._forwards = 0
+        self._loading = False
+        self._waiting_loads = 0
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        with self._cv:
+            self._cv.wait_for(lambda: not self._loading and not self._waiting_loads)
+            self._forwards += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._forwards -= 1
+                self._cv.notify_all()
+
+    @contextmanager
+    def load(self) -> Iterator[None]:
+        with self._cv:
+            self._waiting_loads += 1
+            try:
+                self._cv.wait_for(lambda: not self._loading and not self._forwards)
+            finally:
+                self._waiting_loads -= 1
+            self._loading = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._loading = False
+                self._cv.notify_all()
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        """Block until ``predicate()`` holds (re-checked after every load), at most ``timeout`` s."""
+        with self._cv:
+            return self._cv.wait_for(predicate, timeout)
 
 
 def draw(lp_R_V: Tensor, rng: torch.Generator) -> Tensor:
@@ -173,6 +240,34 @@ class HFEngine:
         self.batch_size = batch_size
         # oneDNN-packed weights are a CPU optimization; on CUDA the plain linears run.
         self.packed = PackedLinears(self.model if self.device.type == "cpu" else torch.nn.Module(), batch_size)
+        self.gate = WeightGate()
+        """Forwards and weight loads exclude each other (a load from another thread lands between steps)."""
+        self.policy_version = 0
+        """Version of the weights held; whoever loads weights sets it inside ``gate.load()``."""
+        self.on_swap = "keep"
+        """What a generation does when the weights changed under it: "keep" the prefix's KV cache or
+        "recompute" it with the new weights (``rollout.partial_kv``)."""
+        self._hold: Optional[list] = None
+        self._hold_load: Optional[threading.Event] = None
+
+    def hold_after(self, steps: int, skip: int = 0) -> None:
+        """Tests: a rendezvous of a generation (the next ``generate`` call after ``skip`` others)
+        and the next weight load. The generation, after ``steps`` decode steps, waits (outside the
+        gate) until the weights change; the load waits until the generation got there (or ended).
+        The load lands exactly before step ``steps``: tokens 0 … steps − 1 come from the old
+        weights, the rest from the new ones."""
+        reached = threading.Event()
+        self._hold, self._hold_load = [steps, reached, skip], reached
+
+    def _take_hold(self) -> Optional[tuple[int, threading.Event]]:
+        """The hold of this ``generate`` call, if it is the one :meth:`hold_after` chose."""
+        if self._hold is None:
+            return None
+        if self._hold[2] > 0:
+            self._hold[2] -= 1
+            return None
+        (steps, reached, _), self._hold = self._hold, None
+        return steps, reached
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
         width = max(len(s) for s in seqs)
@@ -184,12 +279,19 @@ class HFEngine:
         return ids.to(self.device), attn.to(self.device)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, seed: int) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig,
+                 seed: int) -> list[SampledGeneration]:
         rng = torch.Generator().manual_seed(seed)
         per_batch = max(1, self.batch_size // max(n, 1))
-        out: list[Generation] = []
-        for start in range(0, len(prompt_ids), per_batch):
-            out.extend(self._decode(prompt_ids[start:start + per_batch], n, sampling, rng))
+        out: list[SampledGeneration] = []
+        hold = self._take_hold()
+        try:
+            for start in range(0, len(prompt_ids), per_batch):
+                out.extend(self._decode(prompt_ids[start:start + per_batch], n, sampling, rng,
+                                        hold=hold if start == 0 else None))
+        finally:
+            if hold is not None:
+                hold[1].set()  # a generation that ended before the held step lets the load go
         return out
 
     @torch.no_grad()
@@ -197,24 +299,30 @@ class HFEngine:
         sampling = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens)
         out: list[Generation] = []
         for start in range(0, len(prompt_ids), self.batch_size):
-            out.extend(self._decode(prompt_ids[start:start + self.batch_size], 1, sampling, None))
+            out.extend(Generation(g.prompt_ids, g.completion_ids, g.logprobs, g.finish_reason)
+                       for g in self._decode(prompt_ids[start:start + self.batch_size], 1, sampling, None))
         return out
 
-    def _decode(self, prompts: list[list[int]], n: int, sampling: SamplingConfig,
-                rng: torch.Generator | None) -> list[Generation]:
+    def _decode(self, prompts: list[list[int]], n: int, sampling: SamplingConfig, rng: torch.Generator | None,
+                hold: Optional[tuple[int, threading.Event]] = None) -> list[SampledGeneration]:
         """``n`` completions per prompt (greedy when ``rng`` is None), prompt-major.
 
         Each prompt is prefilled once and its KV cache repeated for its ``n`` samples; rows leave
         the batch as soon as they emit EOS. Tokens are drawn by inverse-CDF sampling from
         :func:`support_logprobs` (temperature, top-k, top-p): the same support the learner scores.
+        Every forward runs inside ``gate.forward()``; a weight load between two of them is seen at
+        the next step (its version recorded for the tokens it produces; ``on_swap`` says what
+        happens to the prefix's KV cache).
         """
         ids, attn = self._left_pad(prompts)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = append_cache(self.model.config, sampling.max_new_tokens + 1)
-        if ids.shape[1] > 1:  # prefill all but the last prompt token, once per prompt
-            backbone = getattr(self.model, self.model.base_model_prefix)
-            backbone(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
-                     past_key_values=cache, use_cache=True)
+        with self.gate.forward():
+            cache_version = self.policy_version
+            if ids.shape[1] > 1:  # prefill all but the last prompt token, once per prompt
+                backbone = getattr(self.model, self.model.base_model_prefix)
+                backbone(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
+                         past_key_values=cache, use_cache=True)
         if n > 1:
             cache.batch_repeat_interleave(n)
             ids, attn, pos = (t.repeat_interleave(n, dim=0) for t in (ids, attn, pos))
@@ -223,10 +331,22 @@ class HFEngine:
         step_ids, step_pos = ids[:, -1:], pos[:, -1:]
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logps: list[list[float]] = [[] for _ in range(rows)]
+        versions: list[list[int]] = [[] for _ in range(rows)]
         stopped = [False] * rows
-        for _ in range(sampling.max_new_tokens):
-            logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        for step in range(sampling.max_new_tokens):
+            if hold is not None and step == hold[0]:
+                held = self.policy_version
+                hold[1].set()
+                if not self.gate.wait_for(lambda: self.policy_version != held, HOLD_TIMEOUT_S):
+                    raise RuntimeError(f"held generation: no weight load within {HOLD_TIMEOUT_S:.0f} s")
+            with self.gate.forward():
+                version = self.policy_version
+                if version != cache_version and self.on_swap == "recompute":
+                    cache = self._prefix_cache(ids[alive.to(ids.device)], tokens, alive, attn,
+                                               room=sampling.max_new_tokens + 1)
+                cache_version = version
+                logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
             if rng is None:
                 lp = torch.log_softmax(logits, dim=-1)
                 nxt = lp.argmax(-1)
@@ -238,6 +358,7 @@ class HFEngine:
             for r, t, l, d in zip(alive.tolist(), nxt.tolist(), nxt_lp.tolist(), done.tolist()):
                 tokens[r].append(t)
                 logps[r].append(l)
+                versions[r].append(version)
                 stopped[r] = d
             keep = (~done).nonzero().squeeze(-1)
             if keep.numel() == 0:
@@ -249,10 +370,34 @@ class HFEngine:
                 alive = alive[keep.cpu()]
                 attn, step_ids, step_pos = attn[keep], step_ids[keep], step_pos[keep]
         return [
-            Generation(prompt_ids=list(prompts[r // n]), completion_ids=tokens[r], logprobs=logps[r],
-                       finish_reason="stop" if stopped[r] else "length")
+            SampledGeneration(prompt_ids=list(prompts[r // n]), completion_ids=tokens[r], logprobs=logps[r],
+                              finish_reason="stop" if stopped[r] else "length", versions=versions[r])
             for r in range(rows)
         ]
+
+    def _prefix_cache(self, ids: Tensor, tokens: list[list[int]], alive: Tensor, attn: Tensor, room: int):
+        """A fresh KV cache of the alive rows' prompt and tokens so far (all but the last, which the
+        next step feeds) under the current weights: the prefill after a mid-generation swap."""
+        rows = alive.tolist()
+        done = torch.tensor([tokens[r] for r in rows], dtype=torch.long).reshape(len(rows), len(tokens[rows[0]]))
+        seq = torch.cat([ids, done.to(ids.device)], dim=1)
+        cache = append_cache(self.model.config, room)
+        if seq.shape[1] > 1:
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            backbone = getattr(self.model, self.model.base_model_prefix)
+            backbone(input_ids=seq[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
+                     past_key_values=cache, use_cache=True)
+        return cache
+
+    @contextmanager
+    def swapping(self, version: int) -> Iterator[None]:
+        """Load weights inside this block (no forward runs meanwhile); the engine then holds ``version``."""
+        reached, self._hold_load = self._hold_load, None
+        if reached is not None and not reached.wait(HOLD_TIMEOUT_S):
+            raise RuntimeError(f"held weight load: the generation did not reach its step within {HOLD_TIMEOUT_S:.0f} s")
+        with self.gate.load():
+            yield
+            self.policy_version = version
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
@@ -299,7 +444,8 @@ class HFEngine:
         out = []
         for p, c in zip(prompt_ids, completion_ids):
             ids = torch.tensor([p + c], dtype=torch.long, device=self.device)
-            logits = self.model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(c) - 1].float()
+            with self.gate.forward():
+                logits = self.model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(c) - 1].float()
             lp = support_logprobs(logits, sampling).gather(-1, torch.tensor(c, device=self.device)[:, None]).squeeze(-1)
             out.append(lp.tolist())
         return out

@@ -10,14 +10,24 @@ Each transport of :mod:`rlkit.sync` has its receiving method here: ``load_bucket
 store), ``load_shm`` (shared memory), ``collective_join`` / ``collective_recv`` (the broadcast
 group; an engine that exposes ``named_weights`` receives straight into its matching parameters)
 and ``load_ipc`` (CUDA IPC handles).
+
+Partial rollouts (``rollout.partial_rollouts``, docs/async.md): :func:`rollout_actor` makes the
+actor threaded, with the sync methods in a concurrency group of their own (Ray's concurrency
+groups: one thread for generation, scoring and greedy decoding in submission order, one for
+syncs), so a sync runs while a generation is in flight. Every load happens inside the engine's
+``swapping(version)`` block (:class:`rlkit.workers.hf_engine.WeightGate`): between two decode
+steps, never inside a forward, and the worker's version changes together with the weights, so
+the checksum that follows answers the new version's weights. Each token of a sample records the
+version that produced it (``Rollout.token_versions``); ``policy_version`` is the oldest.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Iterator
 
 from rlkit.types import Rollout
 from rlkit.workers.engine import SamplingConfig
@@ -57,19 +67,35 @@ def make_engine(engine: str, model_dir: str, *, dtype: str, threads: int, seed: 
     raise ValueError(f"rollout.engine: unknown engine '{engine}'; valid: ['hf', 'vllm']")
 
 
+SYNC_METHODS = ("ready", "load_buckets", "load_shm", "load_ipc", "collective_join", "collective_recv",
+                "sync_place", "node_id", "checksum", "hold_generation")
+"""Methods that run in the ``sync`` concurrency group of a partial-rollout worker (beside a generation)."""
+
+
 class RolloutWorker:
     def __init__(self, model_dir: str, *, engine: str = "hf", dtype: str = "float32", threads: int = 1,
-                 seed: int = 0, worker_index: int = 0, max_model_len: int = 1024):
+                 seed: int = 0, worker_index: int = 0, max_model_len: int = 1024, partial_kv: str = "keep"):
         from rlkit.workers import claim_cpu
 
         claim_cpu(threads)
         self.engine = make_engine(engine, model_dir, dtype=dtype, threads=threads, seed=seed,
                                   max_model_len=max_model_len)
+        if hasattr(self.engine, "on_swap"):
+            self.engine.on_swap = partial_kv
         self.worker_index = worker_index
         self.model_dir = model_dir
         self._base = None  # frozen base weights, read on the first LoRA sync
         self._shm = None  # shared-memory segments mapped for same-node syncs
         self.version = 0
+
+    @contextmanager
+    def _swapping(self, version: int) -> Iterator[None]:
+        """Load weights inside this block: no forward of the engine runs meanwhile (partial
+        rollouts), and the worker holds ``version`` once it ends."""
+        swapping = getattr(self.engine, "swapping", None)
+        with swapping(version) if swapping is not None else nullcontext():
+            yield
+            self.version = version
 
     def ready(self) -> dict[str, Any]:
         return {"worker": self.worker_index, "pid": os.getpid(), "version": self.version}
@@ -81,12 +107,20 @@ class RolloutWorker:
         out = []
         for i, g in enumerate(gens):
             group_id, row, _ = prompts[i // n]
+            # An engine without per-token versions (vLLM) runs every sample on one version: no sync
+            # lands in the middle of its generation (partial rollouts need the HF engine).
+            versions = list(getattr(g, "versions", None) or [self.version] * len(g.completion_ids))
             out.append(Rollout(
                 prompt_ids=g.prompt_ids, completion_ids=g.completion_ids, sampler_logp=g.logprobs,
-                finish_reason=g.finish_reason, policy_version=self.version, group_id=group_id,
-                prompt_index=row,
+                finish_reason=g.finish_reason, policy_version=min(versions, default=self.version),
+                group_id=group_id, prompt_index=row, token_versions=versions,
             ))
         return out
+
+    def hold_generation(self, steps: int, skip: int = 0) -> None:
+        """Tests: the generation after ``skip`` others waits after ``steps`` decode steps for the
+        next sync, which waits for it to get there (:meth:`rlkit.workers.hf_engine.HFEngine.hold_after`)."""
+        self.engine.hold_after(steps, skip)
 
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
         return [asdict(g) for g in self.engine.greedy(prompt_ids, max_new_tokens)]
@@ -97,11 +131,11 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         nbytes = 0
-        for bucket in buckets:
-            if isinstance(bucket, ray.ObjectRef):
-                bucket = ray.get(bucket)
-            nbytes += self._load_items(bucket)
-        self.version = version
+        with self._swapping(version):
+            for bucket in buckets:
+                if isinstance(bucket, ray.ObjectRef):
+                    bucket = ray.get(bucket)
+                nbytes += self._load_items(bucket)
         return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
 
     def _load_items(self, bucket: list) -> int:
@@ -149,20 +183,20 @@ class RolloutWorker:
         named = getattr(self.engine, "named_weights", None)
         params = named() if named is not None and not discard else {}
         nbytes = 0
-        for bucket in layout:
-            bufs = [_recv_target(params.get(w.name), w, device) for w in bucket]
-            broadcast(group, bufs)
-            nbytes += sum(w.nbytes for w in bucket)
-            if discard:
-                continue
-            in_place = [w.name for w, b in zip(bucket, bufs) if b is params.get(w.name)]
-            if in_place:
-                self.engine.weights_updated(in_place)
-            staged = [(w, b) for w, b in zip(bucket, bufs) if b is not params.get(w.name)]
-            if staged:
-                self._load_items(_items(staged))
-        if not discard:
-            self.version = version
+        # Received in place into the engine's parameters: no forward may run until all have arrived.
+        with nullcontext() if discard else self._swapping(version):
+            for bucket in layout:
+                bufs = [_recv_target(params.get(w.name), w, device) for w in bucket]
+                broadcast(group, bufs)
+                nbytes += sum(w.nbytes for w in bucket)
+                if discard:
+                    continue
+                in_place = [w.name for w, b in zip(bucket, bufs) if b is params.get(w.name)]
+                if in_place:
+                    self.engine.weights_updated(in_place)
+                staged = [(w, b) for w, b in zip(bucket, bufs) if b is not params.get(w.name)]
+                if staged:
+                    self._load_items(_items(staged))
         return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
 
     def load_ipc(self, version: int, buckets: list) -> dict[str, float]:
@@ -170,12 +204,12 @@ class RolloutWorker:
         (device to device); the learner's memory is released with the handle."""
         t0 = time.perf_counter()
         nbytes = 0
-        for bucket in buckets:
-            named = [(name, rebuild(*args)) for name, (rebuild, args) in bucket]
-            self.engine.load_weights(named)
-            nbytes += sum(t.numel() * t.element_size() for _, t in named)
-            del named
-        self.version = version
+        with self._swapping(version):
+            for bucket in buckets:
+                named = [(name, rebuild(*args)) for name, (rebuild, args) in bucket]
+                self.engine.load_weights(named)
+                nbytes += sum(t.numel() * t.element_size() for _, t in named)
+                del named
         return {"seconds": time.perf_counter() - t0, "bytes": float(nbytes)}
 
     def load_shm(self, version: int, segment: str, entries: list) -> dict[str, float]:
@@ -187,11 +221,11 @@ class RolloutWorker:
             self._shm = ShmReader()
         views = self._shm.views(segment, entries)
         adopt = getattr(self.engine, "adopt_weights", None)
-        if adopt is not None:
-            adopt(views)
-        else:
-            self.engine.load_weights(list(views.items()))
-        self.version = version
+        with self._swapping(version):
+            if adopt is not None:
+                adopt(views)
+            else:
+                self.engine.load_weights(list(views.items()))
         return {"seconds": time.perf_counter() - t0,
                 "bytes": float(sum(t.numel() * t.element_size() for t in views.values()))}
 
@@ -208,6 +242,29 @@ class RolloutWorker:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def rollout_actor(partial: bool):
+    """The Ray actor class of a rollout worker. ``partial`` (``rollout.partial_rollouts``): a
+    threaded actor whose :data:`SYNC_METHODS` run in a concurrency group of their own, one thread,
+    beside the default group's one thread (generate, greedy, score: in submission order); otherwise
+    the plain actor, whose calls run one at a time in submission order."""
+    import ray
+
+    if not partial:
+        return ray.remote(RolloutWorker)
+
+    def in_sync_group(name: str):
+        def method(self, *args, **kwargs):
+            return getattr(RolloutWorker, name)(self, *args, **kwargs)
+
+        method.__name__ = name
+        method.__doc__ = getattr(RolloutWorker, name).__doc__
+        return ray.method(concurrency_group="sync")(method)
+
+    PartialRolloutWorker = type("PartialRolloutWorker", (RolloutWorker,),
+                                {name: in_sync_group(name) for name in SYNC_METHODS})
+    return ray.remote(concurrency_groups={"sync": 1})(PartialRolloutWorker)
 
 
 def _recv_target(param: Any, w: Any, device: Any) -> Any:
