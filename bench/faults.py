@@ -455,10 +455,12 @@ def report(data: dict[str, Any]) -> str:
               "(docs/launch.md).",
               "- **Hung weight sync**: every wait of a sync (each transport, the verification) has the same "
               "timeout; a frozen engine or learner rank is `StageTimeout: weight sync (<stage>)`.",
-              "- **Node loss**: actors on a lost node die; a lost rollout or reward actor is restarted elsewhere "
-              "when the cluster has room; lost learner ranks restart the learner group, which waits for its "
-              "placement bundles at most the step timeout, then stops naming the bundle and the checkpoint to "
-              "resume from (`tests/test_multinode.py`).",
+              "- **Node loss**: actors on a lost node die. Rollout and reward actors take the actor-death path "
+              "above; Ray can restart them only where their placement bundle is rescheduled, otherwise the "
+              "wait for the restarted actor ends at the step timeout naming it. Lost learner ranks restart the "
+              "learner group, which waits for its placement bundles at most the step timeout, then stops "
+              "naming the bundle and the checkpoint to resume from (`tests/test_multinode.py`; only the "
+              "learner case is injected).",
               "- **Checkpoint write failure** (disk full, permission denied, on the driver or a learner rank): "
               "checkpoints are written to a temporary folder and renamed when complete; a failed write removes "
               "the partial folder and stops the run with one message naming the file, the free space and the "
