@@ -337,7 +337,7 @@ class HFEngine:
             if hold is not None and step == hold[0]:
                 held = self.policy_version
                 hold[1].set()
-                if not self.gate.wait_for(lambda: self.policy_version != held, HOLD_TIMEOUT_S):
+                if not self.gate.wait_for(lambda held=held: self.policy_version != held, HOLD_TIMEOUT_S):
                     raise RuntimeError(f"held generation: no weight load within {HOLD_TIMEOUT_S:.0f} s")
             with self.gate.forward():
                 version = self.policy_version
