@@ -5,7 +5,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: faults venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick gpu-check clean
+.PHONY: bench-async faults venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick gpu-check clean
 
 venv:
 	@VENV=$(VENV) EXTRAS=dev bash launch/setup_venv.sh
@@ -41,6 +41,11 @@ bench-sync: venv
 
 bench-scaling: venv
 	$(PY) bench/scaling_bench.py $(ARGS)
+
+# Trained tokens/s for rollout.max_staleness 0, 1, 2, 4 (with and without partial rollouts), one
+# thread per role; writes bench/out/async.json (docs/async.md).
+bench-async: venv
+	$(PY) bench/async_bench.py $(ARGS)
 
 bench-collect: venv
 	$(PY) bench/report.py --collect kl,rewards,engine $(ARGS)
