@@ -1,7 +1,10 @@
 """Per-token log-probs, entropy and exact KL of response tokens, through the fused kernel.
 
 Logits are computed only at positions that score a response token (never at prompt positions),
-chunk by chunk inside :func:`rlkit.kl_fused.fused_token_logprobs`, so no [tokens × vocab] tensor exists.
+chunk by chunk inside :mod:`rlkit.kl_fused`, so no [tokens × vocab] tensor exists:
+:func:`token_stats` returns the stats (``fused_token_logprobs``, whose backward recomputes the
+logits), :func:`token_loss` a loss of them with its gradient computed in the forward
+(``fused_stats_loss``).
 """
 
 from __future__ import annotations
@@ -67,12 +70,7 @@ def token_stats(model, batch: TrainBatch, *, temperature: float, chunk_size: int
     backbone, weight, bias = split_lm(model)
     sel_B_L, labels_N = response_positions(batch)
     hidden_N_D = response_hidden(backbone, batch, sel_B_L)
-    ref_kwargs = {}
-    if ref_model is not None:
-        ref_backbone, ref_weight, _ = split_lm(ref_model)
-        with torch.no_grad():
-            ref_h = response_hidden(ref_backbone, batch, sel_B_L)
-        ref_kwargs = dict(ref_hidden_N_D=ref_h, ref_weight_V_D=ref_weight.detach(), kl_direction="forward")
+    ref_kwargs = _ref_kwargs(ref_model, batch, sel_B_L)
     if truncation is not None and (truncation.top_k or truncation.top_p < 1.0):
         out = _truncated_stats(hidden_N_D, weight, bias, labels_N, truncation)
     else:
@@ -80,12 +78,54 @@ def token_stats(model, batch: TrainBatch, *, temperature: float, chunk_size: int
             hidden_N_D, weight, labels_N, temperature=temperature, chunk_size=chunk_size,
             with_entropy=with_entropy, bias_V=bias, **ref_kwargs,
         )
+    return _stats_B_T(out.logp_N, out.entropy_N if with_entropy else None, out.kl_N, batch.response_mask_B_T.bool())
+
+
+def token_loss(model, batch: TrainBatch, loss_fn, *, temperature: float, chunk_size: int,
+               with_entropy: bool = False, ref_model=None):
+    """A loss of the per-token stats and its gradient in one fused pass (three LM-head matmuls).
+
+    ``loss_fn(stats) -> (loss, aux)`` receives what :func:`token_stats` returns (``logp`` [B,T],
+    ``entropy``, ``ref_full_kl``), as leaves whose gradient is taken, and may depend on them and on
+    constants only. The pass is :func:`rlkit.kl_fused.fused_stats_loss`: coefficients ∂loss/∂stat
+    probed per chunk, checked against the exact ones and corrected where they differ, so the
+    gradient is that of ``loss_fn(token_stats(...))`` whatever the loss. No top-k/top-p support
+    (the caller takes :func:`token_stats` then).
+
+    Returns (loss, differentiable; the stats, detached; aux of the exact evaluation; ProbeReport).
+    """
+    backbone, weight, bias = split_lm(model)
+    sel_B_L, labels_N = response_positions(batch)
+    hidden_N_D = response_hidden(backbone, batch, sel_B_L)
     mask = batch.response_mask_B_T.bool()
-    result = {"logp": _scatter(out.logp_N, mask)}
-    if with_entropy and out.entropy_N is not None:
-        result["entropy"] = _scatter(out.entropy_N, mask)
-    if ref_model is not None and out.kl_N is not None:
-        result["ref_full_kl"] = _scatter(out.kl_N, mask)
+
+    def flat_loss(logp_N, entropy_N, kl_N):
+        return loss_fn(_stats_B_T(logp_N, entropy_N, kl_N, mask))
+
+    loss, out, aux, report = kl_fused.fused_stats_loss(
+        hidden_N_D, weight, labels_N, flat_loss, temperature=temperature, chunk_size=chunk_size,
+        with_entropy=with_entropy, bias_V=bias, **_ref_kwargs(ref_model, batch, sel_B_L),
+    )
+    return loss, _stats_B_T(out.logp_N, out.entropy_N, out.kl_N, mask), aux, report
+
+
+def _ref_kwargs(ref_model, batch: TrainBatch, sel_B_L: Tensor) -> dict:
+    """The fused pass's reference (hidden states at the response positions, head), or nothing."""
+    if ref_model is None:
+        return {}
+    ref_backbone, ref_weight, _ = split_lm(ref_model)
+    with torch.no_grad():
+        ref_h = response_hidden(ref_backbone, batch, sel_B_L)
+    return dict(ref_hidden_N_D=ref_h, ref_weight_V_D=ref_weight.detach(), kl_direction="forward")
+
+
+def _stats_B_T(logp_N: Tensor, entropy_N, kl_N, mask_B_T: Tensor) -> dict[str, Tensor]:
+    """Per-token values [N] (``sel_B_L`` order) as the [B, T] dict of :func:`token_stats`."""
+    result = {"logp": _scatter(logp_N, mask_B_T)}
+    if entropy_N is not None:
+        result["entropy"] = _scatter(entropy_N, mask_B_T)
+    if kl_N is not None:
+        result["ref_full_kl"] = _scatter(kl_N, mask_B_T)
     return result
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlkit.kl import entropy_from_logits, full_kl
-from rlkit.kl_fused import fused_token_logprobs, fused_token_loss
+from rlkit.kl_fused import fused_stats_loss, fused_token_logprobs, fused_token_loss
 
 N, D, V, DR = 11, 5, 9, 4
 F64 = {"rtol": 1e-10, "atol": 1e-12}
@@ -132,6 +132,63 @@ def test_two_pass_sequence_level_loss():
     full = torch.log_softmax(h @ W.t(), -1).gather(1, y[:, None]).squeeze(1)
     for a, e in zip(torch.autograd.grad(loss, (h, W)), torch.autograd.grad(seq_loss(full), (h, W))):
         torch.testing.assert_close(a, e, **F64)
+
+
+SEQ = torch.tensor([0] * 3 + [1] * 4 + [2] * 2 + [3] * 2)  # 4 sequences over the N = 11 tokens
+
+
+def _clipped(lp, ent, kl):
+    """Per-token: a PPO-clip-like surrogate, an entropy bonus and a KL penalty, token-mean."""
+    g = torch.Generator().manual_seed(2)
+    adv, old = torch.randn(N, generator=g, dtype=lp.dtype), torch.randn(N, generator=g, dtype=lp.dtype) - 2
+    ratio = torch.exp(lp - old)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    return ((pg - 0.01 * ent + 0.1 * kl).sum() / 7.0, "aux")
+
+
+def _pairs(lp, ent, kl):
+    """Not per-token: DPO on sequence sums, plus an entropy term."""
+    s = torch.zeros(4, dtype=lp.dtype).index_add(0, SEQ, lp)
+    return -torch.nn.functional.logsigmoid(0.3 * (s[0::2] - s[1::2])).sum() + 0.01 * ent.sum(), None
+
+
+def _log_of_mean(lp, ent, kl):
+    """Not per-token, and its probe is infinite: log(−max logp) is log 0 while rows are still zeros."""
+    return (lp * torch.log(-lp.max())).sum() + kl.sum(), None
+
+
+@pytest.mark.parametrize("loss_fn,per_token", [(_clipped, True), (_pairs, False), (_log_of_mean, False)],
+                         ids=["per-token", "pairs", "inf-probe"])
+@pytest.mark.parametrize("chunk", [3, N])
+def test_stats_loss_exact_for_any_loss(loss_fn, per_token, chunk):
+    """fused_stats_loss: value and gradients of f(fused stats) for any f; no correction when f is a
+    sum of per-token terms or when one chunk holds every row."""
+    h, W, b, y, rh, rW = _inputs(seed=8)
+    loss, out, aux, report = fused_stats_loss(h, W, y, loss_fn, temperature=0.8, chunk_size=chunk,
+                                              with_entropy=True, ref_hidden_N_D=rh, ref_weight_V_D=rW,
+                                              bias_V=b)
+    lp, ent, kl = _reference(h, W, b, y, 0.8, rh @ rW.t(), "forward")
+    want, want_aux = loss_fn(lp, ent, kl)
+    torch.testing.assert_close(loss, want, **F64)
+    assert aux == want_aux and not out.logp_N.requires_grad
+    torch.testing.assert_close(out.kl_N, kl.detach(), **F64)
+    for a, e in zip(torch.autograd.grad(-1.5 * loss, (h, W, b)), torch.autograd.grad(-1.5 * want, (h, W, b))):
+        torch.testing.assert_close(a, e, **F64)
+    assert (report.rows, report.chunks) == (N, -(-N // chunk))
+    assert report.per_token == (per_token or chunk == N)
+    assert report.resweep == (loss_fn is _log_of_mean and chunk < N)
+
+
+def test_stats_loss_unused_stats_and_frozen_head():
+    """A loss of logp alone (entropy asked for but unused), gradient to the hidden states only."""
+    h, W, _, y, _, _ = _inputs(seed=9)
+    loss, out, _, report = fused_stats_loss(h, W.detach(), y, lambda lp, e, k: ((lp * lp).sum(), None),
+                                            chunk_size=4, with_entropy=True)
+    full = torch.log_softmax(h @ W.detach().t(), -1).gather(1, y[:, None]).squeeze(1)
+    (got,) = torch.autograd.grad(loss, h)
+    (want,) = torch.autograd.grad((full * full).sum(), h)
+    torch.testing.assert_close(got, want, **F64)
+    assert report.per_token and out.kl_N is None and out.entropy_N is not None
 
 
 def test_entropy_matches_definition():

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from rlkit import checkpoint
 from rlkit.algorithms.base import AlgorithmSetup, LossInputs, PairLossInputs
 from rlkit.config import LearnerConfig, ModelConfig, RunConfig
-from rlkit.logprobs import split_lm, token_stats
+from rlkit.logprobs import split_lm, token_loss, token_stats
 from rlkit.types import SamplingConfig, TrainBatch
 from rlkit.workers import weights
 
@@ -83,13 +83,16 @@ def _lr_lambda(lc: LearnerConfig, total_steps: int):
 
 class Scorer(torch.nn.Module):
     """The policy as DeepSpeed sees it: forward = per-token log-probs (and entropy, KL) of a batch's
-    response tokens through the fused kernel (:func:`rlkit.logprobs.token_stats`)."""
+    response tokens through the fused kernel (:func:`rlkit.logprobs.token_stats`), or, given
+    ``loss_fn``, a loss of them with its gradient from the fused loss pass (:func:`loss_on_device`)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: TrainBatch, **kwargs) -> dict[str, torch.Tensor]:
+    def forward(self, batch: TrainBatch, loss_fn=None, **kwargs):
+        if loss_fn is not None:
+            return loss_on_device(self.model, batch, loss_fn, **kwargs)
         return stats_on_device(self.model, batch, **kwargs)
 
 
@@ -118,6 +121,16 @@ def stats_on_device(model: torch.nn.Module, batch: TrainBatch, **kwargs) -> dict
     home = batch.input_ids_B_L.device
     out = token_stats(model, batch_to(batch, dev), **kwargs)
     return {k: v.to(home) for k, v in out.items()}
+
+
+def loss_on_device(model: torch.nn.Module, batch: TrainBatch, loss_fn, **kwargs):
+    """:func:`rlkit.logprobs.token_loss` with the forward on ``model``'s device, ``loss_fn`` on the
+    batch's: it receives the stats there. Returns (loss, stats detached, aux, ProbeReport)."""
+    dev = next(model.parameters()).device
+    home = batch.input_ids_B_L.device
+    loss, stats, aux, report = token_loss(
+        model, batch_to(batch, dev), lambda st: loss_fn({k: v.to(home) for k, v in st.items()}), **kwargs)
+    return loss.to(home), {k: v.to(home) for k, v in stats.items()}, aux, report
 
 
 def load_frozen(model_dir: str, dtype: str, device: torch.device | None = None):
@@ -161,6 +174,9 @@ class LearnerRank:
         self._updates = 0  # optimizer steps attempted by this process (fault injection counts them)
         # The sampler's truncated support, when it used top-k/top-p (log-prob contract).
         self.truncation = spec.sampling if spec.sampling.truncates else None
+        # The loss's gradient comes from the fused loss pass (three LM-head matmuls) until a micro-batch
+        # of several chunks shows the loss is not a sum of per-token terms (_loss_pass).
+        self._per_token_loss = True
 
     def _init_engine(self):
         """The DeepSpeed engine of the policy: on CUDA over NCCL when this rank has a GPU (CPU tensors
@@ -357,12 +373,49 @@ class LearnerRank:
 
     def _micro_loss(self, micro: TrainBatch, tokens: float, seqs: float, controller: dict, weight: float = 1.0):
         if self.needs.pairs:
-            return self._pair_loss(micro, seqs / 2)
+            loss, stats, (_, metrics) = self._loss_pass(micro, lambda st: self._pair_loss(micro, seqs / 2, st))
+            return loss, metrics
+        loss, stats, (inputs, metrics) = self._loss_pass(
+            micro, lambda st: self._policy_loss(micro, tokens, seqs, controller, st), with_entropy=True)
+        if self.critic is not None:
+            inputs.values_B_T = self.critic.values(micro)
+            inputs.old_values_B_T = micro.extras.get("values")
+            inputs.returns_B_T = micro.extras["returns"]
+            critic_loss, critic_metrics = self.algo.critic_loss(inputs, self.algo_cfg)
+            # The critic is its own graph and optimizer (its gradients are all-reduced in Critic.step).
+            (critic_loss * weight).backward()
+            metrics.update({f"loss/{k}": float(v) for k, v in critic_metrics.items()})
+        mask = micro.response_mask_B_T
+        metrics["entropy/mean"] = float((stats["entropy"].detach() * mask).sum() / mask.sum().clamp(min=1))
+        return loss, metrics
+
+    def _loss_pass(self, micro: TrainBatch, loss_fn, with_entropy: bool = False):
+        """(loss, stats, aux) of ``loss_fn(stats) -> (loss, aux)`` on the policy's stats of ``micro``.
+
+        The fused loss pass (:func:`loss_on_device`: the gradient computed in the forward, three
+        LM-head matmuls) unless the sampler truncated its support, or the loss was found not to be a
+        sum of per-token terms and ``micro`` needs several chunks; then the stats with their
+        recompute backward (four) and the loss on them. Either way the same loss and gradient: the
+        fused pass corrects what its probe got wrong, and once that was over a third of a
+        micro-batch's rows (where the correction costs more than the recompute saves) the
+        recompute path takes over for multi-chunk micro-batches.
+        """
         s = self.spec
-        stats = self.engine(
-            micro, temperature=s.sampling.temperature, chunk_size=s.learner.chunk_size, with_entropy=True,
-            ref_model=self.ref if self.needs.ref_full_kl else None, truncation=self.truncation,
-        )
+        kw = dict(temperature=s.sampling.temperature, chunk_size=s.learner.chunk_size, with_entropy=with_entropy,
+                  ref_model=self.ref if self.needs.ref_full_kl else None)
+        one_chunk = int(micro.response_mask_B_T.sum()) <= s.learner.chunk_size
+        if self.truncation is None and (self._per_token_loss or one_chunk):
+            loss, stats, aux, report = self.engine(micro, loss_fn=loss_fn, **kw)
+            if 3 * report.corrected_rows > report.rows:
+                self._per_token_loss = False
+            return loss, stats, aux
+        stats = self.engine(micro, truncation=self.truncation, **kw)
+        loss, aux = loss_fn(stats)
+        return loss, stats, aux
+
+    def _policy_loss(self, micro: TrainBatch, tokens: float, seqs: float, controller: dict, stats: dict):
+        """The algorithm's loss of one micro-batch from the policy's stats; aux = (LossInputs, metrics)."""
+        s = self.spec
         logp, mask = stats["logp"], micro.response_mask_B_T
         old = micro.extras.get("old_logp", logp.detach())
         adv = micro.advantages_B_T if micro.advantages_B_T is not None else torch.zeros_like(logp)
@@ -379,24 +432,12 @@ class LearnerRank:
             max_response_len=s.sampling.max_new_tokens, controller=controller,
         )
         loss, algo_metrics = self.algo.loss(inputs, self.algo_cfg)
-        if self.critic is not None:
-            inputs.values_B_T = self.critic.values(micro)
-            inputs.old_values_B_T = micro.extras.get("values")
-            inputs.returns_B_T = micro.extras["returns"]
-            critic_loss, critic_metrics = self.algo.critic_loss(inputs, self.algo_cfg)
-            # The critic is its own graph and optimizer (its gradients are all-reduced in Critic.step).
-            (critic_loss * weight).backward()
-            algo_metrics = {**algo_metrics, **critic_metrics}
-        ent = float((stats["entropy"].detach() * mask).sum() / mask.sum().clamp(min=1))
         metrics.update({f"loss/{k}": float(v) for k, v in algo_metrics.items()})
-        metrics.update({"loss/total": float(loss.detach()), "entropy/mean": ent})
-        return loss, metrics
+        metrics["loss/total"] = float(loss.detach())
+        return loss, (inputs, metrics)
 
-    def _pair_loss(self, micro: TrainBatch, pairs_global: float):
+    def _pair_loss(self, micro: TrainBatch, pairs_global: float, stats: dict):
         """Rows come pair-major: 2p is the chosen response of pair p, 2p+1 the rejected one."""
-        s = self.spec
-        stats = self.engine(micro, temperature=s.sampling.temperature, chunk_size=s.learner.chunk_size,
-                            ref_model=self.ref if self.needs.ref_full_kl else None)
         logp, mask, ref = stats["logp"], micro.response_mask_B_T, micro.extras["ref_logp"]
         kl_full = stats.get("ref_full_kl")
         inputs = PairLossInputs(
@@ -408,7 +449,7 @@ class LearnerRank:
         loss, algo_metrics = self.algo.loss(inputs, self.algo_cfg)
         metrics = {f"loss/{k}": float(v) for k, v in algo_metrics.items()}
         metrics["loss/total"] = float(loss.detach())
-        return loss, metrics
+        return loss, (inputs, metrics)
 
     # ---------------------------------------------------------------- weights
     # Under ZeRO-3 the methods below gather weights: the driver calls them on every rank together
