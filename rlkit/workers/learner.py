@@ -70,7 +70,8 @@ def _patch_deepspeed_shm() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def _zero_section(stage: int, world: int) -> dict[str, Any]:
+def _zero_section(stage: int, world: int, offload_optimizer: bool = False, offload_params: bool = False,
+                  pin: bool = False) -> dict[str, Any]:
     """DeepSpeed's ``zero_optimization`` section for ``learner.zero_stage`` on ``world`` ranks.
 
     ZeRO-2 partitions gradients over the ranks: after every backward DeepSpeed copies each gradient
@@ -83,10 +84,19 @@ def _zero_section(stage: int, world: int) -> dict[str, Any]:
     where autograd accumulates the micro-batches' gradients in place and the step flattens them
     once; ``contiguous_gradients`` off skips stage 1's copy of every gradient into a contiguous
     buffer as well. Stage 0 and 3, and several ranks, are as configured.
+
+    ``offload_optimizer`` (ZeRO ≥ 1) keeps the fp32 partitions and Adam's states in host memory
+    and steps them there (ZeRO-Offload, Ren et al. 2021, arXiv:2101.06840); ``offload_params``
+    (ZeRO-3) keeps the weight shards there between uses. ``pin`` pins those host buffers (CUDA).
     """
+    section: dict[str, Any] = {"stage": stage}
     if world == 1 and stage in (1, 2):
-        return {"stage": 1, "contiguous_gradients": False}
-    return {"stage": stage}
+        section = {"stage": 1, "contiguous_gradients": False}
+    if offload_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if offload_params:
+        section["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return section
 
 
 def _lr_lambda(lc: LearnerConfig, total_steps: int):
@@ -220,7 +230,10 @@ class LearnerRank:
             "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False,
             "gradient_clipping": lc.max_grad_norm,
-            "zero_optimization": _zero_section(lc.zero_stage, self.world),
+            "zero_optimization": _zero_section(lc.zero_stage, self.world, lc.offload_optimizer, lc.offload_params,
+                                               pin=cuda),
+            # The client optimizer below (torch's fused AdamW) also steps offloaded partitions on CPU.
+            "zero_force_ds_cpu_optimizer": False,
             "bf16": {"enabled": bf16, "check_grad_overflow": True},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
