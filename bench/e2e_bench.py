@@ -25,11 +25,19 @@ Each side runs in a fresh subprocess, one after the other, with ``OMP_NUM_THREAD
 that computes (TRL's process; rlkit's rollout and learner actors through ``rollout.threads`` and
 ``learner.threads``; they do not run at the same time in synchronous mode).
 
-Per step: wall seconds, generation seconds, generated tokens (EOS included, no padding) and the
-fraction of the FLOP roofline, :func:`common.step_flops` ÷ (step seconds × the fp32 2048² matmul
-rate measured in the same child process, before and after its steps). Step 1 includes one-time
-warm-up (allocator, thread pools, first DeepSpeed step) and is reported separately; the summaries
-are over steps 2..K. Writes ``bench/out/e2e.json``.
+Per step: wall seconds, generation and learning seconds, generated tokens (EOS included, no
+padding) and two FLOP fractions, each a FLOP count ÷ (seconds × the fp32 2048² matmul rate measured
+in the same child process, before and after its steps):
+
+* nominal: :func:`common.step_flops` (2·P per prompt and generated token of every sequence, 6·P per
+  trained token) over the step;
+* minimal: :func:`min_flops`, what any correct implementation of the step must execute (each distinct
+  prompt prefilled once, the LM head only where a distribution is needed, attention included), for the
+  step, the generation and the learning separately. Targets: rlkit's step ≤ 0.3× TRL's; minimal
+  fractions generation ≥ 0.6, learning ≥ 0.7, step ≥ 0.6.
+
+Step 1 includes one-time warm-up (allocator, thread pools, first DeepSpeed step) and is reported
+separately; the summaries are over steps 2..K. Writes ``bench/out/e2e.json``.
 """
 
 from __future__ import annotations
@@ -41,14 +49,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SIDES = ("trl", "rlkit", "rlkit-overlap")
-TARGET_STEP_RATIO = 0.5
-TARGET_ROOFLINE = 0.7
+TARGET_STEP_RATIO = 0.3
+TARGET_MIN_FRAC = {"generate": 0.6, "learn": 0.7, "step": 0.6}
+"""Fractions of the minimal-FLOP bound (:func:`min_flops`) at the matmul rate that rlkit should reach."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,14 +98,66 @@ def param_count(model_dir: Path) -> int:
     return total
 
 
-def step_row(step: int, seconds: float, gen_s: float, prefill: int, generated: int, params: int,
-             gflops: float, stages: dict[str, float]) -> dict[str, Any]:
-    """One step's record; trained tokens = prompt + completion of every sequence (no extra passes: β = 0)."""
-    flops = common.step_flops(params, generated=generated, prefill=prefill, trained=prefill + generated)
-    return {"step": step, "seconds": seconds, "generate_s": gen_s, "prefill_tokens": prefill,
+def model_shape(model_dir: Path) -> dict[str, Any]:
+    """What the FLOP counts need of a HF folder: parameters (file count), D, V, layers, the attention
+    width (heads × head dim) and whether the LM head is the tied input embedding."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    return {"params": param_count(model_dir), "hidden": d, "vocab": cfg["vocab_size"],
+            "layers": cfg["num_hidden_layers"], "attn": heads * cfg.get("head_dim", d // heads),
+            "tied": bool(cfg.get("tie_word_embeddings", True))}
+
+
+def min_flops(shape: dict[str, Any], seqs: list[tuple[Any, int, int]]) -> dict[str, float]:
+    """The FLOPs any correct implementation of the step must execute, by phase.
+
+    ``seqs``: (prompt key, prompt tokens, completion tokens) per sampled sequence; sequences with the
+    same key share their prompt (a group). Counted per forward position, as 2·(body parameters) for
+    the matmuls (Kaplan et al. 2020, arXiv 2001.08361, §2.1; body = the parameters without the
+    embedding and LM-head matrices, whose lookup costs nothing), 2·D·V for the LM head only where a
+    distribution is needed, and 4·(heads × head dim)·keys per layer for attention scores and their
+    weighted sum (causal: a query sees the keys up to itself). The positions:
+
+    * each distinct prompt once (its KV cache serves the whole group), the LM head at its last
+      position once (the first token's distribution is the same for every sample of the group);
+    * each generated token but the last of its sequence (whose forward nothing needs), with its head.
+
+    Generation runs these positions forward once. Learning needs the same positions, forward and
+    backward (3× the forward: the weight gradient and the input gradient each cost a forward), with
+    the log-prob of each response token scored at the position before it; β = 0 and one update per
+    batch, so π_old = π_θ and no reference or old-policy pass is needed. Hence learn = 3 × generate
+    and step = generate + learn (reward scoring and weight sync do no model FLOPs).
+    """
+    d, v, layers, a = shape["hidden"], shape["vocab"], shape["layers"], shape["attn"]
+    head = 2.0 * d * v
+    body = 2.0 * (shape["params"] - d * v * (1 if shape["tied"] else 2))
+    prompts = {}
+    for key, p, _ in seqs:
+        prompts[key] = p
+    fwd = sum(body * p + 2.0 * a * layers * p * (p + 1) + head for p in prompts.values())
+    for _, p, n in seqs:
+        k = max(n - 1, 0)  # fed-back tokens: positions p+1 .. p+k, each seeing p+j keys
+        fwd += (body + head) * k + 4.0 * a * layers * (k * p + k * (k + 1) / 2)
+    return {"generate": fwd, "learn": 3.0 * fwd, "step": 4.0 * fwd}
+
+
+def step_row(step: int, seconds: float, gen_s: Optional[float], learn_s: float, seqs: list[tuple[Any, int, int]],
+             shape: dict[str, Any], gflops: float, stages: dict[str, float]) -> dict[str, Any]:
+    """One step's record from its sequences ((prompt key, prompt tokens, completion tokens) each).
+
+    Nominal trained tokens = prompt + completion of every sequence (no extra passes: β = 0);
+    minimal fractions per phase: :func:`min_flops` ÷ (that phase's seconds × the matmul rate)."""
+    prefill, generated = sum(p for _, p, _ in seqs), sum(n for _, _, n in seqs)
+    flops = common.step_flops(shape["params"], generated=generated, prefill=prefill, trained=prefill + generated)
+    least = min_flops(shape, seqs)
+    rate = gflops * 1e9
+    secs = {"step": seconds, "generate": gen_s, "learn": learn_s}
+    return {"step": step, "seconds": seconds, "generate_s": gen_s, "learn_s": learn_s, "prefill_tokens": prefill,
             "generated_tokens": generated, "trained_tokens": prefill + generated, "flops": flops,
-            "gen_tokens_per_s": generated / gen_s if gen_s > 0 else None,
-            "e2e_tokens_per_s": generated / seconds, "roofline_frac": flops / (seconds * gflops * 1e9),
+            "gen_tokens_per_s": generated / gen_s if gen_s else None,
+            "e2e_tokens_per_s": generated / seconds, "roofline_frac": flops / (seconds * rate),
+            "min_flops": least,
+            "min_frac": {k: (least[k] / (t * rate) if t else None) for k, t in secs.items()},
             "stages": stages}
 
 
@@ -109,12 +170,16 @@ def finish_side(side: str, steps: list[dict], params: int, probes: list[dict], *
     steady = steps[1:] or steps[:1]
     pick = lambda key: [s[key] for s in steady if s.get(key) is not None]  # noqa: E731
     gf = common.summary(v for p in probes for v in p["values"])
+    min_frac = {k: common.summary(s["min_frac"][k] for s in steady if s["min_frac"].get(k) is not None)
+                for k in TARGET_MIN_FRAC}
     return {"side": side, "ok": True, "params": params, "warmup": steps[0] if steps else None, "steps": steps,
             "steady_steps": len(steady) if len(steps) > 1 else 0,
             "step_s": common.summary(pick("seconds")), "generate_s": common.summary(pick("generate_s")),
+            "learn_s": common.summary(pick("learn_s")),
             "gen_tokens_per_s": common.summary(pick("gen_tokens_per_s")),
             "e2e_tokens_per_s": common.summary(pick("e2e_tokens_per_s")),
-            "roofline_frac": common.summary(pick("roofline_frac")), "matmul_gflops": gf, **extra}
+            "roofline_frac": common.summary(pick("roofline_frac")), "min_frac": min_frac,
+            "matmul_gflops": gf, **extra}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +219,7 @@ def _instrument_trl(trainer) -> dict[str, list]:
     ``generate`` call, and the generate-and-score stage whose output holds the prompt and
     completion masks (completion mask: up to and including EOS).
     """
-    rec: dict[str, list] = {"gen_s": [], "score_s": [], "prefill": [], "generated": []}
+    rec: dict[str, list] = {"gen_s": [], "score_s": [], "prefill": [], "generated": [], "seqs": []}
     gen, gen_and_score = trainer._generate_single_turn, trainer._generate_and_score_completions
 
     def timed_gen(*a, **k):
@@ -169,11 +234,18 @@ def _instrument_trl(trainer) -> dict[str, list]:
         rec["score_s"].append(time.perf_counter() - t0 - rec["gen_s"][-1])
         rec["prefill"].append(int(out["prompt_mask"].sum()))
         rec["generated"].append(int(out["completion_mask"].sum()))
+        rec["seqs"].append(_trl_seqs(out))
         return out
 
     trainer._generate_single_turn = timed_gen
     trainer._generate_and_score_completions = timed_gen_and_score
     return rec
+
+
+def _trl_seqs(out: dict) -> list[tuple[tuple[int, ...], int, int]]:
+    """(prompt tokens as the key, prompt length, completion length) per sequence of a TRL batch."""
+    ids, pm, cm = out["prompt_ids"].cpu(), out["prompt_mask"].cpu().bool(), out["completion_mask"].cpu()
+    return [(tuple(ids[i][pm[i]].tolist()), int(pm[i].sum()), int(cm[i].sum())) for i in range(ids.shape[0])]
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,16 +285,16 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     if not len(clock["end"]) == len(rec["gen_s"]) == len(rec["generated"]) == args.steps:
         raise RuntimeError(f"TRL ran {len(clock['end'])} steps and {len(rec['gen_s'])} generation batches; the "
                            f"timing assumes one generation batch per optimizer step ({args.steps} steps)")
-    params = param_count(mdir)
+    shape = model_shape(mdir)
     gflops = common.summary(v for p in probes for v in p["values"])["median"]
     steps = []
     for i, (b, e) in enumerate(zip(clock["begin"], clock["end"], strict=True)):
         stages = {"generate": rec["gen_s"][i], "score": rec["score_s"][i],
                   "learn": (e - b) - rec["gen_s"][i] - rec["score_s"][i]}
-        steps.append(step_row(i + 1, e - b, rec["gen_s"][i], rec["prefill"][i], rec["generated"][i],
-                              params, gflops, stages))
-    return finish_side("trl", steps, params, probes, prompt_tokens_mean=sum(rec["prefill"]) / max(1, len(
-        rec["prefill"])) / (args.prompts * args.samples))
+        steps.append(step_row(i + 1, e - b, rec["gen_s"][i], stages["learn"], rec["seqs"][i], shape, gflops,
+                              stages))
+    return finish_side("trl", steps, shape["params"], probes, prompt_tokens_mean=sum(rec["prefill"]) / max(
+        1, len(rec["prefill"])) / (args.prompts * args.samples))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,24 +365,25 @@ def run_rlkit(args: argparse.Namespace, overlap: bool = False) -> dict[str, Any]
     finally:
         trainer.close()
         shutil.rmtree(run_dir, ignore_errors=True)
-    params = param_count(common.model_dir(args.model))
-    return _rlkit_result(args, overlap, stale_seen, metrics, walls, seen, params, probes)
+    shape = model_shape(common.model_dir(args.model))
+    return _rlkit_result(args, overlap, stale_seen, metrics, walls, seen, shape, probes)
 
 
-def _rlkit_result(args, overlap, stale_seen, metrics, walls, seen, params, probes) -> dict[str, Any]:
+def _rlkit_result(args, overlap, stale_seen, metrics, walls, seen, shape, probes) -> dict[str, Any]:
     gflops = common.summary(v for p in probes for v in p["values"])["median"]
     steps = []
     for i, (m, wall, rollouts) in enumerate(zip(metrics, walls, seen, strict=True)):
-        prefill = sum(len(r.prompt_ids) for r in rollouts)
-        generated = sum(len(r.completion_ids) for r in rollouts)
+        seqs = [(tuple(r.prompt_ids), len(r.prompt_ids), len(r.completion_ids)) for r in rollouts]
         stages = {k[len("time/"):]: v for k, v in m.items() if k.startswith("time/")}
         # time/score is nested inside time/generate in Trainer.step: generation alone is the difference.
         gen_s = stages.get("generate", 0.0) - stages.get("score", 0.0)
-        row = step_row(i + 1, wall, gen_s, prefill, generated, params, gflops, stages)
-        if overlap and stale_seen and i > 0:
+        # The learner's passes: its side passes (old/reference log-probs; none needed here) and the update.
+        learn_s = stages.get("learn", 0.0) + stages.get("reference", 0.0)
+        stale = overlap and stale_seen and i > 0
+        row = step_row(i + 1, wall, None if stale else gen_s, learn_s, seqs, shape, gflops, stages)
+        if stale:
             # These samples were generated during the previous step's learning: the stage time is only
             # the wait for them, so it gives no generation rate.
-            row["generate_s"], row["gen_tokens_per_s"] = None, None
             row["generate_wait_s"] = gen_s
         row["staleness_mean"] = m.get("rollout/staleness_mean")
         row["sync"] = {k: m[k] for k in ("sync/seconds", "sync/bytes") if k in m}
@@ -323,7 +396,7 @@ def _rlkit_result(args, overlap, stale_seen, metrics, walls, seen, params, probe
         if not stale_seen:
             extra["note"] = ("rollout.overlap=true ran on-policy (staleness 0 at step 2): the option is in "
                              "rlkit/config.py but Trainer.step does not use it")
-    return finish_side(side, steps, params, probes, **extra)
+    return finish_side(side, steps, shape["params"], probes, **extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,15 +429,16 @@ def compare(rows: list[dict]) -> dict[str, Any]:
 def print_table(rows: list[dict], ratios: dict, args: argparse.Namespace) -> None:
     print(f"\n{args.model}: {args.prompts} prompts × {args.samples} samples, {args.new_tokens} new tokens, "
           f"threads {args.threads}; summaries over steps 2..{args.steps}: median (min–max)")
-    head = f"{'side':14} {'step 1 s':>9} {'step s':>22} {'gen s':>18} {'gen tok/s':>20} {'roofline':>20}"
-    print(head)
+    fracs = "  ".join(f"min {k} ≥ {t}" for k, t in TARGET_MIN_FRAC.items())
+    print(f"{'side':14} {'step 1 s':>9} {'step s':>22} {'gen s':>18} {'learn s':>18} {'nominal':>8}  {fracs}")
     for r in rows:
         if not r.get("ok"):
             print(f"{r['side']:14} FAILED: {r.get('error')}")
             continue
         w = r["warmup"]["seconds"] if r.get("warmup") else float("nan")
+        mins = "  ".join(f"{common.fmt(r['min_frac'][k], '.3f'):>22}" for k in TARGET_MIN_FRAC)
         print(f"{r['side']:14} {w:9.2f} {common.fmt(r['step_s']):>22} {common.fmt(r['generate_s']):>18} "
-              f"{common.fmt(r['gen_tokens_per_s'], '.1f'):>20} {common.fmt(r['roofline_frac'], '.3f'):>20}")
+              f"{common.fmt(r['learn_s']):>18} {common.fmt(r['roofline_frac'], '.3f'):>8}  {mins}")
         if r.get("note"):
             print(f"{'':14} note: {r['note']}")
     for name, rat in ratios.items():
@@ -424,7 +498,7 @@ def main(argv=None) -> int:
     path = common.write_result("e2e", {
         "workload": {"model": args.model, "prompts": args.prompts, "samples": args.samples,
                      "new_tokens": args.new_tokens, "steps": args.steps, "threads": args.threads},
-        "targets": {"step_ratio_max": TARGET_STEP_RATIO, "roofline_min": TARGET_ROOFLINE},
+        "targets": {"step_ratio_max": TARGET_STEP_RATIO, "min_frac_min": TARGET_MIN_FRAC},
         "matmul_gflops": common.summary(v for p in parent_probe for v in p["values"]),
         "results": rows, "ratios": ratios,
     }, args, Path(args.out))

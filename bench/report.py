@@ -160,16 +160,31 @@ def _status(value: Optional[float], target: float, le: bool, doc: Optional[dict]
     return "met" if (value <= target if le else value >= target) else "not met"
 
 
+# Targets of the end-to-end step (bench/e2e_bench.py): rlkit's step time over TRL's, and the fractions of
+# the minimal-FLOP bound at the measured matmul rate; read from e2e.json when it records them.
+E2E_STEP_RATIO = 0.3
+E2E_MIN_FRAC = {"generate": 0.6, "learn": 0.7, "step": 0.6}
+PHASE = {"generate": "generation", "learn": "learning", "step": "step"}
+
+
+def _e2e_targets(e2e: Optional[dict]) -> tuple[float, dict[str, float]]:
+    t = (e2e or {}).get("targets", {})
+    return t.get("step_ratio_max", E2E_STEP_RATIO), {**E2E_MIN_FRAC, **t.get("min_frac_min", {})}
+
+
 def section_targets(docs: dict) -> list[str]:
     rows = []
     e2e = docs.get("e2e")
+    ratio_max, min_frac = _e2e_targets(e2e)
     for side in ("rlkit", "rlkit-overlap"):
         rat = (e2e or {}).get("ratios", {}).get(f"{side}/trl", {}).get("step_s", {})
-        rows.append([f"{side} / TRL step time", "≤ 0.5", fmt(rat, ".3f"), _status(rat.get("median"), 0.5, True, e2e)])
+        rows.append([f"{side} / TRL step time", f"≤ {ratio_max}", fmt(rat, ".3f"),
+                     _status(rat.get("median"), ratio_max, True, e2e)])
     rl = next((r for r in (e2e or {}).get("results", []) if r.get("side") == "rlkit" and r.get("ok")), {})
-    rf = rl.get("roofline_frac", {})
-    rows.append(["rlkit fraction of FLOP roofline", "≥ 0.7", fmt(rf, ".3f"),
-                 _status(rf.get("median"), 0.7, False, e2e)])
+    for phase, target in min_frac.items():
+        mf = rl.get("min_frac", {}).get(phase, {})
+        rows.append([f"rlkit {PHASE[phase]}: fraction of the minimal-FLOP bound", f"≥ {target}", fmt(mf, ".3f"),
+                     _status(mf.get("median"), target, False, e2e)])
     kt, km = _kl_ratios(docs.get("kl"))
     rows.append(["KL fused / TRL peak memory", "≤ 0.1", _f(km, ".3f"), _status(km, 0.1, True, docs.get("kl"))])
     rows.append(["KL fused / TRL time", "≤ 1.0", _f(kt, ".3f"), _status(kt, 1.0, True, docs.get("kl"))])
@@ -218,31 +233,43 @@ def section_e2e(doc: Optional[dict]) -> list[str]:
     if not doc:
         return out + [NOT_MEASURED.format(name="e2e", cmd=COMMANDS["e2e"]), ""]
     w = doc["workload"]
+    ratio_max, min_frac = _e2e_targets(doc)
     out += [f"{w['model']}, {w['prompts']} prompts × {w['samples']} samples, {w['new_tokens']} new tokens, "
             f"{w['steps']} steps per side, {w['threads']} threads per side (OMP and torch), each side in its own "
             f"process, back to back. Step 1 (warm-up) is shown apart; the other columns are median (min–max) over "
-            f"steps 2..{w['steps']}. Roofline: step model FLOPs (2·P per prefill and generated token, 6·P per "
-            f"trained token) ÷ (step seconds × the fp32 2048² matmul rate measured in the same process: "
-            f"{fmt(doc['matmul_gflops'], '.0f')} GFLOP/s in the parent). These are the workload's nominal FLOPs, the "
-            f"same count for both sides: rlkit prefills each prompt once per group (its KV cache is shared by "
-            f"the group's samples), skips finished rows while decoding, and trains each group as one packed "
-            f"sequence (the prompt once, the responses unpadded), so it executes fewer FLOPs than the count "
-            f"(the fraction can exceed 1) and its fraction measures workload throughput, not arithmetic-unit "
-            f"utilization.",
+            f"steps 2..{w['steps']}. FLOP fractions divide a FLOP count by (seconds × the fp32 2048² matmul rate "
+            f"measured in the same process: {fmt(doc['matmul_gflops'], '.0f')} GFLOP/s in the parent).",
+            "",
+            "- **Minimal bound** (`min_flops` in bench/e2e_bench.py): what any correct implementation of the "
+            "step must execute. Each distinct prompt is prefilled once per group, each generated token but the "
+            "last of its sequence is fed forward; per position 2 FLOPs per parameter outside the embedding and "
+            "LM-head matrices, the LM head (2·D·V) only where a distribution is needed, attention as it is; "
+            "learning needs the same positions forward and backward (3×). Columns: generation over generation "
+            "seconds, learning over learning seconds (rlkit: its `learn` and `reference` stages; TRL: the step "
+            "less generation and scoring), step over step seconds. Targets for rlkit: "
+            + ", ".join(f"{PHASE[k]} ≥ {v}" for k, v in min_frac.items()) + ".",
+            "- **Nominal** (`common.step_flops`): 2·P per prompt and generated token of every sequence and 6·P "
+            "per trained token, the same count for both sides. rlkit prefills each prompt once per group, "
+            "skips finished rows while decoding and trains each group as one packed sequence, so it executes "
+            "fewer FLOPs than this count (the fraction can exceed 1): it measures workload throughput, not "
+            "arithmetic-unit utilization.",
             "", _provenance(doc), ""]
     rows = []
     for r in doc["results"]:
         if not r.get("ok"):
-            rows.append([r["side"], "failed: " + str(r.get("error")), "", "", "", "", ""])
+            rows.append([r["side"], "failed: " + str(r.get("error"))] + [""] * 8)
             continue
+        mf = r.get("min_frac", {})
         rows.append([r["side"], _f(r["warmup"]["seconds"] if r.get("warmup") else None, ".2f"), fmt(r["step_s"]),
-                     fmt(r["generate_s"]), fmt(r["gen_tokens_per_s"], ".1f"), fmt(r["e2e_tokens_per_s"], ".1f"),
-                     fmt(r["roofline_frac"], ".3f")])
-    out += _table(["side", "step 1 s", "step s", "generation s", "generated tok/s (generation)",
-                   "generated tok/s (step)", "roofline fraction"], rows) + [""]
+                     fmt(r["generate_s"]), fmt(r.get("learn_s")), fmt(r["gen_tokens_per_s"], ".1f"),
+                     fmt(r["e2e_tokens_per_s"], ".1f"), fmt(r["roofline_frac"], ".3f")]
+                    + [fmt(mf.get(k), ".3f") for k in ("generate", "learn", "step")])
+    out += _table(["side", "step 1 s", "step s", "generation s", "learning s", "generated tok/s (generation)",
+                   "generated tok/s (step)", "nominal FLOP fraction", "min-bound fraction: generation",
+                   "min-bound fraction: learning", "min-bound fraction: step"], rows) + [""]
     for name, rat in doc.get("ratios", {}).items():
         out.append(f"- **{name}**: step time {fmt(rat['step_s'], '.3f')} "
-                   f"(target ≤ {doc['targets']['step_ratio_max']}); "
+                   f"(target ≤ {ratio_max}); "
                    f"end-to-end tokens/s {fmt(rat['e2e_tokens_per_s'], '.2f')}.")
     out += [f"- {r['side']}: {r['note']}" for r in doc["results"] if r.get("note")]
     out += ["", "Stage seconds (median over steps 2..K; rlkit's `generate` excludes its nested `score`; with "

@@ -59,6 +59,27 @@ def test_step_flops_counts():
     assert common.step_flops(10**6, generated=5, prefill=10, trained=15, extra_forward=15) == pytest.approx(150e6)
 
 
+def test_min_flops_counts():
+    """The minimal bound by hand: body 2·P_body per position, LM head 2·D·V where a distribution is
+    needed, attention 4·a·keys per layer; prompts once per group, the last token of a sequence never
+    fed forward; learning 3× generation."""
+    from e2e_bench import min_flops
+
+    V, D, a, L = 40, 8, 4, 2
+    shape = {"params": 10_000 + V * D, "hidden": D, "vocab": V, "layers": L, "attn": a, "tied": True}
+    body, head = 2 * 10_000, 2 * D * V
+    seqs = [("A", 3, 2), ("A", 3, 1), ("B", 2, 3)]
+    prompt_a = body * 3 + 4 * a * L * (1 + 2 + 3) + head  # queries see 1, 2, 3 keys
+    prompt_b = body * 2 + 4 * a * L * (1 + 2) + head
+    seq_a1 = (body + head) + 4 * a * L * 4  # one fed token, at position 4
+    seq_b = 2 * (body + head) + 4 * a * L * (3 + 4)
+    want = prompt_a + prompt_b + seq_a1 + seq_b  # the 1-token completion feeds nothing
+    got = min_flops(shape, seqs)
+    assert got == {"generate": pytest.approx(want), "learn": pytest.approx(3 * want), "step": pytest.approx(4 * want)}
+    untied = min_flops({**shape, "params": shape["params"] + V * D, "tied": False}, seqs)
+    assert untied["step"] == pytest.approx(got["step"])  # the second V × D matrix is a lookup: no FLOPs
+
+
 def test_matmul_probe_and_machine():
     m = common.matmul_gflops(n=128, repeats=3, threads=1)
     assert m["size"] == 128 and m["threads"] == 1 and _is_summary(m, 3) and m["min"] > 0
@@ -112,6 +133,13 @@ def test_e2e_quick_json(quick_out):
             assert 16 <= s["generated_tokens"] <= 16 * 8
             assert s["trained_tokens"] == s["prefill_tokens"] + s["generated_tokens"]
             assert 0 < s["roofline_frac"] < 1
+            m = s["min_flops"]
+            assert m["learn"] == pytest.approx(3 * m["generate"]) and m["step"] == pytest.approx(4 * m["generate"])
+            # the bound skips repeated prompts: under the nominal count, above the completions' body FLOPs
+            assert 2 * (r["params"] - 128 * 49152) * (s["generated_tokens"] - 16) < m["step"] < s["flops"]
+            assert all(0 < s["min_frac"][k] < 1 for k in ("generate", "learn", "step"))
+        assert all(_is_summary(r["min_frac"][k]) for k in ("generate", "learn", "step"))
+    assert doc["targets"] == {"step_ratio_max": 0.3, "min_frac_min": {"generate": 0.6, "learn": 0.7, "step": 0.6}}
     # the same prompts on both sides: same chat-templated prompt lengths over the run
     assert trl["prompt_tokens_mean"] == pytest.approx(rl["prompt_tokens_mean"])
     assert "rlkit/trl" in doc["ratios"] and doc["ratios"]["rlkit/trl"]["step_s"]["median"] > 0
@@ -123,12 +151,17 @@ def test_e2e_quick_json(quick_out):
 def test_sync_quick_json(quick_out):
     doc = _strict_json(quick_out / "sync.json")
     assert doc["bench"] == "sync" and doc["bytes"] > 20 * 2**20  # the tiny model is ~26 MB in fp32
-    assert [r["bucket_mib"] for r in doc["buckets"]] == [1.0, 4.0, 64.0]
+    by: dict[str, list] = {}
     for r in doc["buckets"]:
+        by.setdefault(r["transport"], []).append(r)
         assert r["bytes"] == doc["bytes"] and _is_summary(r["bytes_per_s"], 3)
         assert r["breakdown"]["bytes"] == doc["bytes"] and r["breakdown"]["buckets"] >= 1
+    # object store and collective per bucket size; shared memory where learner and engine share a node
+    assert set(by) - {"shm"} == {"object", "collective"} and len(by.get("shm", [])) <= 1
+    for transport in ("object", "collective"):
+        assert [r["bucket_mib"] for r in by[transport]] == [1.0, 4.0, 64.0], transport
     assert _is_summary(doc["memcpy"], 6)
-    assert doc["buckets"][0]["breakdown"]["buckets"] > doc["buckets"][-1]["breakdown"]["buckets"]
+    assert by["object"][0]["breakdown"]["buckets"] > by["object"][-1]["breakdown"]["buckets"]
 
 
 @pytest.mark.bench
@@ -145,5 +178,7 @@ def test_scaling_quick_json_and_report(quick_out, tmp_path):
     _run("report.py", "--results", str(quick_out), "--doc", str(md), timeout=120)
     text = md.read_text()
     assert "quick mode" in text and "rlkit/trl" in text
+    assert "min-bound fraction: learning" in text and "nominal FLOP fraction" in text
+    assert "| rlkit learning: fraction of the minimal-FLOP bound | ≥ 0.7 |" in text and "| ≤ 0.3 |" in text
     for png in ("e2e_stages.png", "scaling_tokens.png", "scaling_workers.png"):
         assert (md.parent / "img" / png).read_bytes()[:4] == b"\x89PNG", png
