@@ -111,19 +111,31 @@ class Supervisor:
                 raise ActorLost(f"{name} died and Ray did not restart it") from None
 
     def get_learners(self, refs: Sequence[Any], stage: str, timeout_s: Optional[float] = None) -> list:
-        """Every learner rank's answer; a dead rank is :class:`LearnerLost` naming it. Every rank
-        is waited for: when one dies, the others fail in their collectives (a gloo or NCCL error),
-        and the death, not the symptom, is what the driver answers."""
-        out, error = [], None
+        """Every learner rank's answer; a dead rank is :class:`LearnerLost` naming it. When a rank
+        fails, the others are given :data:`DEATH_GRACE_S` more to report a death: when one rank dies
+        the others fail in their collectives (a gloo or NCCL error), and the death, not the symptom,
+        is what the driver answers; a rank that is merely stuck in a collective its failed peer left
+        (e.g. a barrier after a failed write) is not waited for."""
+        import ray
+
+        out = []
         for rank, ref in enumerate(refs):
             try:
                 out.append(self.get(ref, stage, timeout_s))
             except dead_actor_error():
                 raise LearnerLost(rank, stage) from None
-            except Exception as e:  # noqa: BLE001 - re-raised below unless a later rank died
-                error = error or e
-        if error is not None:
-            raise error
+            except Exception as error:
+                rest = list(refs[rank + 1:])
+                done, _ = ray.wait(rest, num_returns=len(rest), timeout=DEATH_GRACE_S) if rest else ([], [])
+                for later, r in enumerate(rest, start=rank + 1):
+                    if r in done:
+                        try:
+                            ray.get(r)
+                        except dead_actor_error():
+                            raise LearnerLost(later, stage) from None
+                        except Exception:  # noqa: BLE001 - the first rank's error is the one raised
+                            pass
+                raise error
         return out
 
     def call_with_restarts(self, name: str, stage: str, call: Callable[[], Any],
@@ -141,6 +153,9 @@ class Supervisor:
                 revive()
                 self.recovered.append({"actor": name, "stage": stage, "seconds": time.perf_counter() - t0})
 
+
+DEATH_GRACE_S = 15.0
+"""After one learner rank fails, how long the others may take to report that one of them died."""
 
 REQUEUE_EXIT = 75
 """Exit code of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL): requeue it."""
