@@ -116,8 +116,6 @@ class Supervisor:
         the others fail in their collectives (a gloo or NCCL error), and the death, not the symptom,
         is what the driver answers; a rank that is merely stuck in a collective its failed peer left
         (e.g. a barrier after a failed write) is not waited for."""
-        import ray
-
         out = []
         for rank, ref in enumerate(refs):
             try:
@@ -125,16 +123,9 @@ class Supervisor:
             except dead_actor_error():
                 raise LearnerLost(rank, stage) from None
             except Exception as error:
-                rest = list(refs[rank + 1:])
-                done, _ = ray.wait(rest, num_returns=len(rest), timeout=DEATH_GRACE_S) if rest else ([], [])
-                for later, r in enumerate(rest, start=rank + 1):
-                    if r in done:
-                        try:
-                            ray.get(r)
-                        except dead_actor_error():
-                            raise LearnerLost(later, stage) from None
-                        except Exception:  # noqa: BLE001 - the first rank's error is the one raised
-                            pass
+                dead = first_death(refs[rank + 1:])
+                if dead is not None:
+                    raise LearnerLost(rank + 1 + dead, stage) from None
                 raise error
         return out
 
@@ -156,6 +147,26 @@ class Supervisor:
 
 DEATH_GRACE_S = 15.0
 """After one learner rank fails, how long the others may take to report that one of them died."""
+
+
+def first_death(refs: Sequence[Any]) -> Optional[int]:
+    """Index of the first call in ``refs`` whose actor died, waiting at most :data:`DEATH_GRACE_S`
+    for them (calls still running then are not waited for); None when none did."""
+    import ray
+
+    refs = list(refs)
+    if not refs:
+        return None
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=DEATH_GRACE_S)
+    for i, ref in enumerate(refs):
+        if ref in done:
+            try:
+                ray.get(ref)
+            except dead_actor_error():
+                return i
+            except Exception:  # noqa: BLE001 - only a death is reported here
+                pass
+    return None
 
 REQUEUE_EXIT = 75
 """Exit code of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL): requeue it."""

@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
-from rlkit.recovery import StageTimeout
+from rlkit.recovery import StageTimeout, first_death
 
 TRANSPORTS = ("auto", "shm", "object", "collective", "ipc")
 """Values of ``rollout.sync_transport``."""
@@ -166,25 +166,10 @@ class CollectiveTransport:
             return wait(sends + recvs, "broadcast", self.timeout_s)[0]
         except Exception as err:
             self.tag = None  # a member failed mid-broadcast: the next sync builds a new group
-            _raise_death(sends)  # a learner rank that died makes the engines fail in the broadcast
+            dead = first_death(sends)  # a learner rank that died makes the engines fail in the broadcast
+            if dead is not None:
+                wait(sends[dead], "broadcast")  # raises the rank's dead-actor error
             raise err
-
-
-def _raise_death(refs: Sequence[Any]) -> None:
-    """Raise the dead-actor error of the first call in ``refs`` whose actor died (waiting at most
-    :data:`rlkit.recovery.DEATH_GRACE_S` for them); return when none did."""
-    import ray
-
-    from rlkit.recovery import DEATH_GRACE_S, dead_actor_error
-
-    done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=DEATH_GRACE_S)
-    for ref in done:
-        try:
-            ray.get(ref)
-        except dead_actor_error():
-            raise
-        except Exception:  # noqa: BLE001 - only a death is reported here
-            pass
 
 
 class IpcTransport:
