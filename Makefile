@@ -5,7 +5,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: bench-async faults venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick gpu-check clean
+.PHONY: compare bench-async bench-async-curves faults venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick gpu-check clean
 
 venv:
 	@VENV=$(VENV) EXTRAS=dev bash launch/setup_venv.sh
@@ -46,6 +46,16 @@ bench-scaling: venv
 # thread per role; writes bench/out/async.json (docs/async.md).
 bench-async: venv
 	$(PY) bench/async_bench.py $(ARGS)
+
+# Every shipped algorithm, same workload, seed and training-time budget (about 80 minutes on 2 cores):
+# bench/out/algo_compare.json -> docs/algorithm-results.md. ARGS="--only grpo,dapo" reruns rows.
+compare: venv
+	$(PY) bench/algo_compare.py $(ARGS)
+
+# rollout.max_staleness 0, 1, 2, 4 on the demo workload: throughput, accuracy vs time, timeline
+# (about 30 minutes; docs/async.md § Measured).
+bench-async-curves: venv
+	$(PY) bench/async_curves.py $(ARGS)
 
 bench-collect: venv
 	$(PY) bench/report.py --collect kl,rewards,engine $(ARGS)

@@ -244,3 +244,19 @@ def fmt(s: Optional[dict[str, Any]], spec: str = ".2f", scale: float = 1.0) -> s
     if s["n"] == 1 or lo == hi:
         return format(m, spec)
     return f"{format(m, spec)} ({format(lo, spec)}–{format(hi, spec)})"
+
+
+def run_curves(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[tuple[float, float, int]]]:
+    """A finished run's training rows (those with ``time/step``, in step order) and its evaluations
+    as (training minutes at that step, ``eval/accuracy``, step); step 0 is the start."""
+    from rlkit.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if r.get("time/step") is not None]
+    elapsed, minutes_at = 0.0, {0: 0.0}
+    for r in train:
+        elapsed += float(r["time/step"])
+        minutes_at[int(r["step"])] = elapsed / 60
+    curve = [(round(minutes_at.get(int(r["step"]), 0.0), 3), float(r["eval/accuracy"]), int(r["step"]))
+             for r in rows if r.get("eval/accuracy") is not None]
+    return train, curve

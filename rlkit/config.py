@@ -258,6 +258,9 @@ class RunConfig(Section):
     """Name of the run in the trackers (None: the last part of ``run_dir``)."""
     tags: list[str] = []
     progress: bool = True
+    timeline: bool = False
+    """Write when each actor generated, learned and synced to ``run_dir/timeline.jsonl`` and
+    ``plots/timeline.png`` at the end of the run (:mod:`rlkit.timeline`)."""
     _algorithm: Any = PrivateAttr(default=None)
 
     @property

@@ -4,7 +4,7 @@ Logits are computed only at positions that score a response token (never at prom
 chunk by chunk inside :mod:`rlkit.kl_fused`, so no [tokens × vocab] tensor exists:
 :func:`token_stats` returns the stats (``fused_token_logprobs``, whose backward recomputes the
 logits), :func:`token_loss` a loss of them with its gradient computed in the forward
-(``fused_stats_loss``).
+(:func:`rlkit.kl_stats_loss.fused_stats_loss`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlkit import kl_fused
+from rlkit import kl_fused, kl_stats_loss
 from rlkit.types import TrainBatch
 
 
@@ -87,7 +87,7 @@ def token_loss(model, batch: TrainBatch, loss_fn, *, temperature: float, chunk_s
 
     ``loss_fn(stats) -> (loss, aux)`` receives what :func:`token_stats` returns (``logp`` [B,T],
     ``entropy``, ``ref_full_kl``), as leaves whose gradient is taken, and may depend on them and on
-    constants only. The pass is :func:`rlkit.kl_fused.fused_stats_loss`: coefficients ∂loss/∂stat
+    constants only. The pass is :func:`rlkit.kl_stats_loss.fused_stats_loss`: coefficients ∂loss/∂stat
     probed per chunk, checked against the exact ones and corrected where they differ, so the
     gradient is that of ``loss_fn(token_stats(...))`` whatever the loss. No top-k/top-p support
     (the caller takes :func:`token_stats` then).
@@ -102,7 +102,7 @@ def token_loss(model, batch: TrainBatch, loss_fn, *, temperature: float, chunk_s
     def flat_loss(logp_N, entropy_N, kl_N):
         return loss_fn(_stats_B_T(logp_N, entropy_N, kl_N, mask))
 
-    loss, out, aux, report = kl_fused.fused_stats_loss(
+    loss, out, aux, report = kl_stats_loss.fused_stats_loss(
         hidden_N_D, weight, labels_N, flat_loss, temperature=temperature, chunk_size=chunk_size,
         with_entropy=with_entropy, bias_V=bias, **_ref_kwargs(ref_model, batch, sel_B_L),
     )

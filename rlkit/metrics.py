@@ -259,17 +259,21 @@ class StageTimer:
     others gives ``time/step``). ``pop()`` returns ``{"time/<stage>": seconds}`` and resets.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spans: Any = None) -> None:
         self._seconds: dict[str, float] = {}
+        self.spans = spans
+        """An optional :class:`rlkit.timeline.Spans` that also records each stage's wall-clock span."""
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         try:
             yield
         finally:
             elapsed = time.perf_counter() - start
             self._seconds[stage] = self._seconds.get(stage, 0.0) + elapsed
+            if self.spans is not None:
+                self.spans.add(stage, wall, wall + elapsed)
 
     def pop(self) -> dict[str, float]:
         out = {f"time/{stage}": s for stage, s in self._seconds.items()}

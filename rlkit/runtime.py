@@ -263,6 +263,19 @@ class Runtime:
         states = self.supervisor.get_learners([a.load.remote(directory) for a in self.learners], "resume")
         return states[0]
 
+    def drain_spans(self) -> list[dict]:
+        """Every rollout worker's and learner rank's spans since the last call (:mod:`rlkit.timeline`);
+        an actor that does not answer within the step timeout is left out."""
+        import ray
+
+        out = []
+        for a in self.rollout + self.learners:
+            try:
+                out.extend(ray.get(a.drain_spans.remote(), timeout=self.supervisor.timeout_s()))
+            except Exception:  # a dead or stuck actor's spans are lost; the run's results are not
+                pass
+        return out
+
     def shutdown(self) -> None:
         import ray
 

@@ -17,7 +17,14 @@ from rlkit.algorithms.base import AdvantageInputs
 from rlkit.config import RunConfig, build_data_spec, build_reward_config, dump_config
 from rlkit.groups import ScoredGroup
 from rlkit.placement import PlacementError
-from rlkit.recovery import LearnerLost, Preempted, StageTimeout, StopSignals, check_finite
+from rlkit.recovery import (
+    LearnerLost,
+    Preempted,
+    StageTimeout,
+    StopSignals,
+    check_finite,
+)
+from rlkit.timeline import Spans
 from rlkit.types import collate
 
 
@@ -50,6 +57,7 @@ class Trainer:
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.spans = Spans("driver", enabled=cfg.timeline)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model_dir = model_dir(cfg)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -113,7 +121,7 @@ class Trainer:
             log.truncate_after(self.state.step)
         progress = Progress(cfg.train.steps, initial=self.state.step, enabled=cfg.progress,
                             max_minutes=cfg.train.max_minutes)
-        timer = StageTimer()
+        timer = StageTimer(spans=self.spans)
         if self.state.step == 0 and cfg.eval.at_start and cfg.eval.num_problems:
             log.log_eval(0, self.evaluate(base=True))
         last: dict[str, float] = {}
@@ -132,6 +140,8 @@ class Trainer:
             report = self.evaluate()
             log.log_eval(self.state.step, report)
             last.update(report.metrics)
+        if cfg.timeline:
+            self.write_timeline()
         self.save()
         self.summary = log.finish()
         return last
@@ -141,7 +151,7 @@ class Trainer:
         that died restarts the learner group from the last checkpoint instead."""
         from rlkit.recovery import ActorLost, LearnerLost, StageTimeout
 
-        t0 = time.perf_counter()
+        t0, wall = time.perf_counter(), time.time()
         try:
             last = self.step(timer)
         except LearnerLost as e:
@@ -154,6 +164,7 @@ class Trainer:
         self.state.step += 1
         last.update(timer.pop())
         last["time/step"] = time.perf_counter() - t0
+        self.spans.add("step", wall, wall + last["time/step"], step=self.state.step)
         self.runtime.supervisor.record_step(last["time/step"])
         self.state.train_seconds += last["time/step"]
         last["progress/train_minutes"] = self.state.train_seconds / 60
@@ -172,6 +183,13 @@ class Trainer:
                 self._recover_learners(e, log)
                 return {}, False
         return last, evaluated
+
+    def write_timeline(self) -> None:
+        """``run_dir/timeline.jsonl`` and ``plots/timeline.png`` (``timeline: true``; :mod:`rlkit.timeline`)."""
+        from rlkit import timeline
+
+        timeline.write(self.run_dir, self.spans.drain() + self.runtime.drain_spans())
+        timeline.plot(self.run_dir)
 
     def _recover_learners(self, err, log) -> None:
         """Restart the learner group and continue from the last checkpoint (or from the start);

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlkit.kl import entropy_from_logits, full_kl
-from rlkit.kl_fused import fused_stats_loss, fused_token_logprobs, fused_token_loss
+from rlkit.kl_fused import fused_token_logprobs, fused_token_loss
+from rlkit.kl_stats_loss import fused_stats_loss
 
 N, D, V, DR = 11, 5, 9, 4
 F64 = {"rtol": 1e-10, "atol": 1e-12}

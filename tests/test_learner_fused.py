@@ -203,7 +203,7 @@ def _one_rank_update(model_dir: str, zero_stage: int) -> dict:
 @pytest.mark.parametrize("zero_stage", [2, 0])
 def test_one_rank_update_equals_full_batch_adamw_step(tiny_llama_dir, zero_stage):
     """Exact global normalization through micro-batches, the fused loss pass and DeepSpeed's step at
-    one rank (ZeRO-2 runs as stage 1 there, rlkit.workers.learner._zero_section): the gradient norm
+    one rank (ZeRO-2 runs as stage 1 there, rlkit.workers.ds_engine.zero_section): the gradient norm
     and the weights after an update equal a plain full-batch step (clip to the global norm, AdamW)."""
     import json
     import os

@@ -6,8 +6,8 @@ registry. Gradient accumulation keeps the algorithm's global normalization exact
 loss is normalized by counts over the whole optimizer step (all micro-batches, all ranks), and
 since DeepSpeed *averages* gradients over ranks, the loss is multiplied by the world size.
 
-DeepSpeed wraps :class:`Scorer`, whose forward is the whole log-prob pass (backbone and fused LM
-head). Under ZeRO-3 every rank holds a shard of each weight; the head weight is registered as an
+DeepSpeed wraps :class:`rlkit.workers.ds_engine.Scorer` (built there), whose forward is the whole
+log-prob pass (backbone and fused LM head). Under ZeRO-3 every rank holds a shard of each weight; the head weight is registered as an
 external parameter of the Scorer, so it is gathered for the pass and its backward even though the
 fused kernel reads it outside the head module. Whatever needs full weights (sync, checksums, the HF
 checkpoint) gathers them group by group on every rank (:meth:`LearnerRank.full_groups`).
@@ -31,9 +31,16 @@ import torch.distributed as dist
 from rlkit import checkpoint
 from rlkit.algorithms.base import AlgorithmSetup, LossInputs, PairLossInputs
 from rlkit.config import LearnerConfig, ModelConfig, RunConfig
-from rlkit.logprobs import split_lm, token_loss, token_stats
+from rlkit.timeline import Spans
 from rlkit.types import SamplingConfig, TrainBatch
 from rlkit.workers import weights
+from rlkit.workers.ds_engine import (  # noqa: F401
+    Scorer,
+    build_engine,
+    learner_device,
+    load_frozen,
+    stats_on_device,
+)
 
 
 @dataclass
@@ -60,121 +67,10 @@ class LearnerSpec:
                    nan_loss_at=nan_at)
 
 
-def _patch_deepspeed_shm() -> None:
-    """Skip DeepSpeed's shm-comm JIT build on CPU (70-80 s cold); collectives then go via gloo."""
-    import importlib
-    import sys
-
-    importlib.import_module("deepspeed.comm.torch")
-    # `import deepspeed.comm.torch as m` would give the real torch module (name shadowing).
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-
-def _zero_section(stage: int, world: int, offload_optimizer: bool = False, offload_params: bool = False,
-                  pin: bool = False) -> dict[str, Any]:
-    """DeepSpeed's ``zero_optimization`` section for ``learner.zero_stage`` on ``world`` ranks.
-
-    ZeRO-2 partitions gradients over the ranks: after every backward DeepSpeed copies each gradient
-    into a bucket, reduces the bucket and copies this rank's part into a flat partition
-    (``reduce_independent_p_g_buckets_and_remove_grads``, ``copy_grads_in_partition`` in
-    deepspeed/runtime/zero/stage_1_and_2.py). On one rank there is nothing to partition or reduce,
-    and those copies are overhead: about 0.5 s per micro-batch for SmolLM2's 135M fp32 parameters
-    on 2 CPU threads. One rank therefore runs stage 1, the same optimizer (the same flat fp32
-    partition, overflow check, gradient norm and checkpoint files, so checkpoints load either way),
-    where autograd accumulates the micro-batches' gradients in place and the step flattens them
-    once; ``contiguous_gradients`` off skips stage 1's copy of every gradient into a contiguous
-    buffer as well. Stage 0 and 3, and several ranks, are as configured.
-
-    ``offload_optimizer`` (ZeRO ≥ 1) keeps the fp32 partitions and Adam's states in host memory
-    and steps them there (ZeRO-Offload, Ren et al. 2021, arXiv:2101.06840); ``offload_params``
-    (ZeRO-3) keeps the weight shards there between uses. ``pin`` pins those host buffers (CUDA).
-    """
-    section: dict[str, Any] = {"stage": stage}
-    if world == 1 and stage in (1, 2):
-        section = {"stage": 1, "contiguous_gradients": False}
-    if offload_optimizer:
-        section["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
-    if offload_params:
-        section["offload_param"] = {"device": "cpu", "pin_memory": pin}
-    return section
-
-
-def _lr_lambda(lc: LearnerConfig, total_steps: int):
-    def f(step: int) -> float:
-        if lc.warmup_steps and step < lc.warmup_steps:
-            return (step + 1) / lc.warmup_steps
-        if lc.lr_schedule == "constant":
-            return 1.0
-        frac = min(1.0, (step - lc.warmup_steps) / max(1, total_steps - lc.warmup_steps))
-        return 1.0 - frac if lc.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-    return f
-
-
-class Scorer(torch.nn.Module):
-    """The policy as DeepSpeed sees it: forward = per-token log-probs (and entropy, KL) of a batch's
-    response tokens through the fused kernel (:func:`rlkit.logprobs.token_stats`), or, given
-    ``loss_fn``, a loss of them with its gradient from the fused loss pass (:func:`loss_on_device`)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: TrainBatch, loss_fn=None, **kwargs):
-        if loss_fn is not None:
-            return loss_on_device(self.model, batch, loss_fn, **kwargs)
-        return stats_on_device(self.model, batch, **kwargs)
-
-
-def learner_device() -> torch.device:
-    """CUDA when this process sees a GPU (Ray's ``num_gpus`` sets CUDA_VISIBLE_DEVICES), else CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def batch_to(batch: TrainBatch, device: torch.device) -> TrainBatch:
-    """``batch`` with every tensor (extras included) on ``device``; the batch itself if already there."""
-    if batch.input_ids_B_L.device == device:
-        return batch
-    moved = {f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
-             if isinstance(getattr(batch, f.name), torch.Tensor)}
-    return dataclasses.replace(batch, **moved, extras={k: v.to(device) for k, v in batch.extras.items()})
-
-
-def stats_on_device(model: torch.nn.Module, batch: TrainBatch, **kwargs) -> dict[str, torch.Tensor]:
-    """:func:`token_stats` with the forward on ``model``'s device and the results on the batch's.
-
-    Batches, advantages and losses stay on the CPU (they are small: B × T); the forward, the fused
-    log-prob pass and their backward run where the model is. ``.to`` is differentiable, so the
-    gradient of a CPU loss reaches the GPU weights.
-    """
-    dev = next(model.parameters()).device
-    home = batch.input_ids_B_L.device
-    out = token_stats(model, batch_to(batch, dev), **kwargs)
-    return {k: v.to(home) for k, v in out.items()}
-
-
-def loss_on_device(model: torch.nn.Module, batch: TrainBatch, loss_fn, **kwargs):
-    """:func:`rlkit.logprobs.token_loss` with the forward on ``model``'s device, ``loss_fn`` on the
-    batch's: it receives the stats there. Returns (loss, stats detached, aux, ProbeReport)."""
-    dev = next(model.parameters()).device
-    home = batch.input_ids_B_L.device
-    loss, stats, aux, report = token_loss(
-        model, batch_to(batch, dev), lambda st: loss_fn({k: v.to(home) for k, v in st.items()}), **kwargs)
-    return loss.to(home), {k: v.to(home) for k, v in stats.items()}, aux, report
-
-
-def load_frozen(model_dir: str, dtype: str, device: torch.device | None = None):
-    """A frozen model (reference, teacher) in ``dtype`` on ``device`` (default: :func:`learner_device`)."""
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    m.to(device if device is not None else learner_device())
-    m.eval().requires_grad_(False)
-    return m
-
-
 class LearnerRank:
     def __init__(self, rank: int, world: int, master_addr: str, master_port: int, spec: LearnerSpec):
         self.rank, self.world, self.spec = rank, world, spec
+        self.spans = Spans(f"learner {rank}")
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
         from rlkit.workers import claim_cpu
@@ -185,7 +81,7 @@ class LearnerRank:
         np.random.seed(spec.seed + rank)
         torch.manual_seed(spec.seed)
         self.algo, self.algo_cfg, self.needs = spec.algorithm.algo, spec.algorithm.cfg, spec.algorithm.needs
-        self.engine = self._init_engine()
+        self.engine = build_engine(spec, world)
         # Preference algorithms always read reference log-probs (Needs.ref_logp), so they load it too.
         self.device = learner_device()
         dtype = mc.resolved_dtype(self.device.type == "cuda")
@@ -207,69 +103,6 @@ class LearnerRank:
         # of several chunks shows the loss is not a sum of per-token terms (_loss_pass).
         self._per_token_loss = True
 
-    def _init_engine(self):
-        """The DeepSpeed engine of the policy: on CUDA over NCCL when this rank has a GPU (CPU tensors
-        such as the batch counts go over gloo in the same group: backend "cpu:gloo,cuda:nccl"), on
-        CPU over gloo otherwise. bf16 (``model.dtype`` bfloat16, or "auto" on a GPU) keeps fp32
-        master weights in the optimizer, and ``check_grad_overflow`` makes a non-finite gradient
-        skip the update (``engine.was_step_applied()`` is False) exactly as in fp32."""
-        cuda = torch.cuda.is_available()
-        # The accelerator follows the device this rank really has, whatever the parent exported.
-        os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
-        import deepspeed
-
-        if not cuda:
-            _patch_deepspeed_shm()
-        deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
-        from transformers import AutoModelForCausalLM
-
-        s, lc = self.spec, self.spec.learner
-        bf16 = s.model.resolved_dtype(cuda) == "bfloat16"
-        ds_config = {
-            "train_micro_batch_size_per_gpu": lc.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "managed_gradient_accumulation": False,
-            "gradient_clipping": lc.max_grad_norm,
-            "zero_optimization": _zero_section(lc.zero_stage, self.world, lc.offload_optimizer, lc.offload_params,
-                                               pin=cuda),
-            # The client optimizer below (torch's fused AdamW) also steps offloaded partitions on CPU.
-            "zero_force_ds_cpu_optimizer": False,
-            "bf16": {"enabled": bf16, "check_grad_overflow": True},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        zero_init = None
-        if lc.zero_stage == 3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            # While it lives, from_pretrained loads each rank's shard only (deepspeed.zero.Init), so
-            # no rank holds the full policy. Dropped right after: the frozen reference and teacher
-            # are plain replicas.
-            zero_init = HfDeepSpeedConfig(ds_config)
-        model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32)
-        del zero_init
-        if s.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        if s.model.freeze_embeddings:
-            model.get_input_embeddings().weight.requires_grad_(False)
-        if lc.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(
-                r=lc.lora.r, lora_alpha=lc.lora.alpha, lora_dropout=lc.lora.dropout,
-                target_modules=list(lc.lora.target_modules), task_type="CAUSAL_LM"))
-        scorer = Scorer(model)
-        if lc.zero_stage == 3:
-            deepspeed.zero.register_external_parameter(scorer, split_lm(model)[1])
-        params = [p for p in scorer.parameters() if p.requires_grad]
-        # The fused kernel (one pass over all tensors) also runs on CPU: 0.58 → 0.07 s per step for
-        # SmolLM2's 135M fp32 parameters here.
-        opt = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
-                                fused=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(lc, s.total_steps))
-        engine, *_ = deepspeed.initialize(model=scorer, optimizer=opt, lr_scheduler=sched, config=ds_config)
-        return engine
-
     @property
     def policy(self) -> torch.nn.Module:
         """The HF (or PEFT) model being trained; under ZeRO-3 its parameters are shards."""
@@ -289,7 +122,7 @@ class LearnerRank:
         critic values), kept with the shard for the loss. Returns ``tensors``: those the algorithm's
         advantage and return functions read (``Algorithm.advantage_reads``), and ``kl``: the sum
         of k1(π_sampler‖π_ref) over the shard's tokens and their count, when π_ref was scored."""
-        b, out = self.batch, {}
+        b, out, wall = self.batch, {}, time.time()
         T, chunk = self.spec.sampling.temperature, self.spec.learner.chunk_size
         kw = dict(temperature=T, chunk_size=chunk)
         if self.needs.old_logp and self.spec.learner.updates_per_step > 1:
@@ -321,6 +154,7 @@ class LearnerRank:
             mask = b.response_mask_B_T
             kl = {"sum": float(kl_estimate(b.sampler_logp_B_T, out["ref_logp"], "k1", mask=mask).sum()),
                   "tokens": float(mask.sum())}
+        self.spans.add("side passes", wall, time.time())
         return {"tensors": {k: v for k, v in out.items() if reads is None or k in reads}, "kl": kl}
 
     def _in_micro_batches(self, fn) -> torch.Tensor:
@@ -335,7 +169,7 @@ class LearnerRank:
         returns); returns metrics averaged over micro-batches."""
         extras = dict(self.batch.extras, **({"returns": returns_B_T} if returns_B_T is not None else {}))
         b = dataclasses.replace(self.batch, advantages_B_T=advantages_B_T, extras=extras)
-        t0 = time.perf_counter()
+        t0, wall = time.perf_counter(), time.time()
         order = torch.arange(b.size)
         minis = torch.tensor_split(order, self.spec.learner.updates_per_step)
         sums: dict[str, float] = {}
@@ -353,6 +187,7 @@ class LearnerRank:
             metrics["learn/grad_norm"] = float(np.mean(self._grad_norms))
         metrics["learn/lr"] = float(self.engine.get_lr()[0])
         metrics["learn/seconds"] = time.perf_counter() - t0
+        self.spans.add("learn", wall, time.time())
         return metrics
 
     def _global_counts(self, mini: TrainBatch) -> tuple[float, float, int]:
@@ -503,6 +338,10 @@ class LearnerRank:
 
     def weight_bytes(self) -> int:
         return weights.weight_bytes(self.policy)
+
+    def drain_spans(self) -> list[dict[str, Any]]:
+        """What this rank did since the last call, as wall-clock spans (:mod:`rlkit.timeline`)."""
+        return self.spans.drain()
 
     def close_shm(self) -> None:
         if self._shm.get("writer") is not None:

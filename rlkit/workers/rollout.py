@@ -29,6 +29,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from typing import Any, Iterator
 
+from rlkit.timeline import Spans
 from rlkit.types import Rollout
 from rlkit.workers.engine import SamplingConfig
 
@@ -68,7 +69,7 @@ def make_engine(engine: str, model_dir: str, *, dtype: str, threads: int, seed: 
 
 
 SYNC_METHODS = ("ready", "load_buckets", "load_shm", "load_ipc", "collective_join", "collective_recv",
-                "sync_place", "node_id", "checksum", "hold_generation")
+                "sync_place", "node_id", "checksum", "hold_generation", "drain_spans")
 """Methods that run in the ``sync`` concurrency group of a partial-rollout worker (beside a generation)."""
 
 
@@ -87,13 +88,14 @@ class RolloutWorker:
         self._base = None  # frozen base weights, read on the first LoRA sync
         self._shm = None  # shared-memory segments mapped for same-node syncs
         self.version = 0
+        self.spans = Spans(f"rollout {worker_index}")
 
     @contextmanager
     def _swapping(self, version: int) -> Iterator[None]:
         """Load weights inside this block: no forward of the engine runs meanwhile (partial
         rollouts), and the worker holds ``version`` once it ends."""
         swapping = getattr(self.engine, "swapping", None)
-        with swapping(version) if swapping is not None else nullcontext():
+        with swapping(version) if swapping is not None else nullcontext(), self.spans("sync", version=version):
             yield
             self.version = version
 
@@ -103,7 +105,8 @@ class RolloutWorker:
     def generate(self, prompts: list[tuple[int, int, list[int]]], n: int, sampling: dict, seed: int) -> list[Rollout]:
         """``prompts``: (group_id, dataset row index, prompt token ids). Returns n rollouts each."""
         cfg = SamplingConfig(**sampling)
-        gens = self.engine.generate([p for _, _, p in prompts], n, cfg, seed)
+        with self.spans("generate", version=self.version, samples=len(prompts) * n):
+            gens = self.engine.generate([p for _, _, p in prompts], n, cfg, seed)
         out = []
         for i, g in enumerate(gens):
             group_id, row, _ = prompts[i // n]
@@ -123,7 +126,12 @@ class RolloutWorker:
         self.engine.hold_after(steps, skip)
 
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
-        return [asdict(g) for g in self.engine.greedy(prompt_ids, max_new_tokens)]
+        with self.spans("eval", version=self.version):
+            return [asdict(g) for g in self.engine.greedy(prompt_ids, max_new_tokens)]
+
+    def drain_spans(self) -> list[dict[str, Any]]:
+        """What this worker did since the last call, as wall-clock spans (:mod:`rlkit.timeline`)."""
+        return self.spans.drain()
 
     def load_buckets(self, version: int, buckets: list) -> dict[str, float]:
         """Load weight buckets (each a list of (name, tensor), or an ObjectRef to one)."""
