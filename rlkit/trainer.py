@@ -140,9 +140,9 @@ class Trainer:
             report = self.evaluate()
             log.log_eval(self.state.step, report)
             last.update(report.metrics)
-        if cfg.timeline:
-            self.write_timeline()
         self.save()
+        if cfg.timeline:  # after the checkpoint: nothing here can cost the run its last state
+            self.write_timeline()
         self.summary = log.finish()
         return last
 
