@@ -21,7 +21,8 @@ sum of step times; evaluations and checkpoints excluded), so each algorithm gets
   one response each sampled from the trained policy at temperature 1, mean over response tokens of
   log π_θ − log π_start (the k1 estimator of KL(π_θ ‖ π_start) per token, with its standard error).
 * ExOPD needs a teacher: the final checkpoint of this script's GRPO seed-0 run (not shipped).
-* f-DPO and TDPO train on on-policy pairs: each step's sampled groups ranked into (best, worst) pairs.
+* f-DPO and TDPO train on on-policy pairs: each step's sampled groups ranked into (best, worst) pairs
+  (TDPO's shipped config reads a preference file; here its data section is the demo's).
 
 Writes ``bench/out/algo_compare.json`` and, from it, ``docs/algorithm-results.md`` with
 ``docs/img/algo_accuracy_vs_time.png``. Run directories go to ``bench/out/compare/<row>``.
@@ -66,7 +67,7 @@ ROWS: list[tuple[str, str, int]] = [
 ]
 
 WORKLOAD = [
-    "model.path=smollm2", "data.kind=arithmetic",
+    "model.path=smollm2", "data={kind: arithmetic}",  # the whole section: TDPO's config reads a pair file
     "rollout.engine=hf", "rollout.temperature=0.7", "rollout.max_new_tokens=48", "rollout.threads=2",
     "rollout.num_workers=1",
     "learner.num_ranks=1", "learner.zero_stage=2", "learner.threads=2", "learner.micro_batch_size=16",

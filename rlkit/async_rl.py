@@ -254,8 +254,7 @@ class AsyncCollector:
         t, rt = self.t, self.t.runtime
         if self.next_batch is None:
             self.next_batch = t.state.step
-        want, policy = t.cfg.train.prompts_per_step, t.filter_policy
-        max_rounds = policy.max_rounds if t.algo.group_filter is not None else 1
+        want, max_rounds = t.cfg.train.prompts_per_step, t.max_rounds()
         kept, dropped = split_fresh(list(t.state.carry), rt.version, self.n)
         started = self.buffer.top_up(rt.version, self._start)
         metrics: dict[str, float] = {}
@@ -270,8 +269,7 @@ class AsyncCollector:
             kept.extend(new)
             dropped += d
             rounds += 1
-        if t.algo.group_filter is not None:
-            metrics.update(groups.check_short(len(kept), want, rounds, policy.on_short, t.state.step))
+        metrics.update(t._check_short(len(kept), rounds))
         t.state.carry = kept[want:]
         out = kept[:want]
         self._publish()

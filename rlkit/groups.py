@@ -106,6 +106,11 @@ def check_short(kept: int, want: int, rounds: int, on_short: str, step: int) -> 
     return {"filter/short_groups": float(short), "filter/rounds": float(rounds)}
 
 
+def untied(groups: list[ScoredGroup]) -> list[ScoredGroup]:
+    """The groups whose rewards are not all equal: those that can give an on-policy preference pair."""
+    return [g for g in groups if max(g.rewards) > min(g.rewards)]
+
+
 def rank_pairs(groups: list[ScoredGroup]) -> list[ScoredGroup]:
     """On-policy preference pairs: in each group its best- and worst-scored completions, chosen
     first (ties skipped: a group whose rewards are all equal gives no pair)."""

@@ -27,6 +27,9 @@ from rlkit.recovery import (
 from rlkit.timeline import Spans
 from rlkit.types import collate
 
+PAIR_ROUNDS = 4
+"""Generation batches a step of an on-policy preference algorithm may draw to find its pairs."""
+
 
 @dataclass
 class TrainerState:
@@ -281,8 +284,29 @@ class Trainer:
         scored, metrics = self._collect_groups(timer)
         if self.needs.pairs:
             scored = groups.rank_pairs(scored)
+            if not scored:
+                raise RuntimeError(
+                    f"step {self.state.step}: no preference pair in {int(metrics.get('filter/rounds', 1))} generation "
+                    f"batches of {self.cfg.train.prompts_per_step} prompts: in every group all completions scored "
+                    "the same (all right or all wrong); the data may be too easy or too hard for the policy, or "
+                    "raise train.samples_per_prompt")
             metrics["pairs/count"] = float(len(scored))
         return scored, metrics
+
+    def max_rounds(self) -> int:
+        """Generation batches a step may draw: the group filter's limit (DAPO), ``PAIR_ROUNDS`` for
+        on-policy preference pairs (a group whose completions all scored the same gives no pair), else 1."""
+        if self.algo.group_filter is not None:
+            return self.filter_policy.max_rounds
+        return PAIR_ROUNDS if self.needs.pairs else 1
+
+    def _check_short(self, kept: int, rounds: int) -> dict[str, float]:
+        want = self.cfg.train.prompts_per_step
+        if self.algo.group_filter is not None:
+            return groups.check_short(kept, want, rounds, self.filter_policy.on_short, self.state.step)
+        if self.needs.pairs:  # fewer pairs than prompts train as they are; none raises in _groups
+            return {"filter/short_groups": float(max(0, want - kept)), "filter/rounds": float(rounds)}
+        return {}
 
     def _collect_groups(self, timer) -> tuple[list[ScoredGroup], dict[str, float]]:
         """Sample and score generation batches; with a group filter (DAPO), draw further batches as
@@ -294,8 +318,7 @@ class Trainer:
             self._async = AsyncCollector(self)
         if self._async is not None:
             return self._async.collect(timer)  # generation runs ahead (docs/async.md)
-        want, policy = self.cfg.train.prompts_per_step, self.filter_policy
-        max_rounds = policy.max_rounds if self.algo.group_filter is not None else 1
+        want, max_rounds = self.cfg.train.prompts_per_step, self.max_rounds()
         kept, metrics, rounds = list(self.state.carry), {}, 0
         while groups.more_rounds(len(kept), want, rounds, max_rounds):
             if self._pending is not None and rounds == 0:
@@ -317,8 +340,7 @@ class Trainer:
             metrics = metrics or m
             kept.extend(new)
             rounds += 1
-        if self.algo.group_filter is not None:
-            metrics.update(groups.check_short(len(kept), want, rounds, policy.on_short, self.state.step))
+        metrics.update(self._check_short(len(kept), rounds))
         self.state.carry = kept[want:]
         return groups.renumber(kept[:want]), metrics
 
@@ -339,6 +361,8 @@ class Trainer:
         built = groups.build_groups(rollouts, res.scores, outcome, res.status, res.keep,
                                     self.cfg.train.samples_per_prompt)
         kept = groups.apply_filter(built, self.algo.group_filter, self.algo_cfg)
+        if self.needs.pairs:
+            kept = groups.untied(kept)
         return kept, groups.reward_metrics(res.scores, outcome, res.metrics, self.outcome is not None)
 
     def _advantages(self, batch) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], dict[str, float]]:

@@ -339,6 +339,29 @@ def test_group_filter_policy_is_honoured_exactly(ray_session, tmp_path, tiny_mod
         _kill(trainer.runtime)
 
 
+def test_on_policy_pairs_draw_more_batches_when_every_group_ties(ray_session, tmp_path, tiny_model):
+    """f-DPO on sampled groups: a group whose completions all scored the same gives no pair, so a
+    step draws further batches (up to trainer.PAIR_ROUNDS) and, with every group tied, stops with
+    a message that says so, having trained nothing."""
+    from rlkit.metrics import StageTimer
+    from rlkit.runtime import Runtime
+    from rlkit.trainer import PAIR_ROUNDS, Trainer, model_dir
+
+    const = str(Path(__file__).parent / "data" / "const_rewards.py") + ":zero"
+    cfg = tiny_config(tmp_path, tiny_model, "fdpo", **{"learner.num_ranks": 1,
+                                                       "rewards.rewards": f"[{{name: '{const}'}}]"})
+    trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
+    rt = trainer.runtime
+    try:
+        with pytest.raises(RuntimeError, match=rf"no preference pair in {PAIR_ROUNDS} generation batches of 4 "
+                                               r"prompts: in every group all completions scored the same"):
+            trainer.step(StageTimer())
+        assert trainer.sampler.state_dict()["position"] == PAIR_ROUNDS * 4
+        assert rt.version == 0
+    finally:
+        _kill(rt)
+
+
 def _kill(rt) -> None:
     """End a runtime's actors but keep the module's Ray session."""
     for a in rt.learners + rt.rollout + [rt.reward]:
