@@ -206,6 +206,10 @@ def mean(xs: list[float | None], last: int | None = None) -> float | None:
     return round(sum(vals) / len(vals), 4) if vals else None
 
 
+def fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
 def render(result: dict[str, Any]) -> None:
     rows = {r["name"]: r for r in result["rows"]}
     start = result["start_accuracy"]
@@ -241,11 +245,12 @@ def render(result: dict[str, Any]) -> None:
         r["gain"] = pg
         learns = "yes" if pg["gain"] > gap and pg["lo"] > 0 else "no"
         gain = f"{pg['gain']:+.1%} [{pg['lo']:+.1%}, {pg['hi']:+.1%}]"
-        rew = f"{mean(r['reward'][:3]):.3f} → {mean(r['reward'], 3):.3f}"
+        rew = f"{fmt(mean(r['reward'][:3]), '.3f')} → {fmt(mean(r['reward'], 3), '.3f')}"
         lines.append(
             f"| {r['name']} (`{r['config']}`{', seed ' + str(r['seed']) if r['seed'] else ''}) | {r['steps']} | "
             f"{r['s_per_step']:.1f} | {accs} | {gain} | {learns} | {rew} | "
-            f"{r['kl_start']:.4f} ± {r['kl_start_se']:.4f} | {mean(r['entropy'], 3)} | {mean(r['length'], 3)} |")
+            f"{r['kl_start']:.4f} ± {r['kl_start_se']:.4f} | {fmt(mean(r['entropy'], 3), '.3f')} | "
+            f"{fmt(mean(r['length'], 3), '.1f')} |")
     lines += ["", f"![accuracy vs training time]({PNG.relative_to(DOC.parent)})", ""]
     lines += result.get("notes", [])
     DOC.write_text("\n".join(lines).rstrip() + "\n")
@@ -265,7 +270,8 @@ def plot(result: dict[str, Any], start: float) -> None:
             continue
         xs = [0.0] + [m for m, _, _ in r["acc_curve"]]
         ys = [start] + [a for _, a, _ in r["acc_curve"]]
-        ax.plot(xs, ys, marker="o", label=r["name"], linestyle="-" if i < 10 else "--")
+        ax.plot(xs, ys, marker="o", label=r["name"], color=matplotlib.colormaps["tab20"](i % 20),
+                linestyle="--" if r["name"].startswith("grpo") else "-")
     ax.set_xlabel("training time (minutes; evaluations excluded)")
     ax.set_ylabel(f"greedy accuracy, {result['problems']} held-out problems")
     ax.set_title("SmolLM2-135M, demo workload, same seed and budget")

@@ -1,7 +1,8 @@
 """When each actor generates, learns and syncs: wall-clock spans of a run (``timeline: true``).
 
 Every rollout worker and learner rank keeps a :class:`Spans` list of what it did (``generate``,
-``sync`` while loading weights, ``eval`` for greedy decoding; ``side passes`` and ``learn``), and
+``sync`` while loading weights, ``eval`` for greedy decoding; ``side passes``, ``learn`` and
+``sync`` while gathering and sending its weights), and
 the driver adds its own stages (the :class:`rlkit.metrics.StageTimer` stages and ``step``). At the
 end of :meth:`rlkit.trainer.Trainer.fit` the driver collects them into ``run_dir/timeline.jsonl``,
 one span per line: ``{"who": "rollout 0", "what": "generate", "t0": unix s, "t1": unix s,

@@ -322,10 +322,12 @@ class LearnerRank:
     # Under ZeRO-3 the methods below gather weights: the driver calls them on every rank together
     # (rlkit.sync.on_learners) and uses rank 0's answer. The work is in rlkit.workers.weights.
     def full_state(self, bucket_bytes: int) -> dict[str, Any]:
-        return weights.object_state(self.policy, self.rank, self._zero, bucket_bytes)
+        with self.spans("sync"):
+            return weights.object_state(self.policy, self.rank, self._zero, bucket_bytes)
 
     def shm_state(self, tag: str) -> dict[str, Any]:
-        return weights.shm_state(self.policy, self.rank, self._zero, self._shm, tag)
+        with self.spans("sync"):
+            return weights.shm_state(self.policy, self.rank, self._zero, self._shm, tag)
 
     def checksum(self, names: list[str]) -> dict[str, float]:
         return weights.checksum(self.policy, self._zero, names)
@@ -360,10 +362,12 @@ class LearnerRank:
         weights.join_opened(self._sync_groups, tag)
 
     def collective_send(self, tag: str, bucket_bytes: int) -> dict[str, Any]:
-        return weights.send_on_group(self.policy, self.rank, self._zero, self._sync_groups, tag, bucket_bytes)
+        with self.spans("sync"):
+            return weights.send_on_group(self.policy, self.rank, self._zero, self._sync_groups, tag, bucket_bytes)
 
     def ipc_state(self, bucket_bytes: int) -> dict[str, Any]:
-        return weights.ipc_state(self.policy, self._zero, bucket_bytes)
+        with self.spans("sync"):
+            return weights.ipc_state(self.policy, self._zero, bucket_bytes)
 
     @property
     def _sync_groups(self) -> dict:
