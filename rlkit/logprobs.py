@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlkit import kl_fused, kl_stats_loss
+from rlkit import attention, kl_fused, kl_stats_loss
 from rlkit.types import TrainBatch
 
 
@@ -154,7 +154,7 @@ def _packed_plan(batch: TrainBatch, config):
     mask [U, 1, S, S] (True = attend) and, in ``sel_B_L`` order, the flat index into [U·S] of the
     hidden state that scores each response token. None when packing does not pay or cannot apply."""
     B, L = batch.input_ids_B_L.shape
-    if B < 2 or getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+    if B < 2 or getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", attention.NAME):
         return None
     if getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", False):
         return None  # a custom mask would override the window

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlkit import attention
 from rlkit.logprobs import support_logprobs
 from rlkit.workers.engine import SamplingConfig
-from rlkit.workers.hf_engine import HFEngine
+from rlkit.workers.hf_engine import HFEngine, append_cache, fill_holes
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,52 @@ def test_packed_linears_equal_plain_and_follow_weight_changes(engine):
         torch.testing.assert_close(packed2, plain2, rtol=1e-4, atol=1e-4)
     finally:
         engine.load_weights([(name, old)])
+
+
+def test_grouped_query_kernel_equals_repeated_heads(engine):
+    """On the CPU a grouped-query model decodes with ``rlkit_sdpa`` (SDPA's own GQA): a left-padded
+    batch under its mask gives transformers' ``sdpa`` logits (which repeat the KV heads)."""
+    assert engine.model.config.num_key_value_heads < engine.model.config.num_attention_heads
+    assert engine.model.config._attn_implementation == attention.NAME
+    ids, attn = engine._left_pad(_prompts((5, 9, 3)))
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+
+    def logits():
+        with torch.no_grad():
+            return engine.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+
+    ours = logits()
+    engine.model.set_attn_implementation("sdpa")
+    try:
+        ref = logits()
+    finally:
+        engine.model.set_attn_implementation(attention.NAME)
+    real = attn.bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+def test_finished_rows_leave_the_cache_without_moving_the_others(engine):
+    """``fill_holes`` keeps rows in place and fills each hole from the tail; the cache then holds
+    exactly the kept rows' keys and values and goes on appending."""
+    done = torch.tensor([False, True, False, True, False, False, True])
+    order = fill_holes(done)
+    assert order.tolist() == [0, 4, 2, 5]
+    cache = append_cache(engine.model.config, room=3)
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(7, 1, 5, 64, generator=g), torch.randn(7, 1, 5, 64, generator=g)
+    layer.update(k, v)
+    buffer = layer._k
+    layer.batch_select_indices(order)
+    assert layer._k.data_ptr() == buffer.data_ptr()  # the same buffer: nothing reallocated
+    torch.testing.assert_close(layer.keys, k[order])
+    torch.testing.assert_close(layer.values, v[order])
+    k2, v2 = torch.randn(4, 1, 1, 64, generator=g), torch.randn(4, 1, 1, 64, generator=g)
+    keys, values = layer.update(k2, v2)
+    torch.testing.assert_close(keys, torch.cat([k[order], k2], dim=2))
+    torch.testing.assert_close(values, torch.cat([v[order], v2], dim=2))
+    layer.batch_select_indices(torch.tensor([3, 3, 0, 1, 2]))  # any selection, growing included
+    torch.testing.assert_close(layer.keys, torch.cat([k[order], k2], dim=2)[[3, 3, 0, 1, 2]])
 
 
 def _prompts(lengths=(5, 9, 3)) -> list[list[int]]:

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from rlkit import attention
 from rlkit.logprobs import support_logprobs
 from rlkit.workers.engine import Generation, SamplingConfig
 
@@ -149,10 +150,32 @@ class _AppendLayer:
             self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        if self.get_seq_length() > 0:
+        """Row ``i`` becomes old row ``indices[i]``. Rows that stay where they are are not copied and
+        the moved ones copy only their filled positions, inside the same buffers: a shrinking decode
+        batch whose holes are filled from its tail (:func:`fill_holes`) moves one row per finished one."""
+        if self.get_seq_length() == 0:
+            return
+        n, keep = self.keys.shape[-2], indices.numel()
+        if keep > self._k.shape[0]:
             self._k, self._v = self._k[indices], self._v[indices]
-            n = self.keys.shape[-2]
-            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+        else:
+            moved = (indices != torch.arange(keep, device=indices.device)).nonzero().squeeze(-1)
+            if moved.numel():
+                src = indices[moved]  # gathered into a temporary first, so sources may also be targets
+                self._k[moved, :, :n] = self._k[src, :, :n]
+                self._v[moved, :, :n] = self._v[src, :, :n]
+            self._k, self._v = self._k[:keep], self._v[:keep]
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+
+def fill_holes(done: Tensor) -> Tensor:
+    """The rows a batch keeps when ``done`` rows leave it, as indices for ``batch_select_indices``:
+    kept rows at the front stay where they are and each hole there takes a kept row from the tail."""
+    kept = (~done).nonzero().squeeze(-1)
+    order = torch.arange(kept.numel(), device=done.device)
+    holes = done[: kept.numel()].nonzero().squeeze(-1)
+    order[holes] = kept[kept >= kept.numel()]
+    return order
 
 
 def append_cache(config, room: int):
@@ -235,6 +258,7 @@ class HFEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
+        attention.use_gqa_kernel(self.model)  # CPU: SDPA's grouped-query heads, not repeated KV copies
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.batch_size = batch_size
@@ -360,12 +384,12 @@ class HFEngine:
                 logps[r].append(l)
                 versions[r].append(version)
                 stopped[r] = d
-            keep = (~done).nonzero().squeeze(-1)
-            if keep.numel() == 0:
+            if bool(done.all()):
                 break
             attn = torch.cat([attn, torch.ones(attn.shape[0], 1, dtype=attn.dtype, device=attn.device)], dim=1)
             step_ids, step_pos = nxt[:, None], step_pos + 1
-            if keep.numel() < alive.numel():  # finished rows leave the batch
+            if bool(done.any()):  # finished rows leave the batch; rows from the tail fill their places
+                keep = fill_holes(done)
                 cache.batch_select_indices(keep)
                 alive = alive[keep.cpu()]
                 attn, step_ids, step_pos = attn[keep], step_ids[keep], step_pos[keep]
