@@ -5,7 +5,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: compare bench-async bench-async-curves faults venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-collect bench-report bench-quick gpu-check clean
+.PHONY: compare bench-async bench-async-curves faults venv venv-vllm demo test test-fast bench bench-kl bench-rewards bench-e2e bench-sync bench-scaling bench-levers bench-collect bench-report bench-quick gpu-check clean
 
 venv:
 	@VENV=$(VENV) EXTRAS=dev bash launch/setup_venv.sh
@@ -25,7 +25,7 @@ test-fast: venv
 
 # Benchmarks print ratios against baselines measured in the same run; docs/benchmarks.md is
 # regenerated from bench/out/*.json by bench-report. `make bench-quick` checks the harness at tiny size.
-bench: bench-collect bench-e2e bench-sync bench-scaling bench-report
+bench: bench-collect bench-e2e bench-sync bench-scaling bench-levers bench-report
 
 bench-kl: venv
 	$(PY) bench/kl_bench.py
@@ -35,6 +35,10 @@ bench-rewards: venv
 
 bench-e2e: venv
 	$(PY) bench/e2e_bench.py $(ARGS)
+
+# Before/after of each speed lever, A/B in one process (docs/benchmarks.md section 7).
+bench-levers: venv
+	$(PY) bench/levers.py $(ARGS)
 
 bench-sync: venv
 	$(PY) bench/sync_bench.py $(ARGS)

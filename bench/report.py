@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import fmt, summary  # noqa: E402
 
-NAMES = ("e2e", "kl", "sync", "engine", "scaling", "rewards")
+NAMES = ("e2e", "kl", "sync", "engine", "scaling", "rewards", "levers")
 NOT_MEASURED = "_not measured_ (no `bench/out/{name}.json`; run `{cmd}`)"
 COMMANDS = {"e2e": "make bench-e2e", "sync": "make bench-sync", "scaling": "make bench-scaling",
-            "kl": "make bench-collect", "rewards": "make bench-collect", "engine": "make bench-collect"}
+            "kl": "make bench-collect", "rewards": "make bench-collect", "engine": "make bench-collect",
+            "levers": "make bench-levers"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +393,33 @@ def section_rewards(doc: Optional[dict]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+LEVERS = {
+    "engine_gqa": ("HF engine: grouped-query attention", "`generate` of 8 prompts × 8 samples",
+                   "transformers `sdpa` (KV heads repeated under the mask)", "`rlkit_sdpa` (SDPA's own GQA)"),
+    "cache_compaction": ("HF engine: finished rows leave the KV cache", "compaction work of one generation",
+                         "gather of every kept row's whole buffer", "rows kept in place, holes filled from the tail"),
+    "learner_tree": ("Learner: packed groups' attention", "one optimizer step over 64 rows (4 micro-batches)",
+                     "one row per group under a dense mask", "groups end to end, tree attention"),
+}
+
+
+def section_levers(doc: Optional[dict]) -> list[str]:
+    out = ["## 7. Levers", ""]
+    if not doc:
+        return out + [NOT_MEASURED.format(name="levers", cmd=COMMANDS["levers"]), ""]
+    w = doc.get("workload", {})
+    out += [f"bench/levers.py: each change measured before/after in one process, alternating, on the e2e "
+            f"shape ({w.get('model')}, {w.get('prompts')} prompts × {w.get('samples')} samples × "
+            f"{w.get('new_tokens')} tokens, {w.get('generated_tokens')} tokens generated; "
+            f"{doc['args'].get('threads')} threads).", "", _provenance(doc), ""]
+    rows = []
+    for key, r in doc["levers"].items():
+        name, what, before, after = LEVERS.get(key, (key, "", "before", "after"))
+        rows.append([name, what, before, fmt(r["before_s"], ".3f"), after, fmt(r["after_s"], ".3f"),
+                     fmt(r["after_over_before"], ".3f")])
+    return out + _table(["lever", "timed", "before", "s", "after", "s", "after / before"], rows) + [""]
+
+
 def _errbar(points: list[dict], key: str) -> tuple[list[float], list[list[float]]]:
     med = [p[key]["median"] for p in points]
     return med, [[m - p[key]["min"] for m, p in zip(med, points)], [p[key]["max"] - m for m, p in zip(med, points)]]
@@ -484,6 +512,7 @@ def render(docs: dict[str, Optional[dict]]) -> str:
     lines += section_machine(docs) + section_targets(docs)
     lines += section_e2e(docs["e2e"]) + section_kl(docs["kl"]) + section_sync(docs["sync"])
     lines += section_engine(docs["engine"]) + section_scaling(docs["scaling"]) + section_rewards(docs["rewards"])
+    lines += section_levers(docs["levers"])
     return "\n".join(lines).rstrip() + "\n"
 
 

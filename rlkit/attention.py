@@ -1,15 +1,23 @@
-"""Attention for grouped-query models on the CPU: SDPA's own GQA instead of repeated KV heads.
+"""Attention for the CPU paths: SDPA's own grouped-query heads, and tree attention over packed groups.
 
-transformers' ``sdpa`` attention hands SDPA grouped-query heads (``enable_gqa``) only when there is
-no attention mask; with one (left-padded decode batches, the learner's packed masks) it first
-repeats every key/value head ``num_attention_heads / num_key_value_heads`` times, which copies the
-whole KV cache twice per layer at every decode step. On the CPU, torch's SDPA takes a mask and
-``enable_gqa`` together, so :data:`NAME` ("rlkit_sdpa") is transformers' ``sdpa`` with the
-repetition left to the kernel: the same scores and weighted sums, summed in the same order.
+**Grouped-query heads.** transformers' ``sdpa`` attention hands SDPA grouped-query heads
+(``enable_gqa``) only when there is no attention mask; with one (left-padded decode batches, the
+learner's packed masks) it first repeats every key/value head ``num_attention_heads /
+num_key_value_heads`` times, which copies the whole KV cache twice per layer at every decode step.
+On the CPU, torch's SDPA takes a mask and ``enable_gqa`` together, so :data:`NAME` ("rlkit_sdpa")
+is transformers' ``sdpa`` with the repetition left to the kernel: the same scores and weighted sums.
+At SmolLM2-135M's decode shape (64 rows, 9 query and 3 KV heads of 64, 60–100 cached positions,
+boolean mask, 2 threads) a layer's attention takes 6.4–7.9 ms with the repetition and 0.9–1.3 ms
+without (docs/benchmarks.md, "Levers").
 
-Measured on this repository's CPU machines at SmolLM2-135M's decode shape (64 rows, 9 query and 3
-KV heads of 64, 60–100 cached positions, boolean mask, 2 threads): 6.4–7.9 ms per layer with the
-repetition, 0.9–1.3 ms without (``docs/benchmarks.md``).
+**Tree attention.** A GRPO group is one prompt and G responses. Packed as one sequence (the prompt
+once, then each response), a response must see the prompt and its own earlier tokens only. A dense
+mask over the pack spends most of its score pairs on masked ones (a response against the other
+responses). :class:`TreeLayout` lays the packed groups of a micro-batch end to end with no padding
+and cuts the attention into blocks: each response's queries against the prompt's keys and its own,
+each prompt chunk's queries against the prompt up to it. The blocks are gathered, attended in one
+SDPA call and scattered back; passed as the ``rlkit_tree`` keyword of the backbone's forward, which
+transformers hands every attention call.
 
 On CUDA transformers' own ``sdpa`` stays: a masked GQA call there can fall back to the math kernel
 (see ``use_gqa_in_sdpa`` in transformers), where the repeated heads keep the fused kernels.
@@ -17,17 +25,26 @@ On CUDA transformers' own ``sdpa`` stays: a masked GQA call there can fall back 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 NAME = "rlkit_sdpa"
+TREE_KWARG = "rlkit_tree"
 
 
 def gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
              is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query [B, H, Lq, D], key/value [B, Hkv, Lk, D],
-    a boolean or additive mask broadcastable to [B, 1, Lq, Lk] (or None); returns [B, Lq, H, D]."""
+    a boolean or additive mask broadcastable to [B, 1, Lq, Lk] (or None); returns [B, Lq, H, D].
+    With a :class:`TreeLayout` in ``kwargs["rlkit_tree"]`` the mask is ignored and the layout's
+    blocks are attended instead."""
+    tree = kwargs.get(TREE_KWARG)
+    if tree is not None:
+        return tree.attend(query, key, value, scaling=scaling, dropout=dropout), None
     if kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
         raise ValueError(f"attention {NAME!r} takes no position bias or paged cache; use 'sdpa'")
     groups = query.shape[1] // key.shape[1]
@@ -50,15 +67,87 @@ def register() -> str:
     return NAME
 
 
-def use_gqa_kernel(model: torch.nn.Module) -> bool:
-    """Switch ``model`` from ``sdpa`` to :data:`NAME` when it runs on the CPU and groups its KV heads.
-    Returns whether it switched (a model on another attention implementation is left alone)."""
+def install(model: torch.nn.Module, device: torch.device | str | None = None) -> bool:
+    """Switch ``model`` from ``sdpa`` to :data:`NAME` when it runs on the CPU (``device``, default:
+    where its parameters are). Returns whether it switched; a model on another attention
+    implementation, or on CUDA, is left alone."""
     config = model.config
-    kv = getattr(config, "num_key_value_heads", None)
-    grouped = kv is not None and kv < getattr(config, "num_attention_heads", kv)
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if not (grouped and on_cpu and getattr(config, "_attn_implementation", None) == "sdpa"):
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type != "cpu" or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     register()
     model.set_attn_implementation(NAME)
     return True
+
+
+@dataclass
+class TreeLayout:
+    """Packed groups end to end in one row of ``tokens`` positions, and the attention blocks over them.
+
+    ``blocks``: (query positions, key positions) per block, flat positions in ascending order, every
+    query's own position among its block's keys. A query attends the keys of its block at or before
+    its own position (causal): a prompt chunk its prompt so far, a response the whole prompt and
+    its own earlier tokens. Each position is the query of exactly one block.
+    """
+
+    tokens: int
+    q_index: Tensor
+    """[blocks × Lq] flat position of each query slot (``tokens`` = padding, a zero row)."""
+    k_index: Tensor
+    """[blocks × Lk] flat position of each key slot."""
+    mask: Tensor
+    """[blocks, 1, Lq, Lk] True where a query slot attends a key slot."""
+    out_index: Tensor
+    """[tokens] the query slot (in blocks × Lq) that holds each position's output."""
+    lq: int
+    lk: int
+    calls: int = field(default=0, compare=False)
+    """Attention calls that used the layout (one per layer and forward)."""
+
+    @classmethod
+    def build(cls, tokens: int, blocks: list[tuple[Tensor, Tensor]]) -> "TreeLayout":
+        nb = len(blocks)
+        lq, lk = max(len(q) for q, _ in blocks), max(len(k) for _, k in blocks)
+        q_index = torch.full((nb, lq), tokens, dtype=torch.long)
+        k_index = torch.full((nb, lk), tokens, dtype=torch.long)
+        for i, (q, k) in enumerate(blocks):
+            q_index[i, : len(q)], k_index[i, : len(k)] = q, k
+        q_real, k_real = q_index < tokens, k_index < tokens
+        mask = (k_index[:, None, :] <= q_index[:, :, None]) & k_real[:, None, :] & q_real[:, :, None]
+        mask[:, :, 0] |= ~q_real  # a padding query attends one key: no all-masked softmax row
+        out_index = torch.empty(tokens, dtype=torch.long)
+        flat = q_index.flatten()
+        real = flat < tokens
+        out_index[flat[real]] = torch.arange(flat.numel())[real]
+        if real.sum() != tokens or bool((mask.sum(-1) == 0).any()):
+            raise ValueError("tree layout: every position must be the query of exactly one block")
+        return cls(tokens, q_index.flatten(), k_index.flatten(), mask[:, None], out_index, lq, lk)
+
+    @property
+    def pairs(self) -> int:
+        """Score pairs computed (padding included): the attention's cost."""
+        return int(self.mask.shape[0]) * self.lq * self.lk
+
+    def to(self, device: torch.device) -> "TreeLayout":
+        return TreeLayout(self.tokens, self.q_index.to(device), self.k_index.to(device), self.mask.to(device),
+                          self.out_index.to(device), self.lq, self.lk)
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, *, scaling: float | None = None,
+               dropout: float = 0.0) -> Tensor:
+        """query [1, H, tokens, D], key/value [1, Hkv, tokens, D] -> output [1, tokens, H, D]."""
+        self.calls += 1
+        _, h, n, d = query.shape
+        hk, nb = key.shape[1], self.mask.shape[0]
+        if n != self.tokens or query.shape[0] != 1:
+            raise ValueError(f"tree layout of {self.tokens} positions got a query of shape {tuple(query.shape)}")
+
+        def blocks(x: Tensor, index: Tensor, length: int) -> Tensor:  # [1, h, n, d] -> [nb, h, length, d]
+            padded = torch.cat([x[0], x.new_zeros(x.shape[1], 1, d)], dim=1)
+            return padded.index_select(1, index).view(x.shape[1], nb, length, d).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(
+            blocks(query, self.q_index, self.lq), blocks(key, self.k_index, self.lk),
+            blocks(value, self.k_index, self.lk), attn_mask=self.mask, dropout_p=dropout, scale=scaling,
+            enable_gqa=hk < h)
+        out = out.transpose(0, 1).reshape(h, nb * self.lq, d).index_select(1, self.out_index)
+        return out.transpose(0, 1)[None].contiguous()

@@ -9,6 +9,7 @@ logits), :func:`token_loss` a loss of them with its gradient computed in the for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -132,29 +133,59 @@ def _stats_B_T(logp_N: Tensor, entropy_N, kl_N, mask_B_T: Tensor) -> dict[str, T
 def response_hidden(backbone, batch: TrainBatch, sel_B_L: Tensor) -> Tensor:
     """Final hidden states [N, D] at the positions that score response tokens (``sel_B_L`` order).
 
-    Rows that share a prompt (a GRPO group) are packed into one sequence: the prompt once, then each
-    row's response (but its last token), with an attention mask that lets a response see the prompt
-    and its own earlier tokens only, and position ids that continue from the prompt. This is the
-    same computation as one full forward per row (up to float summation order), without running a
-    prompt more than once and without padding responses to the longest one. It is used when it
-    saves at least a quarter of the cost (token positions plus attended pairs, see
-    :func:`_packed_plan`) and the attention implementation takes a custom mask; otherwise one plain
-    forward of the padded batch.
+    Rows that share a prompt (a GRPO group) are packed: the prompt once, then each row's response
+    (but its last token), position ids continuing from the prompt, a response seeing the prompt and
+    its own earlier tokens only. Two packings (:func:`_packed_plan`): with the ``rlkit_sdpa``
+    attention (:mod:`rlkit.attention`, on the CPU) all groups end to end in one row with no padding
+    and tree attention (each response against its prompt and itself); otherwise one row per group
+    under a dense mask. Either is the computation of one full forward per row (up to float
+    summation order), without running a prompt more than once; it is used when it saves at least a
+    quarter of the cost (token positions plus attended pairs). Otherwise one plain forward of the
+    padded batch.
     """
     plan = _packed_plan(batch, backbone.config)
+    if plan is not None:
+        plan = plan.to(batch.input_ids_B_L.device)
+    if plan is not None and plan.tree is not None and not getattr(backbone, "_rlkit_no_tree", False):
+        tree = plan.tree
+        out = backbone(input_ids=plan.ids, position_ids=plan.pos, **{attention.TREE_KWARG: tree}).last_hidden_state
+        if tree.calls >= backbone.config.num_hidden_layers:
+            return out.flatten(0, 1)[plan.take]
+        # The model's layers did not hand the layout to their attention: never again, and this
+        # micro-batch through the padded forward.
+        backbone._rlkit_no_tree = True
+        plan = None
+    elif plan is not None and plan.tree is not None:
+        plan = None
     if plan is None:
         return backbone(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_mask_B_L).last_hidden_state[sel_B_L]
-    ids_U_S, pos_U_S, mask_U_1_S_S, take_N = plan
-    out_U_S_D = backbone(input_ids=ids_U_S, attention_mask=mask_U_1_S_S, position_ids=pos_U_S).last_hidden_state
-    return out_U_S_D.flatten(0, 1)[take_N]
+    out = backbone(input_ids=plan.ids, attention_mask=plan.mask, position_ids=plan.pos).last_hidden_state
+    return out.flatten(0, 1)[plan.take]
 
 
-def _packed_plan(batch: TrainBatch, config):
-    """Packed rows (one per distinct prompt): ids and position ids [U, S], the boolean attention
-    mask [U, 1, S, S] (True = attend) and, in ``sel_B_L`` order, the flat index into [U·S] of the
-    hidden state that scores each response token. None when packing does not pay or cannot apply."""
+@dataclass
+class Packing:
+    """Packed rows for the backbone: ids and position ids, a dense mask [U, 1, S, S] (True = attend)
+    or a tree layout (one row, no padding), and the flat index of the hidden state that scores each
+    response token, in ``sel_B_L`` order."""
+
+    ids: Tensor
+    pos: Tensor
+    mask: Optional[Tensor]
+    tree: Optional[attention.TreeLayout]
+    take: Tensor
+
+    def to(self, device: torch.device) -> "Packing":
+        return Packing(self.ids.to(device), self.pos.to(device), None if self.mask is None else self.mask.to(device),
+                       None if self.tree is None else self.tree.to(device), self.take.to(device))
+
+
+def _packed_plan(batch: TrainBatch, config) -> Optional[Packing]:
+    """The cheapest packing of ``batch`` (tree when the attention is ``rlkit_sdpa``, else dense), or
+    None when packing does not pay or cannot apply."""
     B, L = batch.input_ids_B_L.shape
-    if B < 2 or getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", attention.NAME):
+    impl = getattr(config, "_attn_implementation", "sdpa")
+    if B < 2 or impl not in ("sdpa", "eager", attention.NAME):
         return None
     if getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", False):
         return None  # a custom mask would override the window
@@ -162,28 +193,32 @@ def _packed_plan(batch: TrainBatch, config):
     plen_B = batch.prompt_len_B.tolist()
     index: dict[tuple[int, ...], int] = {}
     members: list[list[int]] = []
-    row_u = []
     for b in range(B):
         key = tuple(batch.input_ids_B_L[b, : plen_B[b]].tolist())
         u = index.setdefault(key, len(index))
         if u == len(members):
             members.append([])
         members[u].append(b)
-        row_u.append(u)
     prompts = list(index)
     lengths = [len(p) + sum(max(n_B[b] - 1, 0) for b in rows) for p, rows in zip(prompts, members)]
     S, U = max(lengths), len(prompts)
-    # Cost in token-equivalents: a position's linear layers vs 4·d FLOPs per attended (query, key)
-    # pair; the dense mask makes a pack's attention quadratic in its length, so long responses are
-    # cheaper unpacked.
+    # Cost in token-equivalents: a position's linear layers vs 4·d FLOPs per attended (query, key) pair.
     d, f = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
     pairs_per_token = 2 * d + 1.5 * f
-    if U * S + U * S * S / pairs_per_token > 0.75 * (B * L + B * L * L / pairs_per_token):
+    plain = B * L + B * L * L / pairs_per_token
+    dense = U * S + U * S * S / pairs_per_token
+    tree = _tree_layout(batch, prompts, members, n_B) if impl == attention.NAME else None
+    tree_cost = None if tree is None else tree[0].tokens + tree[0].pairs / pairs_per_token
+    if tree_cost is not None and tree_cost <= min(dense, 0.75 * plain):
+        layout, ids, pos, take = tree
+        return Packing(ids[None], pos[None], None, layout, take)
+    if dense > 0.75 * plain:
         return None
     ids = torch.zeros(U, S, dtype=torch.long)
     pos = torch.zeros(U, S, dtype=torch.long)
     seg = torch.full((U, S), -1, dtype=torch.long)  # -1 padding, 0 prompt, j + 1 the j-th response
     start_B = [0] * B  # packed offset of each row's response tokens
+    row_u = [0] * B
     for u, (p, rows) in enumerate(zip(prompts, members)):
         ids[u, : len(p)] = torch.tensor(p)
         pos[u, : len(p)] = torch.arange(len(p))
@@ -191,7 +226,7 @@ def _packed_plan(batch: TrainBatch, config):
         off = len(p)
         for j, b in enumerate(rows):
             k = max(n_B[b] - 1, 0)
-            start_B[b] = off
+            start_B[b], row_u[b] = u * S + off, u
             ids[u, off: off + k] = batch.input_ids_B_L[b, plen_B[b]: plen_B[b] + k]
             pos[u, off: off + k] = torch.arange(plen_B[b], plen_B[b] + k)
             seg[u, off: off + k] = j + 1
@@ -200,14 +235,53 @@ def _packed_plan(batch: TrainBatch, config):
     causal = torch.ones(S, S, dtype=torch.bool).tril()
     mask = causal & (k >= 0) & ((k == 0) | (k == q))
     mask |= torch.eye(S, dtype=torch.bool)  # padding attends to itself (no all-masked softmax rows)
+    take = _take(n_B, [row_u[b] * S for b in range(B)], plen_B, start_B)
+    return Packing(ids, pos, mask[:, None], None, take)
+
+
+def _take(n_B: list[int], base_B: list[int], plen_B: list[int], start_B: list[int]) -> Tensor:
+    """Flat index of the hidden state scoring each response token: the prompt's last position for
+    token 0, then the row's own packed positions."""
     take = []
-    for b in range(B):
-        if n_B[b] == 0:
+    for b, n in enumerate(n_B):
+        if n == 0:
             continue
-        base = row_u[b] * S
-        take.append(base + plen_B[b] - 1)  # the prompt's last token scores response token 0
-        take.extend(range(base + start_B[b], base + start_B[b] + n_B[b] - 1))
-    return ids, pos, mask[:, None], torch.tensor(take, dtype=torch.long)
+        take.append(base_B[b] + plen_B[b] - 1)
+        take.extend(range(start_B[b], start_B[b] + n - 1))
+    return torch.tensor(take, dtype=torch.long)
+
+
+def _tree_layout(batch: TrainBatch, prompts: list[tuple[int, ...]], members: list[list[int]], n_B: list[int]):
+    """(TreeLayout, ids [N], position ids [N], take) of all groups end to end: per group its prompt,
+    then each row's response but its last token. Blocks: each response (queries) against its
+    prompt and itself (keys); the prompt in chunks of the longest response's length, each against
+    the prompt up to the chunk's end."""
+    B = len(n_B)
+    plen_B = batch.prompt_len_B.tolist()
+    lq = max(1, max(max(n - 1, 0) for n in n_B))
+    ids, pos, blocks = [], [], []
+    base_B, start_B = [0] * B, [0] * B
+    off = 0
+    for p, rows in zip(prompts, members):
+        P = len(p)
+        prompt = torch.arange(off, off + P)
+        ids.append(torch.tensor(p))
+        pos.append(torch.arange(P))
+        for c in range(0, P, lq):
+            blocks.append((prompt[c: c + lq], prompt[: c + lq]))
+        end = off + P
+        for b in rows:
+            k = max(n_B[b] - 1, 0)
+            base_B[b], start_B[b] = off, end
+            if k:
+                own = torch.arange(end, end + k)
+                ids.append(batch.input_ids_B_L[b, plen_B[b]: plen_B[b] + k])
+                pos.append(torch.arange(plen_B[b], plen_B[b] + k))
+                blocks.append((own, torch.cat([prompt, own])))
+            end += k
+        off = end
+    layout = attention.TreeLayout.build(off, blocks)
+    return layout, torch.cat(ids), torch.cat(pos), _take(n_B, base_B, plen_B, start_B)
 
 
 def _scatter(values_N: Tensor, mask_B_T: Tensor) -> Tensor:

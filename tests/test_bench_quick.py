@@ -100,9 +100,9 @@ def test_report_without_results_says_not_measured(tmp_path):
     doc = tmp_path / "docs" / "benchmarks.md"
     _run("report.py", "--results", str(tmp_path / "none"), "--doc", str(doc), timeout=120)
     text = doc.read_text()
-    for name in ("e2e", "kl", "sync", "engine", "scaling", "rewards"):
+    for name in ("e2e", "kl", "sync", "engine", "scaling", "rewards", "levers"):
         assert f"bench/out/{name}.json" in text, name
-    assert text.count("not measured") >= 6
+    assert text.count("not measured") >= 7
 
 
 # ---------------------------------------------------------------------------------------------- quick harness
@@ -182,3 +182,22 @@ def test_scaling_quick_json_and_report(quick_out, tmp_path):
     assert "| rlkit learning: fraction of the minimal-FLOP bound | ≥ 0.7 |" in text and "| ≤ 0.3 |" in text
     for png in ("e2e_stages.png", "scaling_tokens.png", "scaling_workers.png"):
         assert (md.parent / "img" / png).read_bytes()[:4] == b"\x89PNG", png
+
+
+@pytest.mark.bench
+def test_levers_quick_json_and_report(tmp_path):
+    """Each lever's before and after timed in one process; the report renders them."""
+    out = tmp_path / "out"
+    _run("levers.py", "--quick", "--out", str(out))
+    doc = _strict_json(out / "levers.json")
+    assert doc["bench"] == "levers" and doc["args"]["quick"]
+    assert set(doc["levers"]) == {"engine_gqa", "cache_compaction", "learner_tree"}
+    for name, r in doc["levers"].items():
+        assert _is_summary(r["before_s"], 1) and _is_summary(r["after_s"], 1), name
+        if name != "cache_compaction" or r["compactions"]:  # no early EOS: nothing to compact
+            assert r["before_s"]["median"] > 0 and r["after_s"]["median"] > 0, name
+    assert doc["levers"]["learner_tree"]["rows"] == 64
+    md = tmp_path / "docs" / "benchmarks.md"
+    _run("report.py", "--results", str(out), "--doc", str(md), timeout=120)
+    text = md.read_text()
+    assert "## 7. Levers" in text and "tree attention" in text and "quick mode" in text

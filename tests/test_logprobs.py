@@ -80,11 +80,30 @@ def _group_batch():
     return collate(rows, [0.0] * len(rows), pad_id=0, version=0)
 
 
-def test_shared_prompt_forward_equals_full_forward_with_gradients(tiny):
+@pytest.fixture
+def attn_impl(tiny, request):
+    """``tiny`` under the attention implementation ``request.param`` for one test."""
+    from rlkit import attention
+
+    attention.register()
+    tiny.set_attn_implementation(request.param)
+    try:
+        yield request.param
+    finally:
+        tiny.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "rlkit_sdpa"], indirect=True)
+def test_shared_prompt_forward_equals_full_forward_with_gradients(tiny, attn_impl):
+    """Groups packed under a dense mask (``sdpa``) or end to end with tree attention
+    (``rlkit_sdpa``): log-probs and every parameter's gradient equal one full forward per row."""
     from rlkit.logprobs import _packed_plan
 
     batch = _group_batch()
-    assert _packed_plan(batch, tiny.config) is not None
+    plan = _packed_plan(batch, tiny.config)
+    assert plan is not None and (plan.tree is not None) == (attn_impl == "rlkit_sdpa")
+    if plan.tree is not None:  # no padding: every packed position is a prompt or response token
+        assert plan.ids.shape == (1, 6 + 11 + 1 + sum(n - 1 for n in (5, 2, 9, 1, 3, 8, 8, 4, 4, 6)))
     sampling = SamplingConfig(temperature=0.9)
     model = tiny.train()
     try:
@@ -102,6 +121,7 @@ def test_shared_prompt_forward_equals_full_forward_with_gradients(tiny):
             want[b, :n] = support_logprobs(logits, sampling).gather(-1, ids[0, p:, None]).squeeze(-1)
         (want * mask).sum().backward()
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+        assert not getattr(model.model, "_rlkit_no_tree", False)  # the layers did use the layout
         for n, p in model.named_parameters():
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
     finally:
@@ -121,3 +141,65 @@ def test_long_responses_are_not_packed(tiny):
 
     assert _packed_plan(group(20), tiny.config) is not None
     assert _packed_plan(group(2000), tiny.config) is None
+
+
+@pytest.mark.parametrize("attn_impl", ["rlkit_sdpa"], indirect=True)
+def test_tree_layout_falls_back_when_the_model_drops_it(tiny, attn_impl):
+    """A backbone whose forward does not hand the layout to its attention gets the padded forward
+    (same hidden states as the per-row reference) and no tree afterwards."""
+    from rlkit.logprobs import response_hidden, response_positions
+
+    class Dropping(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    batch = _group_batch()
+    sel, _ = response_positions(batch)
+    backbone = tiny.model
+    with torch.no_grad():
+        want = response_hidden(backbone, batch, sel)
+        dropping = Dropping(backbone)
+        got = response_hidden(dropping, batch, sel)
+    assert getattr(dropping, "_rlkit_no_tree", False) and not getattr(backbone, "_rlkit_no_tree", False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tree_layout_blocks_attend_prompt_and_own_tokens_only():
+    """Two groups end to end: each response's queries see its prompt and its own earlier tokens;
+    prompt chunks see the prompt up to themselves; nothing else."""
+    from rlkit.attention import TreeLayout
+    from rlkit.logprobs import _tree_layout
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for gid, (p, lengths) in enumerate([(7, (3, 1, 4)), (2, (5, 2))]):
+        prompt = torch.randint(10, 5000, (p,), generator=g).tolist()
+        rows += [Rollout(prompt, list(range(100, 100 + n)), [0.0] * n, "length", 0, gid, gid) for n in lengths]
+    batch = collate(rows, [0.0] * len(rows), pad_id=0, version=0)
+    layout, ids, pos, take = _tree_layout(batch, [tuple(rows[0].prompt_ids), tuple(rows[3].prompt_ids)],
+                                          [[0, 1, 2], [3, 4]], [3, 1, 4, 5, 2])
+    # Flat order: prompt A (0-6), A's responses (7-8, -, 9-11), prompt B (12-13), B's (14-17, 18).
+    assert ids.shape == (19,) and pos[7:9].tolist() == [7, 8] and pos[14:18].tolist() == [2, 3, 4, 5]
+    owner = [0] * 7 + [1] * 2 + [3] * 3 + [10] * 2 + [11] * 4 + [12]  # segment of each position
+    prompt_of = {1: 0, 3: 0, 11: 10, 12: 10}
+    allowed = torch.zeros(19, 19, dtype=torch.bool)
+    for q in range(19):
+        for k in range(q + 1):
+            allowed[q, k] = owner[k] == owner[q] or prompt_of.get(owner[q]) == owner[k]
+    seen = torch.zeros(19, 19, dtype=torch.bool)
+    q_idx, k_idx = layout.q_index.view(-1, layout.lq), layout.k_index.view(-1, layout.lk)
+    for b in range(q_idx.shape[0]):
+        for i, q in enumerate(q_idx[b].tolist()):
+            for j, k in enumerate(k_idx[b].tolist()):
+                if q < 19 and layout.mask[b, 0, i, j]:
+                    assert not seen[q, k]
+                    seen[q, k] = True
+    assert torch.equal(seen, allowed)
+    # Response token 0 is scored at its prompt's last position, the others at the row's own.
+    assert take.tolist() == [6, 7, 8, 6, 6, 9, 10, 11, 13, 14, 15, 16, 17, 13, 18]
+    with pytest.raises(ValueError, match="exactly one block"):
+        TreeLayout.build(3, [(torch.tensor([0, 1]), torch.tensor([0, 1]))])

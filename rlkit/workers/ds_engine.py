@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlkit import attention
 from rlkit.config import LearnerConfig
 from rlkit.logprobs import split_lm, token_loss, token_stats
 from rlkit.types import TrainBatch
@@ -132,6 +133,7 @@ def load_frozen(model_dir: str, dtype: str, device: torch.device | None = None):
 
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     m.to(device if device is not None else learner_device())
+    attention.install(m)  # CPU: tree attention over packed groups (rlkit.attention)
     m.eval().requires_grad_(False)
     return m
 
@@ -178,6 +180,7 @@ def build_engine(spec: LearnerSpec, world: int):
         zero_init = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32)
     del zero_init
+    attention.install(model, learner_device())  # CPU: tree attention over packed groups (rlkit.attention)
     if s.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if s.model.freeze_embeddings:

@@ -258,7 +258,7 @@ class HFEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
-        attention.use_gqa_kernel(self.model)  # CPU: SDPA's grouped-query heads, not repeated KV copies
+        attention.install(self.model)  # CPU: SDPA's grouped-query heads, not repeated KV copies
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.batch_size = batch_size

@@ -1,0 +1,194 @@
+"""Before and after of each speed lever of the GRPO step, each measured A/B in one process.
+
+    .venv/bin/python bench/levers.py             # SmolLM2-135M, 8 prompts × 8 samples × 48 tokens, 2 threads
+    .venv/bin/python bench/levers.py --quick     # tiny model, seconds
+
+The shape is the e2e workload's (bench/e2e_bench.py): 8 chat-templated arithmetic prompts, 8
+samples each at temperature 1, up to 48 new tokens, fp32; the learner takes one optimizer step
+over the 64 rows in four micro-batches of 16 (lr 5e-6, β = 0). Before and after alternate in the
+same process, ``--repeats`` times, so both see the same machine state.
+
+* ``engine_gqa``: ``HFEngine.generate`` with transformers' ``sdpa`` attention (KV heads repeated
+  under a mask) and with ``rlkit_sdpa`` (SDPA's own grouped-query heads, rlkit/attention.py); the
+  same seed on both sides, so the same tokens.
+* ``cache_compaction``: the KV-cache work when rows finish, replayed on a cache of the engine's
+  shape with the finishing steps of a real generation: the previous gather of every kept row's
+  whole buffer against rows kept in place with holes filled from the tail (``fill_holes``).
+* ``learner_tree``: one optimizer step of the learner (DeepSpeed, 2 threads) on a batch the engine
+  generated, its groups packed under a dense mask (``sdpa``) or end to end with tree attention
+  (``rlkit_sdpa``).
+
+Writes ``bench/out/levers.json``; ``bench/report.py`` renders it in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from engine_bench import prompt_ids  # noqa: E402
+
+
+def _alternate(before, after, repeats: int) -> dict[str, Any]:
+    """Seconds of ``before(i)`` and ``after(i)``, alternating, after one warm-up call of each."""
+    before(-1), after(-1)
+    b, a = [], []
+    for i in range(repeats):
+        b.append(before(i))
+        a.append(after(i))
+    sb, sa = common.summary(b), common.summary(a)
+    return {"before_s": sb, "after_s": sa, "after_over_before": common.ratio_summary(sa, sb)}
+
+
+def engine_gqa(engine, prompts, sampling, repeats: int) -> dict[str, Any]:
+    from rlkit import attention
+
+    def run(impl: str):
+        def call(i: int) -> float:
+            engine.model.set_attn_implementation(impl)
+            t = time.perf_counter()
+            engine.generate(prompts, 8, sampling, seed=100 + i)
+            return time.perf_counter() - t
+        return call
+
+    try:
+        return _alternate(run("sdpa"), run(attention.NAME), repeats)
+    finally:
+        engine.model.set_attn_implementation(attention.NAME)
+
+
+def _gather_all(layer, keep) -> None:
+    """The compaction before: every kept row's whole buffer gathered into a new one."""
+    layer._k, layer._v = layer._k[keep], layer._v[keep]
+    n = layer.keys.shape[-2]
+    layer.keys, layer.values = layer._k[:, :, :n], layer._v[:, :, :n]
+
+
+def cache_compaction(engine, gens, prompt_len: int, max_new: int, repeats: int) -> dict[str, Any]:
+    """Replays the generation's finishing steps: at step s the rows whose completion has s + 1
+    tokens leave. Only the compaction calls are timed."""
+    import torch
+
+    from rlkit.workers.hf_engine import append_cache, fill_holes
+
+    cfg = engine.model.config
+    heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    finish = [len(g.completion_ids) - 1 for g in gens]
+
+    def run(tail: bool):
+        def call(i: int) -> float:
+            cache = append_cache(cfg, max_new + 1)
+            g = torch.Generator().manual_seed(0)
+            rows = len(finish)
+            for layer in cache.layers:
+                layer.update(torch.randn(rows, heads, prompt_len, dim, generator=g),
+                             torch.randn(rows, heads, prompt_len, dim, generator=g))
+            alive = torch.tensor(finish)
+            spent = 0.0
+            for step in range(max_new):
+                for layer in cache.layers:
+                    layer.update(torch.zeros(len(alive), heads, 1, dim), torch.zeros(len(alive), heads, 1, dim))
+                done = alive == step
+                if not bool(done.any()) or bool(done.all()):
+                    if bool(done.all()):
+                        break
+                    continue
+                t = time.perf_counter()
+                keep = fill_holes(done) if tail else (~done).nonzero().squeeze(-1)
+                for layer in cache.layers:
+                    layer.batch_select_indices(keep) if tail else _gather_all(layer, keep)
+                spent += time.perf_counter() - t
+                alive = alive[keep]
+            return spent
+        return call
+
+    out = _alternate(run(False), run(True), repeats)
+    out["compactions"] = len({f for f in finish if f < max_new - 1})  # steps where some row finished early
+    return out
+
+
+def learner_tree(model_path: Path, gens, repeats: int, threads: int) -> dict[str, Any]:
+    import torch
+
+    from rlkit import attention
+    from rlkit.config import load_config
+    from rlkit.types import Rollout, collate
+    from rlkit.workers.learner import LearnerRank, LearnerSpec
+
+    rolls = [Rollout(g.prompt_ids, g.completion_ids, g.logprobs, g.finish_reason, 0, i // 8, i // 8)
+             for i, g in enumerate(gens)]
+    rewards = torch.randint(0, 2, (len(rolls),), generator=torch.Generator().manual_seed(0)).float()
+    cfg = load_config(common.ROOT / "configs" / "grpo_demo.yaml", [
+        f"model.path={model_path}", f"learner.threads={threads}", "learner.num_ranks=1",
+        f"learner.micro_batch_size={max(1, len(rolls) // 4)}", "learner.lr=5.0e-6", "learner.lr_schedule=constant",
+        "rollout.temperature=1.0"])
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    rank = LearnerRank(0, 1, "127.0.0.1", port, LearnerSpec.from_config(cfg, str(model_path)))
+    batch = collate(rolls, rewards.tolist(), 0, 0)
+    r = rewards.view(-1, 8)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1, 1) * batch.response_mask_B_T
+    model = rank.policy
+
+    def run(impl: str):
+        def call(i: int) -> float:
+            model.set_attn_implementation(impl)
+            rank.set_batch(batch)
+            t = time.perf_counter()
+            rank.train(adv, {})
+            return time.perf_counter() - t
+        return call
+
+    out = _alternate(run("sdpa"), run(attention.NAME), repeats)
+    out["rows"], out["micro_batch"] = len(rolls), cfg.learner.micro_batch_size
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="smollm2, tiny, or a HF model folder")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--quick", action="store_true", help="tiny model, 1 repeat, 8 tokens")
+    ap.add_argument("--out", default=str(common.OUT_DIR))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.repeats, args.new_tokens = "tiny", 1, 8
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    from rlkit.workers.engine import SamplingConfig
+    from rlkit.workers.hf_engine import HFEngine
+
+    torch.set_num_threads(args.threads)
+    path = common.model_dir(args.model)
+    prompts = prompt_ids(path, 8)
+    engine = HFEngine(str(path), threads=args.threads, batch_size=64)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
+    gens = engine.generate(prompts, 8, sampling, seed=0)
+    levers = {"engine_gqa": engine_gqa(engine, prompts, sampling, args.repeats),
+              "cache_compaction": cache_compaction(engine, gens, max(len(p) for p in prompts), args.new_tokens,
+                                                   args.repeats)}
+    del engine
+    levers["learner_tree"] = learner_tree(path, gens, args.repeats, args.threads)
+    for name, r in levers.items():
+        print(f"{name}: before {common.fmt(r['before_s'])} s, after {common.fmt(r['after_s'])} s, "
+              f"after/before {common.fmt(r['after_over_before'], '.3f')}")
+    workload = {"model": args.model, "prompts": 8, "samples": 8, "new_tokens": args.new_tokens,
+                "generated_tokens": sum(len(g.completion_ids) for g in gens)}
+    common.write_result("levers", {"workload": workload, "levers": levers}, args, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
