@@ -8,9 +8,13 @@ samples each at temperature 1, up to 48 new tokens, fp32; the learner takes one 
 over the 64 rows in four micro-batches of 16 (lr 5e-6, β = 0). Before and after alternate in the
 same process, ``--repeats`` times, so both see the same machine state.
 
-* ``engine_gqa``: ``HFEngine.generate`` with transformers' ``sdpa`` attention (KV heads repeated
+* ``engine_gqa``: ``HFEngine.generate`` (decode steps through transformers' forward) with transformers' ``sdpa`` attention (KV heads repeated
   under a mask) and with ``rlkit_sdpa`` (SDPA's own grouped-query heads, rlkit/attention.py); the
   same seed on both sides, so the same tokens.
+* ``engine_fused``: ``HFEngine.generate`` with every decode step through transformers' forward
+  (``rlkit_sdpa``) and through the fused Llama-family step (rlkit/workers/fused_decode.py: q/k/v and
+  gate/up in one matmul each, RoPE on q and k at once, one-op RMSNorm); the same seed, so the same
+  tokens.
 * ``cache_compaction``: the KV-cache work when rows finish, replayed on a cache of the engine's
   shape with the finishing steps of a real generation: the previous gather of every kept row's
   whole buffer against rows kept in place with holes filled from the tail (``fill_holes``).
@@ -58,10 +62,33 @@ def engine_gqa(engine, prompts, sampling, repeats: int) -> dict[str, Any]:
             return time.perf_counter() - t
         return call
 
+    fused, engine.fused = engine.fused, None  # decode steps through the model's attention
     try:
         return _alternate(run("sdpa"), run(attention.NAME), repeats)
     finally:
         engine.model.set_attn_implementation(attention.NAME)
+        engine.fused = fused
+
+
+def engine_fused(engine, prompts, sampling, repeats: int) -> dict[str, Any]:
+    """``generate`` with each decode step through transformers' forward, and through the fused
+    Llama-family step (rlkit/workers/fused_decode.py); prefill and sampling are the same."""
+    fused = engine.fused
+    if fused is None:
+        raise RuntimeError("the fused decode step is not available for this model")
+
+    def run(step):
+        def call(i: int) -> float:
+            engine.fused = step
+            t = time.perf_counter()
+            engine.generate(prompts, 8, sampling, seed=100 + i)
+            return time.perf_counter() - t
+        return call
+
+    try:
+        return _alternate(run(None), run(fused), repeats)
+    finally:
+        engine.fused = fused
 
 
 def _gather_all(layer, keep) -> None:
@@ -177,6 +204,7 @@ def main(argv=None) -> int:
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
     gens = engine.generate(prompts, 8, sampling, seed=0)
     levers = {"engine_gqa": engine_gqa(engine, prompts, sampling, args.repeats),
+              "engine_fused": engine_fused(engine, prompts, sampling, args.repeats),
               "cache_compaction": cache_compaction(engine, gens, max(len(p) for p in prompts), args.new_tokens,
                                                    args.repeats)}
     del engine

@@ -327,18 +327,20 @@ def section_sync(doc: Optional[dict]) -> list[str]:
     if not doc:
         return out + [NOT_MEASURED.format(name="sync", cmd=COMMANDS["sync"]), ""]
     out += [f"{doc['args']['model']}: {doc['bytes'] / 2**20:.1f} MiB per full sync, learner rank 0 → 1 rollout "
-            f"worker through `Runtime.sync`: the Ray object store per bucket size, and shared memory (row `shm`, "
+            f"worker through `Runtime.sync`: the Ray object store (`object`) and a gloo broadcast (`collective`) "
+            f"per bucket size, and shared memory (`shm`, "
             f"the default when both share a node: the learner copies into one of two segments, the engine adopts "
             f"views of it), {doc['args']['repeats']} repeats each. "
             f"Reference: `copy_` of the same bytes in the same process: {fmt(doc['memcpy'], '.2f', 1e-9)} GB/s "
             f"with {doc['memcpy']['threads']} threads, {fmt(doc['memcpy_1thread'], '.2f', 1e-9)} GB/s with 1 "
             f"(ratios use {doc.get('memcpy_reference_threads', doc['memcpy']['threads'])}).", "", _provenance(doc), ""]
-    rows = [["shm" if r.get("transport") == "shm" else f"{r['bucket_mib']:g}", str(r["breakdown"]["buckets"]),
+    rows = [[r.get("transport", "object"), "—" if r.get("transport") == "shm" else f"{r['bucket_mib']:g}",
+             str(r["breakdown"]["buckets"]),
              fmt(r["seconds"], ".3f"),
              fmt(r["bytes_per_s"], ".3f", 1e-9), fmt(r["ratio_vs_memcpy"], ".3f"),
              f"{r['breakdown']['learner_pack_put_s']:.3f}", f"{r['breakdown']['worker_get_load_s']:.3f}"]
             for r in doc["buckets"]]
-    return out + _table(["bucket MiB", "buckets", "sync s", "GB/s", "× memcpy (target ≥ 0.5)",
+    return out + _table(["transport", "bucket MiB", "buckets", "sync s", "GB/s", "× memcpy (target ≥ 0.5)",
                          "learner copy/put s", "worker get/adopt s"], rows) + [""]
 
 
@@ -396,6 +398,8 @@ def section_rewards(doc: Optional[dict]) -> list[str]:
 LEVERS = {
     "engine_gqa": ("HF engine: grouped-query attention", "`generate` of 8 prompts × 8 samples",
                    "transformers `sdpa` (KV heads repeated under the mask)", "`rlkit_sdpa` (SDPA's own GQA)"),
+    "engine_fused": ("HF engine: fused decode step", "`generate` of 8 prompts × 8 samples",
+                     "transformers' forward per decode step", "fused Llama-family step (`FusedDecoder`)"),
     "cache_compaction": ("HF engine: finished rows leave the KV cache", "compaction work of one generation",
                          "gather of every kept row's whole buffer", "rows kept in place, holes filled from the tail"),
     "learner_tree": ("Learner: packed groups' attention", "one optimizer step over 64 rows (4 micro-batches)",

@@ -191,7 +191,7 @@ def test_levers_quick_json_and_report(tmp_path):
     _run("levers.py", "--quick", "--out", str(out))
     doc = _strict_json(out / "levers.json")
     assert doc["bench"] == "levers" and doc["args"]["quick"]
-    assert set(doc["levers"]) == {"engine_gqa", "cache_compaction", "learner_tree"}
+    assert set(doc["levers"]) == {"engine_gqa", "engine_fused", "cache_compaction", "learner_tree"}
     for name, r in doc["levers"].items():
         assert _is_summary(r["before_s"], 1) and _is_summary(r["after_s"], 1), name
         if name != "cache_compaction" or r["compactions"]:  # no early EOS: nothing to compact
@@ -200,4 +200,5 @@ def test_levers_quick_json_and_report(tmp_path):
     md = tmp_path / "docs" / "benchmarks.md"
     _run("report.py", "--results", str(out), "--doc", str(md), timeout=120)
     text = md.read_text()
-    assert "## 7. Levers" in text and "tree attention" in text and "quick mode" in text
+    assert "## 7. Levers" in text and "tree attention" in text and "fused decode step" in text
+    assert "quick mode" in text

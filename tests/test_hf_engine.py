@@ -94,6 +94,88 @@ def test_finished_rows_leave_the_cache_without_moving_the_others(engine):
     torch.testing.assert_close(layer.keys, torch.cat([k[order], k2], dim=2)[[3, 3, 0, 1, 2]])
 
 
+def _tiny_causal_lm(family: str, **extra):
+    """A random two-layer model of ``family`` with grouped-query heads, built in memory."""
+    import transformers
+
+    cls, cfg_cls = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
+                    "mistral": ("MistralForCausalLM", "MistralConfig")}[family]
+    cfg = getattr(transformers, cfg_cls)(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         **extra)
+    torch.manual_seed(3)
+    model = getattr(transformers, cls)(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a term left out shows
+        for n, t in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(".bias"):
+                t.add_(0.3 * torch.randn(t.shape))
+    attention.install(model)
+    return model
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("llama", {"attention_bias": True, "mlp_bias": True}),
+                                          ("qwen2", {}), ("mistral", {"sliding_window": None})],
+                         ids=["llama", "llama-bias", "qwen2", "mistral"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_fused_decode_step_equals_transformers_forward(family, extra, packed):
+    """The fused step gives transformers' logits and appends the same keys and values to the cache,
+    step after step, over a left-padded batch; and it follows a weight change."""
+    from rlkit.workers.fused_decode import FusedDecoder
+    from rlkit.workers.hf_engine import _packed_ops_work
+
+    if packed and not _packed_ops_work(4):
+        pytest.skip("oneDNN packed linear ops are not available in this torch build")
+    model = _tiny_causal_lm(family, **extra)
+    fused = FusedDecoder.build(model, rows=4, packed=packed)
+    assert fused is not None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (4, 14), generator=g)
+    attn = torch.ones(4, 14, dtype=torch.long)
+    attn[1, :3], attn[3, :6] = 0, 0
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    caches = [append_cache(model.config, 8) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model.model(input_ids=ids[:, :8], attention_mask=attn[:, :8], position_ids=pos[:, :8],
+                        past_key_values=c, use_cache=True)
+        for t in range(8, 14):
+            if t == 11:  # a sync writes a parameter in place: the fused copies must follow
+                model.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+                model.model.layers[0].self_attn.k_proj.weight.mul_(-1.0)
+            ref = model(input_ids=ids[:, t:t + 1], attention_mask=attn[:, :t + 1], position_ids=pos[:, t:t + 1],
+                        past_key_values=caches[0], use_cache=True, logits_to_keep=1).logits[:, -1]
+            got = fused.step(ids[:, t:t + 1], pos[:, t:t + 1], attn[:, :t + 1], caches[1])
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            for a, b in zip(caches[0].layers, caches[1].layers):
+                torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_only_where_its_probe_agrees(engine):
+    """Other layer arithmetic (a GELU MLP, a sliding window) keeps transformers' forward; the probe rejects a fused
+    step that computes something else; and the engine's samples are the same either way."""
+    from rlkit.workers.fused_decode import FusedDecoder
+
+    assert FusedDecoder.build(_tiny_causal_lm("llama", hidden_act="gelu"), rows=4, packed=False) is None
+    assert FusedDecoder.build(_tiny_causal_lm("mistral", sliding_window=64), rows=4, packed=False) is None
+    fused = FusedDecoder.build(_tiny_causal_lm("llama"), rows=4, packed=False)
+    assert fused.agrees()
+    fused.layers[0] = fused.layers[0][:-1] + (fused.layers[0][-1] * 1.01,)  # attention scale off by 1 %
+    assert not fused.agrees()
+
+    assert engine.fused is not None
+    sampling = SamplingConfig(temperature=1.0, top_k=50, max_new_tokens=12)
+    with_fused = engine.generate(_prompts(), 3, sampling, seed=4)
+    kept, engine.fused = engine.fused, None
+    try:
+        plain = engine.generate(_prompts(), 3, sampling, seed=4)
+    finally:
+        engine.fused = kept
+    assert [g.completion_ids for g in with_fused] == [g.completion_ids for g in plain]
+    for a, b in zip(with_fused, plain):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
 def _prompts(lengths=(5, 9, 3)) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(10, 5000, (n,), generator=g).tolist() for n in lengths]

@@ -32,6 +32,7 @@ from torch import Tensor
 from rlkit import attention
 from rlkit.logprobs import support_logprobs
 from rlkit.workers.engine import Generation, SamplingConfig
+from rlkit.workers.fused_decode import FusedDecoder
 
 
 BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
@@ -247,7 +248,7 @@ class HFEngine:
     """The decoding engine on ``device`` ("cuda" when a GPU is visible, else "cpu"; default: that choice)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", threads: int = 1, batch_size: int = 64,
-                 device: str | None = None):
+                 device: str | None = None, fused: bool = True):
         from transformers import AutoModelForCausalLM
 
         from rlkit.assets import load_tokenizer
@@ -264,6 +265,9 @@ class HFEngine:
         self.batch_size = batch_size
         # oneDNN-packed weights are a CPU optimization; on CUDA the plain linears run.
         self.packed = PackedLinears(self.model if self.device.type == "cpu" else torch.nn.Module(), batch_size)
+        # CPU: a Llama-family decode step in fused ops (rlkit.workers.fused_decode), when its probe agrees.
+        self.fused = (FusedDecoder.build(self.model, batch_size, packed=self.packed.enabled)
+                      if fused and self.device.type == "cpu" else None)
         self.gate = WeightGate()
         """Forwards and weight loads exclude each other (a load from another thread lands between steps)."""
         self.policy_version = 0
@@ -369,8 +373,11 @@ class HFEngine:
                     cache = self._prefix_cache(ids[alive.to(ids.device)], tokens, alive, attn,
                                                room=sampling.max_new_tokens + 1)
                 cache_version = version
-                logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
-                                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                if self.fused is not None:
+                    logits = self.fused.step(step_ids, step_pos, attn, cache).float()
+                else:
+                    logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
+                                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
             if rng is None:
                 lp = torch.log_softmax(logits, dim=-1)
                 nxt = lp.argmax(-1)
