@@ -91,12 +91,11 @@ def breakdown(rt, bucket_bytes: int, transport: str = "object") -> dict[str, flo
 
     if bucket_bytes == 0:  # shared memory
         t0 = time.perf_counter()
-        state = ray.get(rt.learners[0].shm_state.remote(rt.weight_sync.transport.tag, False))
+        state = ray.get(rt.learners[0].shm_state.remote(rt.weight_sync.transport.tag))
         t1 = time.perf_counter()
-        sums = rt.learners[0].checksum.remote(state["names"])  # beside the workers' load, as ShmTransport
         loaded = ray.get(rt.rollout[0].load_shm.remote(rt.version, state["segment"], state["entries"]))
         t2 = time.perf_counter()
-        rt.weight_sync.verify(rt.version, sums, state["names"])
+        rt.weight_sync.verify(rt.version, state["sums"])
         return {"learner_pack_put_s": t1 - t0, "worker_get_load_s": loaded["seconds"], "worker_call_s": t2 - t1,
                 "buckets": 1, "total_s": t2 - t0, "bytes": state["bytes"]}
     t0 = time.perf_counter()

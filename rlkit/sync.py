@@ -97,13 +97,7 @@ class ShmTransport:
         self.tag = uuid.uuid4().hex[:12]
 
     def send(self, version: int, targets: Sequence[Any]) -> dict[str, Any]:
-        """Below ZeRO-3 rank 0 holds every full weight, so it checksums them while the workers map
-        the slot (the sums are awaited by :meth:`WeightSync.verify`); under ZeRO-3 the sums are
-        taken during the copy's gathers."""
-        inline = self.zero_stage == 3
-        state = on_learners(self.learners, self.zero_stage, "shm_state", self.tag, inline, timeout_s=self.timeout_s)
-        if not inline:
-            state["sums"] = self.learners[0].checksum.remote(state["names"])
+        state = on_learners(self.learners, self.zero_stage, "shm_state", self.tag, timeout_s=self.timeout_s)
         wait([w.load_shm.remote(version, state["segment"], state["entries"]) for w in targets],
              "engines load shm", self.timeout_s)
         return state
@@ -292,19 +286,14 @@ class WeightSync:
         t0 = time.perf_counter()
         state = chosen.send(version, [w for i, w in enumerate(self.rollout) if i not in skip])
         seconds = time.perf_counter() - t0
-        self.verify(version, state["sums"], state.get("names"))
+        self.verify(version, state["sums"])
         nbytes = state["bytes"]
         return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/bytes_per_s": nbytes / max(seconds, 1e-9)}
 
-    def verify(self, version: int, want: Any, names: Optional[list[str]] = None) -> None:
-        """Every rollout worker holds ``version`` and, for every tensor sent, the learner's sum
-        (``want``: name → sum, or a pending learner call that answers it for ``names``, while the
-        workers take theirs)."""
-        names = list(want) if isinstance(want, dict) else list(names)
-        calls = [w.checksum.remote(names) for w in self.rollout]
-        if not isinstance(want, dict):
-            want = wait([want], "learner checksums", self.timeout_s())[0]
-        for i, got in enumerate(wait(calls, "verify", self.timeout_s())):
+    def verify(self, version: int, want: dict[str, float]) -> None:
+        """Every rollout worker holds ``version`` and, for every tensor sent, the learner's sum."""
+        names = list(want)
+        for i, got in enumerate(wait([w.checksum.remote(names) for w in self.rollout], "verify", self.timeout_s())):
             if got["version"] != version:
                 raise SyncError(f"rollout worker {i} holds policy version {got['version']}, learner is at {version}")
             bad = [n for n in names if not _close(got["sums"].get(n), want[n])]

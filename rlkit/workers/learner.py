@@ -325,9 +325,9 @@ class LearnerRank:
         with self.spans("sync"):
             return weights.object_state(self.policy, self.rank, self._zero, bucket_bytes)
 
-    def shm_state(self, tag: str, with_sums: bool = True) -> dict[str, Any]:
+    def shm_state(self, tag: str) -> dict[str, Any]:
         with self.spans("sync"):
-            return weights.shm_state(self.policy, self.rank, self._zero, self._shm, tag, with_sums=with_sums)
+            return weights.shm_state(self.policy, self.rank, self._zero, self._shm, tag)
 
     def checksum(self, names: list[str]) -> dict[str, float]:
         return weights.checksum(self.policy, self._zero, names)

@@ -19,7 +19,7 @@ the receivers first) and :func:`ipc_state` (CUDA IPC handles).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -180,21 +180,19 @@ def object_state(policy: torch.nn.Module, rank: int, zero_stage: int, bucket_byt
 
 @torch.no_grad()
 def shm_state(policy: torch.nn.Module, rank: int, zero_stage: int, writer_slot: dict, tag: str,
-              group_bytes: int = GROUP_BYTES, with_sums: bool = True) -> dict[str, Any]:
+              group_bytes: int = GROUP_BYTES) -> dict[str, Any]:
     """Rank 0, same-node sync: full weights copied into the next shared-memory slot; the writer
-    (:class:`rlkit.workers.shm_sync.ShmWriter`) is created on first use and kept in ``writer_slot``.
-    ``with_sums``: also the checksum of every tensor (``sums`` of the answer) as it is copied; without,
-    the caller asks :func:`checksum` for them (only where full weights need no gather)."""
+    (:class:`rlkit.workers.shm_sync.ShmWriter`) is created on first use and kept in ``writer_slot``."""
     from rlkit.workers.shm_sync import ShmWriter
 
     named = list(policy.named_parameters())
     meta = [(n, torch.empty(full_shape(p), dtype=p.dtype, device="meta")) for n, p in named]
-    sums: Optional[dict[str, float]] = {} if with_sums else None
+    sums: dict[str, float] = {}
 
     def items() -> Iterator[tuple[str, torch.Tensor]]:
         for group in full_groups(policy, zero_stage, group_bytes):
             for name, t in group:
-                if rank == 0 and sums is not None:
+                if rank == 0:
                     sums[name] = tensor_sum(t)
                 yield name, t
 
@@ -207,7 +205,7 @@ def shm_state(policy: torch.nn.Module, rank: int, zero_stage: int, writer_slot: 
     writer = writer_slot["writer"]
     segment = writer.write(items())
     return {"segment": segment, "entries": writer.entries, "names": [n for n, _ in named],
-            "bytes": float(sum(t.numel() * t.element_size() for _, t in meta)), "sums": sums or {}}
+            "bytes": float(sum(t.numel() * t.element_size() for _, t in meta)), "sums": sums}
 
 
 @torch.no_grad()
