@@ -8,8 +8,9 @@ tens of microseconds of dispatch. The same arithmetic with
 * q, k and v from one matmul on their concatenated weights, gate and up from another;
 * RoPE applied once to q and k together (they are adjacent in that matmul's output);
 * ``torch.rms_norm`` (one op), and the boolean key mask built once per step for all layers;
-* every matmul on a oneDNN-packed copy of its weight (:class:`_Packed`, rebuilt when a weight
-  changes, as :class:`rlkit.workers.hf_engine.PackedLinears`);
+* the two concatenations on oneDNN-packed copies (:class:`_Packed`, rebuilt when a part changes,
+  as :class:`rlkit.workers.hf_engine.PackedLinears` does for the single linears, whose packed
+  copies the other matmuls use);
 
 runs the same layer in about twenty. Prefill, the KV cache and the decoding loop stay the engine's:
 the step reads and appends the same cache layers that transformers' prefill filled.
@@ -39,7 +40,8 @@ FAMILIES = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwe
 class _Packed:
     """``F.linear`` over the concatenation of some linears' weights (and biases), on a
     oneDNN-packed copy for ``rows`` rows when ``packed``; rebuilt when any part's storage or
-    in-place version changes (a weight sync), so the parameters themselves stay the truth."""
+    in-place version changes (a weight sync), so the parameters themselves stay the truth.
+    A single linear needs none of this: its own forward (:class:`PackedLinears`) packs it."""
 
     def __init__(self, linears: list[torch.nn.Linear], rows: int, packed: bool):
         self.linears, self.rows, self.packed = linears, rows, packed
@@ -50,8 +52,7 @@ class _Packed:
             (m.bias.data_ptr(), m.bias._version) if m.bias is not None else ()) for m in self.linears)
 
     def _build(self) -> None:
-        ws = [m.weight.detach() for m in self.linears]
-        w = ws[0] if len(ws) == 1 else torch.cat(ws)
+        w = torch.cat([m.weight.detach() for m in self.linears])
         biases = [m.bias for m in self.linears]
         self.bias = None if all(b is None for b in biases) else torch.cat([
             b.detach() if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(self.linears, biases)])
@@ -97,9 +98,9 @@ class FusedDecoder:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm, _Packed([a.q_proj, a.k_proj, a.v_proj], rows, packed),
-                _Packed([a.o_proj], rows, packed), layer.post_attention_layernorm,
-                _Packed([m.gate_proj, m.up_proj], rows, packed), _Packed([m.down_proj], rows, packed), a.scaling))
-        self.head = _Packed([model.lm_head], rows, packed)
+                a.o_proj, layer.post_attention_layernorm,
+                _Packed([m.gate_proj, m.up_proj], rows, packed), m.down_proj, a.scaling))
+        self.head = model.lm_head
         self.intermediate = cfg.intermediate_size
 
     @classmethod
