@@ -15,9 +15,12 @@ once, then each response), a response must see the prompt and its own earlier to
 mask over the pack spends most of its score pairs on masked ones (a response against the other
 responses). :class:`TreeLayout` lays the packed groups of a micro-batch end to end with no padding
 and cuts the attention into blocks: each response's queries against the prompt's keys and its own,
-each prompt chunk's queries against the prompt up to it. The blocks are gathered, attended in one
-SDPA call and scattered back; passed as the ``rlkit_tree`` keyword of the backbone's forward, which
-transformers hands every attention call.
+each prompt chunk's queries against the prompt up to it. The blocks are gathered, attended together
+and scattered back; passed as the ``rlkit_tree`` keyword of the backbone's forward, which
+transformers hands every attention call. The blocks are small (a response's queries against about
+a hundred keys), where two batched matmuls around a softmax, with each key/value head shared by its
+query heads through a view, take 0.6× the forward-and-backward time of SDPA's flash kernel on the
+CPU (SmolLM2's learner shape, 2 threads; docs/benchmarks.md, "Levers").
 
 On CUDA transformers' own ``sdpa`` stays: a masked GQA call there can fall back to the math kernel
 (see ``use_gqa_in_sdpa`` in transformers), where the repeated heads keep the fused kernels.
@@ -26,6 +29,7 @@ On CUDA transformers' own ``sdpa`` stays: a masked GQA call there can fall back 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +107,11 @@ class TreeLayout:
     lk: int
     calls: int = field(default=0, compare=False)
     """Attention calls that used the layout (one per layer and forward)."""
+    kernel: ClassVar[str] = "matmul"
+    """How the blocks are attended: "matmul" (two batched matmuls around a softmax) or "sdpa"
+    (SDPA's kernel with the boolean mask; always taken for dropout)."""
+    _bias: dict = field(default_factory=dict, compare=False, repr=False)
+    """The mask as an additive bias (0 or −inf) per dtype, built on first use."""
 
     @classmethod
     def build(cls, tokens: int, blocks: list[tuple[Tensor, Tensor]]) -> "TreeLayout":
@@ -132,6 +141,13 @@ class TreeLayout:
         return TreeLayout(self.tokens, self.q_index.to(device), self.k_index.to(device), self.mask.to(device),
                           self.out_index.to(device), self.lq, self.lk)
 
+    def bias(self, dtype: torch.dtype) -> Tensor:
+        """[blocks, 1, 1, Lq, Lk]: 0 where :attr:`mask` attends, −inf elsewhere."""
+        if dtype not in self._bias:
+            zeros = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self._bias[dtype] = zeros.masked_fill_(~self.mask, float("-inf"))[:, :, None]
+        return self._bias[dtype]
+
     def attend(self, query: Tensor, key: Tensor, value: Tensor, *, scaling: float | None = None,
                dropout: float = 0.0) -> Tensor:
         """query [1, H, tokens, D], key/value [1, Hkv, tokens, D] -> output [1, tokens, H, D]."""
@@ -140,14 +156,26 @@ class TreeLayout:
         hk, nb = key.shape[1], self.mask.shape[0]
         if n != self.tokens or query.shape[0] != 1:
             raise ValueError(f"tree layout of {self.tokens} positions got a query of shape {tuple(query.shape)}")
+        # Padding slots gather the last position: a padding key is masked out, and no position's
+        # output is read from a padding query (out_index), so neither changes a value or a gradient.
+        last = self.tokens - 1
 
         def blocks(x: Tensor, index: Tensor, length: int) -> Tensor:  # [1, h, n, d] -> [nb, h, length, d]
-            padded = torch.cat([x[0], x.new_zeros(x.shape[1], 1, d)], dim=1)
-            return padded.index_select(1, index).view(x.shape[1], nb, length, d).transpose(0, 1)
+            return x[0].index_select(1, index.clamp(max=last)).view(x.shape[1], nb, length, d).transpose(0, 1)
 
-        out = F.scaled_dot_product_attention(
-            blocks(query, self.q_index, self.lq), blocks(key, self.k_index, self.lk),
-            blocks(value, self.k_index, self.lk), attn_mask=self.mask, dropout_p=dropout, scale=scaling,
-            enable_gqa=hk < h)
+        q, k, v = (blocks(query, self.q_index, self.lq), blocks(key, self.k_index, self.lk),
+                   blocks(value, self.k_index, self.lk))
+        if dropout or h % hk or self.kernel == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout, scale=scaling,
+                                                 enable_gqa=hk < h)
+        else:
+            # Query head j reads key/value head j // g (as SDPA's enable_gqa): the g query heads of a
+            # key/value head are one [g · Lq] row block against that head's keys.
+            g = h // hk
+            scores = torch.matmul(q.reshape(nb, hk, g * self.lq, d), k.transpose(-1, -2))
+            scale = d ** -0.5 if scaling is None else scaling
+            scores = torch.add(self.bias(scores.dtype), scores.view(nb, hk, g, self.lq, self.lk), alpha=scale)
+            probs = torch.softmax(scores, dim=-1)
+            out = torch.matmul(probs.view(nb, hk, g * self.lq, self.lk), v).view(nb, h, self.lq, d)
         out = out.transpose(0, 1).reshape(h, nb * self.lq, d).index_select(1, self.out_index)
         return out.transpose(0, 1)[None].contiguous()

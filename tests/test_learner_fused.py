@@ -197,14 +197,16 @@ def _one_rank_update(model_dir: str, zero_stage: int) -> dict:
     clear = (grad.abs() > 1e-5) | (grad == 0)
     return {"diff_clear": float((got - want).abs()[clear].max()), "diff_all": float((got - want).abs().max()),
             "clear_frac": float(clear.double().mean()), "norm": metrics.get("learn/grad_norm"),
-            "want_norm": float(grad.norm()), "loss": metrics["loss/total"], "numel": [got.numel(), want.numel()]}
+            "want_norm": float(grad.norm()), "loss": metrics["loss/total"], "numel": [got.numel(), want.numel()],
+            "one_rank_reduces": getattr(learner.engine.optimizer, "one_rank_reduces", 0)}
 
 
 @pytest.mark.parametrize("zero_stage", [2, 0])
 def test_one_rank_update_equals_full_batch_adamw_step(tiny_llama_dir, zero_stage):
     """Exact global normalization through micro-batches, the fused loss pass and DeepSpeed's step at
-    one rank (ZeRO-2 runs as stage 1 there, rlkit.workers.ds_engine.zero_section): the gradient norm
-    and the weights after an update equal a plain full-batch step (clip to the global norm, AdamW)."""
+    one rank (ZeRO-2 runs as stage 1 there, rlkit.workers.ds_engine.zero_section, with the identity
+    all-reduce skipped, ``one_rank_reduce``): the gradient norm and the weights after an update
+    equal a plain full-batch step (clip to the global norm, AdamW)."""
     import json
     import os
     import subprocess
@@ -222,3 +224,4 @@ def test_one_rank_update_equals_full_batch_adamw_step(tiny_llama_dir, zero_stage
     assert res["diff_clear"] < 1e-3 * lr and res["diff_all"] < 0.1 * lr, res
     if zero_stage:  # DeepSpeed reports the gradient norm with a ZeRO optimizer only
         assert res["norm"] == pytest.approx(res["want_norm"], rel=1e-5), res
+        assert res["one_rank_reduces"] >= 1, res  # the step went through the one-rank reduce

@@ -203,3 +203,37 @@ def test_tree_layout_blocks_attend_prompt_and_own_tokens_only():
     assert take.tolist() == [6, 7, 8, 6, 6, 9, 10, 11, 13, 14, 15, 16, 17, 13, 18]
     with pytest.raises(ValueError, match="exactly one block"):
         TreeLayout.build(3, [(torch.tensor([0, 1]), torch.tensor([0, 1]))])
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
+def test_tree_attention_kernels_agree_with_gradients(heads):
+    """The layout's matmul kernel and SDPA's with the boolean mask give the same outputs and the
+    same query/key/value gradients, grouped-query heads included."""
+    from rlkit.attention import TreeLayout
+    from rlkit.logprobs import _tree_layout
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for gid, (p, lengths) in enumerate([(9, (4, 1, 6)), (3, (2, 5))]):
+        prompt = torch.randint(10, 5000, (p,), generator=g).tolist()
+        rows += [Rollout(prompt, list(range(100, 100 + n)), [0.0] * n, "length", 0, gid, gid) for n in lengths]
+    batch = collate(rows, [0.0] * len(rows), pad_id=0, version=0)
+    layout = _tree_layout(batch, [tuple(rows[0].prompt_ids), tuple(rows[3].prompt_ids)], [[0, 1, 2], [3, 4]],
+                          [4, 1, 6, 2, 5])[0]
+    h, hk = heads
+    n, d = layout.tokens, 16
+    q0, k0, v0 = (torch.randn(1, c, n, d, generator=g, dtype=torch.float64) for c in (h, hk, hk))
+    grad_out = torch.randn(1, n, h, d, generator=g, dtype=torch.float64)
+    results = {}
+    try:
+        for kernel in ("sdpa", "matmul"):
+            TreeLayout.kernel = kernel
+            q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+            out = layout.attend(q, k, v, scaling=0.3)
+            out.backward(grad_out)
+            results[kernel] = (out.detach(), q.grad, k.grad, v.grad)
+    finally:
+        TreeLayout.kernel = "matmul"
+    for want, got in zip(results["sdpa"], results["matmul"]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert results["matmul"][0].abs().sum() > 0 and layout.calls == 2
