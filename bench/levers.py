@@ -21,6 +21,11 @@ same process, ``--repeats`` times, so both see the same machine state.
 * ``learner_tree``: one optimizer step of the learner (DeepSpeed, 2 threads) on a batch the engine
   generated, its groups packed under a dense mask (``sdpa``) or end to end with tree attention
   (``rlkit_sdpa``).
+* ``tree_kernel``: the same step with the tree-attention blocks attended by SDPA's kernel under the
+  boolean mask and by two batched matmuls around a softmax (``TreeLayout.kernel``).
+* ``one_rank_reduce``: the DeepSpeed step of that update (ZeRO-1 at one rank), with DeepSpeed's
+  gradient all-reduce (flatten, divide by 1, one-member all-reduce, copy back) and with it skipped
+  (rlkit/workers/ds_engine.py ``one_rank_reduce``).
 
 Writes ``bench/out/levers.json``; ``bench/report.py`` renders it in docs/benchmarks.md.
 """
@@ -141,10 +146,10 @@ def cache_compaction(engine, gens, prompt_len: int, max_new: int, repeats: int) 
     return out
 
 
-def learner_tree(model_path: Path, gens, repeats: int, threads: int) -> dict[str, Any]:
+def _learner(model_path: Path, gens, threads: int):
+    """A one-rank learner (DeepSpeed) of the e2e configuration, the batch of ``gens`` and advantages."""
     import torch
 
-    from rlkit import attention
     from rlkit.config import load_config
     from rlkit.types import Rollout, collate
     from rlkit.workers.learner import LearnerRank, LearnerSpec
@@ -164,19 +169,85 @@ def learner_tree(model_path: Path, gens, repeats: int, threads: int) -> dict[str
     batch = collate(rolls, rewards.tolist(), 0, 0)
     r = rewards.view(-1, 8)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1, 1) * batch.response_mask_B_T
+    return rank, batch, adv, cfg.learner.micro_batch_size
+
+
+def _train_seconds(rank, batch, adv, setup) -> float:
+    setup()
+    rank.set_batch(batch)
+    t = time.perf_counter()
+    rank.train(adv, {})
+    return time.perf_counter() - t
+
+
+def learner_tree(learner, repeats: int) -> dict[str, Any]:
+    from rlkit import attention
+
+    rank, batch, adv, mb = learner
     model = rank.policy
 
     def run(impl: str):
-        def call(i: int) -> float:
-            model.set_attn_implementation(impl)
-            rank.set_batch(batch)
-            t = time.perf_counter()
-            rank.train(adv, {})
-            return time.perf_counter() - t
-        return call
+        return lambda i: _train_seconds(rank, batch, adv, lambda: model.set_attn_implementation(impl))
 
     out = _alternate(run("sdpa"), run(attention.NAME), repeats)
-    out["rows"], out["micro_batch"] = len(rolls), cfg.learner.micro_batch_size
+    out["rows"], out["micro_batch"] = batch.size, mb
+    return out
+
+
+def tree_kernel(learner, repeats: int) -> dict[str, Any]:
+    from rlkit import attention
+
+    rank, batch, adv, mb = learner
+    rank.policy.set_attn_implementation(attention.NAME)
+
+    def run(kernel: str):
+        def setup():
+            attention.TreeLayout.kernel = kernel
+        return lambda i: _train_seconds(rank, batch, adv, setup)
+
+    try:
+        out = _alternate(run("sdpa"), run("matmul"), repeats)
+    finally:
+        attention.TreeLayout.kernel = "matmul"
+    out["rows"], out["micro_batch"] = batch.size, mb
+    return out
+
+
+def one_rank_reduce(learner, repeats: int) -> dict[str, Any]:
+    """Seconds of the DeepSpeed step of an update (where ZeRO-1 reduces the gradients)."""
+    rank, batch, adv, mb = learner
+    opt, engine = rank.engine.optimizer, rank.engine
+    skip = opt.__dict__.get("allreduce_and_copy")
+    if skip is None:
+        raise RuntimeError("the learner's ZeRO optimizer has no one-rank reduce (rlkit.workers.ds_engine.one_rank_reduce)")
+    seconds: list[float] = []
+    deepspeed_step = engine.step
+
+    def timed_step(*args, **kwargs):
+        t = time.perf_counter()
+        out = deepspeed_step(*args, **kwargs)
+        seconds.append(time.perf_counter() - t)
+        return out
+
+    def run(own: bool):
+        def setup():
+            if own:
+                opt.allreduce_and_copy = skip
+            else:
+                opt.__dict__.pop("allreduce_and_copy", None)
+
+        def call(i: int) -> float:
+            _train_seconds(rank, batch, adv, setup)
+            return seconds[-1]
+        return call
+
+    engine.step = timed_step
+    try:
+        out = _alternate(run(False), run(True), repeats)
+    finally:
+        engine.step = deepspeed_step
+        opt.allreduce_and_copy = skip
+    out["rows"], out["micro_batch"] = batch.size, mb
     return out
 
 
@@ -208,7 +279,10 @@ def main(argv=None) -> int:
               "cache_compaction": cache_compaction(engine, gens, max(len(p) for p in prompts), args.new_tokens,
                                                    args.repeats)}
     del engine
-    levers["learner_tree"] = learner_tree(path, gens, args.repeats, args.threads)
+    learner = _learner(path, gens, args.threads)
+    levers["learner_tree"] = learner_tree(learner, args.repeats)
+    levers["tree_kernel"] = tree_kernel(learner, args.repeats)
+    levers["one_rank_reduce"] = one_rank_reduce(learner, args.repeats)
     for name, r in levers.items():
         print(f"{name}: before {common.fmt(r['before_s'])} s, after {common.fmt(r['after_s'])} s, "
               f"after/before {common.fmt(r['after_over_before'], '.3f')}")

@@ -404,6 +404,10 @@ LEVERS = {
                          "gather of every kept row's whole buffer", "rows kept in place, holes filled from the tail"),
     "learner_tree": ("Learner: packed groups' attention", "one optimizer step over 64 rows (4 micro-batches)",
                      "one row per group under a dense mask", "groups end to end, tree attention"),
+    "tree_kernel": ("Learner: tree-attention kernel", "one optimizer step over 64 rows (4 micro-batches)",
+                    "SDPA (flash kernel, boolean mask)", "two batched matmuls around a softmax"),
+    "one_rank_reduce": ("Learner: one-rank gradient reduce", "DeepSpeed step of one update (ZeRO-1, one rank)",
+                        "DeepSpeed's all-reduce (flatten, ÷1, copy back)", "skipped (identity at one rank)"),
 }
 
 
