@@ -142,10 +142,10 @@ class TreeLayout:
                           self.out_index.to(device), self.lq, self.lk)
 
     def bias(self, dtype: torch.dtype) -> Tensor:
-        """[blocks, 1, 1, Lq, Lk]: 0 where :attr:`mask` attends, −inf elsewhere."""
+        """[1, blocks, 1, Lq, Lk]: 0 where :attr:`mask` attends, −inf elsewhere."""
         if dtype not in self._bias:
             zeros = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
-            self._bias[dtype] = zeros.masked_fill_(~self.mask, float("-inf"))[:, :, None]
+            self._bias[dtype] = zeros.masked_fill_(~self.mask, float("-inf"))[None]
         return self._bias[dtype]
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, *, scaling: float | None = None,
@@ -159,23 +159,28 @@ class TreeLayout:
         # Padding slots gather the last position: a padding key is masked out, and no position's
         # output is read from a padding query (out_index), so neither changes a value or a gradient.
         last = self.tokens - 1
-
-        def blocks(x: Tensor, index: Tensor, length: int) -> Tensor:  # [1, h, n, d] -> [nb, h, length, d]
-            return x[0].index_select(1, index.clamp(max=last)).view(x.shape[1], nb, length, d).transpose(0, 1)
-
-        q, k, v = (blocks(query, self.q_index, self.lq), blocks(key, self.k_index, self.lk),
-                   blocks(value, self.k_index, self.lk))
+        qi, ki = self.q_index.clamp(max=last), self.k_index.clamp(max=last)
+        lq, lk = self.lq, self.lk
         if dropout or h % hk or self.kernel == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout, scale=scaling,
+            def blocks(x: Tensor, index: Tensor, length: int) -> Tensor:  # [1, c, n, d] -> [nb, c, length, d]
+                return x[0].index_select(1, index).view(x.shape[1], nb, length, d).transpose(0, 1)
+
+            out = F.scaled_dot_product_attention(blocks(query, qi, lq), blocks(key, ki, lk), blocks(value, ki, lk),
+                                                 attn_mask=self.mask, dropout_p=dropout, scale=scaling,
                                                  enable_gqa=hk < h)
-        else:
-            # Query head j reads key/value head j // g (as SDPA's enable_gqa): the g query heads of a
-            # key/value head are one [g · Lq] row block against that head's keys.
-            g = h // hk
-            scores = torch.matmul(q.reshape(nb, hk, g * self.lq, d), k.transpose(-1, -2))
-            scale = d ** -0.5 if scaling is None else scaling
-            scores = torch.add(self.bias(scores.dtype), scores.view(nb, hk, g, self.lq, self.lk), alpha=scale)
-            probs = torch.softmax(scores, dim=-1)
-            out = torch.matmul(probs.view(nb, hk, g * self.lq, self.lk), v).view(nb, h, self.lq, d)
-        out = out.transpose(0, 1).reshape(h, nb * self.lq, d).index_select(1, self.out_index)
-        return out.transpose(0, 1)[None].contiguous()
+            out = out.transpose(0, 1).reshape(h, nb * lq, d).index_select(1, self.out_index)
+            return out.transpose(0, 1)[None].contiguous()
+        # Query head j reads key/value head j // g (as SDPA's enable_gqa): the g query heads of a
+        # key/value head are one [g · Lq] row block against that head's keys. Batched over
+        # (key/value head, block): keys and values as gathered, the queries permuted once.
+        g = h // hk
+        q = query[0].index_select(1, qi).view(hk, g, nb, lq, d).transpose(1, 2).reshape(hk * nb, g * lq, d)
+        k = key[0].index_select(1, ki).view(hk * nb, lk, d)
+        v = value[0].index_select(1, ki).view(hk * nb, lk, d)
+        scale = d ** -0.5 if scaling is None else scaling
+        scores = torch.bmm(q, k.transpose(1, 2)).view(hk, nb, g, lq, lk)
+        probs = torch.softmax(torch.add(self.bias(scores.dtype), scores, alpha=scale), dim=-1)
+        out = torch.bmm(probs.view(hk * nb, g * lq, lk), v).view(hk, nb, g, lq, d)
+        # [hk, nb, g, lq, d] -> [nb · lq, h, d] (head hk · g + g', as the input's) -> each position's row.
+        out = out.permute(1, 3, 0, 2, 4).reshape(nb * lq, h, d).index_select(0, self.out_index)
+        return out[None]

@@ -102,6 +102,22 @@ def _chunk_rows(v: int, chunk_size: int | None) -> int:
     return chunk_size
 
 
+def _masked_dot(w: Tensor, x: Tensor) -> Tensor:
+    """Σ_v w·x per row [C], a term with w = 0 counted as 0 (so w = 0 against x = ±∞ is 0, not NaN).
+
+    The plain product-sum first (two passes over [C, V]); only the rows it left NaN, where some
+    w = 0 met an infinite x or either held a NaN, are summed again under ``where(w > 0, …)``. Equal
+    to the ``where`` sum on every row (the same products in the same order; a masked term is 0
+    instead of −0)."""
+    out = (w * x).sum(-1)
+    bad = torch.isnan(out)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        wr = w.index_select(0, rows)
+        out[rows] = torch.where(wr > 0, wr * x.index_select(0, rows), torch.zeros((), dtype=w.dtype, device=w.device)).sum(-1)
+    return out
+
+
 def _row_stats(z: Tensor, y: Tensor, r: Tensor | None, direction: str, want_entropy: bool):
     """Per-row softmax statistics of scaled logits z [C, V] (may hold −inf) at labels y [C].
 
@@ -110,7 +126,6 @@ def _row_stats(z: Tensor, y: Tensor, r: Tensor | None, direction: str, want_entr
     q = 0 terms as 0 (xlogy), so masked vocabulary entries never give NaN. The CUDA twin of this
     function is ``rlkit.kl_triton.row_stats``.
     """
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
     m = z.amax(-1, keepdim=True)  # a row with every entry −inf is not a distribution: NaN
     z_y = z.gather(1, y[:, None]).squeeze(1)
     # Log-prob only: p overwrites z, so one [C, V] buffer is all the chunk needs.
@@ -120,13 +135,12 @@ def _row_stats(z: Tensor, y: Tensor, r: Tensor | None, direction: str, want_entr
     p.div_(total)
     lse = (m + total.log()).squeeze(1)
     logp = z_y - lse
-    ez = torch.where(p > 0, p * z, zero).sum(-1) if want_entropy else None
+    ez = _masked_dot(p, z) if want_entropy else None
     kl = None
     if r is not None and direction == "forward":  # Σ q (log q − log π)
-        q = torch.exp(r)
-        kl = torch.where(q > 0, q * (r - z + lse[:, None]), zero).sum(-1)
+        kl = _masked_dot(torch.exp(r), r - z + lse[:, None])
     elif r is not None:  # Σ π (log π − log q)
-        kl = torch.where(p > 0, p * (z - lse[:, None] - r), zero).sum(-1)
+        kl = _masked_dot(p, z - lse[:, None] - r)
     return p, lse, logp, ez, kl
 
 
@@ -186,8 +200,10 @@ def _sweep(h, W, b, y, ref: _Ref | None, temperature, chunk, want_entropy, coef_
     dh = dW = db = None
     if coef_fn is not None:
         dh = torch.empty(n, h.shape[1], dtype=acc, device=h.device) if need[0] else None
-        dW = torch.zeros(v, h.shape[1], dtype=acc, device=h.device) if need[1] else None
-        db = torch.zeros(v, dtype=acc, device=h.device) if (b is not None and need[1]) else None
+        # dW and db are written by the first chunk and accumulated by the rest (no zero fill of V × D).
+        alloc = torch.empty if n else torch.zeros  # no chunk at all: the gradient is zero
+        dW = alloc(v, h.shape[1], dtype=acc, device=h.device) if need[1] else None
+        db = alloc(v, dtype=acc, device=h.device) if (b is not None and need[1]) else None
     for s in range(0, n, chunk):
         rows = slice(s, min(s + chunk, n))
         hc = h[rows].detach().to(acc)
@@ -212,9 +228,9 @@ def _sweep(h, W, b, y, ref: _Ref | None, temperature, chunk, want_entropy, coef_
         if dh is not None:
             torch.mm(g, Wa, out=dh[rows])
         if dW is not None:
-            dW.addmm_(g.t(), hc)
+            torch.mm(g.t(), hc, out=dW) if s == 0 else dW.addmm_(g.t(), hc)
         if db is not None:
-            db.add_(g.sum(0))
+            torch.sum(g, 0, out=db) if s == 0 else db.add_(g.sum(0))
         del g  # free before the next chunk's logits are allocated: one [C, V] buffer at a time
     return logp, ent, kl, dh, dW, db
 

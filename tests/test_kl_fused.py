@@ -286,3 +286,22 @@ def test_older_import_path_and_import_order():
 
     with pytest.raises(AttributeError):
         rlkit.kl.no_such_name  # noqa: B018
+
+
+def test_masked_dot_equals_where_sum_on_every_row():
+    """Σ w·x with w = 0 terms as 0: finite rows, a zero weight against ±∞, and NaN rows give what
+    the ``where(w > 0, w·x, 0)`` sum gives."""
+    from rlkit.kl_fused import _masked_dot
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.softmax(torch.randn(6, 50, generator=g, dtype=torch.float64), -1)
+    x = torch.randn(6, 50, generator=g, dtype=torch.float64) * 5
+    w[1, :10] = 0.0
+    x[1, :10] = float("-inf")  # masked entries: 0 · −∞
+    w[2, 3], x[2, 4] = 0.0, float("inf")  # a zero weight elsewhere; an infinite term with w > 0 stays ∞
+    w[3, :] = float("nan")  # a row that is not a distribution
+    x[4, 7] = float("nan")
+    want = torch.where(w > 0, w * x, torch.zeros((), dtype=w.dtype)).sum(-1)
+    got = _masked_dot(w, x)
+    assert torch.isinf(got[2]) and not torch.isnan(got[1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
