@@ -76,11 +76,16 @@ def one_rank_reduce(engine) -> bool:
     passes one) and defers to DeepSpeed for any group of several ranks. Returns whether it was
     installed (a ZeRO stage 1/2 optimizer on one rank, no sequence parallelism, no overlapped
     communication)."""
+    import inspect
+
     import torch.distributed as dist
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt = engine.optimizer
+    expected = ["self", "small_bucket", "communication_data_type", "rank", "log", "divide", "process_group",
+                "output_bucket"]  # the method this replaces, as in DeepSpeed 0.19; another signature: leave it
     if (not isinstance(opt, DeepSpeedZeroOptimizer) or getattr(opt, "sequence_parallel_size", 1) != 1
+            or list(inspect.signature(DeepSpeedZeroOptimizer.allreduce_and_copy).parameters) != expected
             or opt.overlap_comm or dist.get_world_size(group=opt.dp_process_group) != 1):
         return False
     deepspeed_reduce = opt.allreduce_and_copy
