@@ -48,7 +48,8 @@ def zero_section(stage: int, world: int, offload_optimizer: bool = False, offloa
     partition, overflow check, gradient norm and checkpoint files, so checkpoints load either way),
     where autograd accumulates the micro-batches' gradients in place and the step flattens them
     once; ``contiguous_gradients`` off skips stage 1's copy of every gradient into a contiguous
-    buffer as well. Stage 0 and 3, and several ranks, are as configured.
+    buffer as well, and :func:`one_rank_reduce` its all-reduce of one member. Stage 0 and 3, and
+    several ranks, are as configured.
 
     ``offload_optimizer`` (ZeRO ≥ 1) keeps the fp32 partitions and Adam's states in host memory
     and steps them there (ZeRO-Offload, Ren et al. 2021, arXiv:2101.06840); ``offload_params``
