@@ -281,8 +281,11 @@ class Runtime:
 
         try:
             ray.get([a.close_shm.remote() for a in self.learners[:1]], timeout=30)
-        except Exception:  # the learner's own exit releases the segments too
+        except Exception:  # a dead learner: its segments are unlinked below
             pass
+        from rlkit.sync import release_shm_segments
+
+        release_shm_segments()  # what a killed learner left in this node's shared memory
 
         for w in self.rollout:
             try:

@@ -30,6 +30,7 @@ The wire format of the collective transport, shared by both ends, is at the bott
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import time
@@ -85,16 +86,41 @@ class Transport(Protocol):
         returns ``names``, ``bytes`` and ``sums`` (the learner's checksum of each tensor)."""
 
 
+_SHM_SEGMENTS: list[str] = []
+"""Names of the shared-memory segments this process's :class:`ShmTransport` s had the learner create."""
+
+
+def shm_segments() -> list[str]:
+    return list(_SHM_SEGMENTS)
+
+
+def release_shm_segments() -> list[str]:
+    """Unlink every segment this process's transports named that is still on this node (the
+    learner closes its own on a clean shutdown; one that was killed cannot). Runs from
+    ``Runtime.shutdown`` and at this process's exit. Returns the names removed."""
+    from rlkit.workers.shm_sync import unlink
+
+    names = list(_SHM_SEGMENTS)
+    _SHM_SEGMENTS.clear()
+    return unlink(names)
+
+
 class ShmTransport:
     """Same node: rank 0 writes the weights into a shared-memory slot once; each worker maps it
-    (:mod:`rlkit.workers.shm_sync`)."""
+    (:mod:`rlkit.workers.shm_sync`). The driver keeps the segments' names and unlinks what a
+    killed learner left (:func:`release_shm_segments`)."""
 
     name = "shm"
     timeout_s: Optional[float] = None
 
     def __init__(self, learners: Sequence[Any], zero_stage: int):
+        from rlkit.workers.shm_sync import segment_names
+
         self.learners, self.zero_stage = learners, zero_stage
         self.tag = uuid.uuid4().hex[:12]
+        if not _SHM_SEGMENTS:
+            atexit.register(release_shm_segments)
+        _SHM_SEGMENTS.extend(segment_names(self.tag))
 
     def send(self, version: int, targets: Sequence[Any]) -> dict[str, Any]:
         state = on_learners(self.learners, self.zero_stage, "shm_state", self.tag, timeout_s=self.timeout_s)

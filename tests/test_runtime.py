@@ -4,6 +4,7 @@ SmolLM2's real tokenizer. One Ray session serves the module."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,14 @@ def test_grpo_three_steps_changes_weights_and_syncs(ray_session, tmp_path, tiny_
         rt.sync(skip=(0,))
     for a in rt.learners + rt.rollout + [rt.reward]:
         ray.kill(a)
+    # The killed learner never closed its shared-memory slots; the driver unlinks them.
+    from rlkit.sync import release_shm_segments, shm_segments
+    from rlkit.workers.shm_sync import segment_names
+
+    left = [n for n in segment_names(rt.weight_sync.transport.tag) if os.path.exists(f"/dev/shm/{n}")]
+    assert left and set(left) <= set(shm_segments())
+    assert set(left) <= set(release_shm_segments())
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in left) and not shm_segments()
 
 
 def test_lora_trains_adapters_and_syncs_only_them(ray_session, tmp_path, tiny_model):

@@ -57,6 +57,31 @@ def views(buf, entries: list[Entry]) -> dict[str, Tensor]:
     return out
 
 
+def segment_names(tag: str) -> list[str]:
+    """The two segments of a writer of ``tag``."""
+    return [f"rlkit_{tag}_{slot}" for slot in range(2)]
+
+
+def unlink(names: list[str]) -> list[str]:
+    """Remove the named segments from this node's shared memory, where they still exist (a learner
+    that was killed never closed them: they would hold the weights' RAM twice until reboot).
+    Processes that mapped one keep their mapping; the memory goes with the last of them. Returns
+    the names removed."""
+    removed = []
+    for name in names:
+        try:
+            seg = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            continue
+        seg.close()
+        try:
+            seg.unlink()  # also drops this process's resource-tracker entry
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 class ShmWriter:
     """Learner side: two segments, written alternately."""
 
@@ -64,9 +89,8 @@ class ShmWriter:
         self.entries, self.size = layout(named)
         self.segments = []
         try:
-            for slot in range(2):
-                self.segments.append(shared_memory.SharedMemory(name=f"rlkit_{tag}_{slot}", create=True,
-                                                                size=self.size))
+            for name in segment_names(tag):
+                self.segments.append(shared_memory.SharedMemory(name=name, create=True, size=self.size))
         except BaseException:
             self.close()
             raise
@@ -88,8 +112,11 @@ class ShmWriter:
         for s in self.segments:
             try:
                 s.close()
+            except BufferError:  # a view is still alive: the mapping goes with it
+                pass
+            try:
                 s.unlink()
-            except (FileNotFoundError, BufferError):
+            except FileNotFoundError:
                 pass
         self.segments = []
 
