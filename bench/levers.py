@@ -199,6 +199,7 @@ def tree_kernel(learner, repeats: int) -> dict[str, Any]:
 
     rank, batch, adv, mb = learner
     rank.policy.set_attn_implementation(attention.NAME)
+    default = attention.TreeLayout.kernel
 
     def run(kernel: str):
         def setup():
@@ -208,7 +209,7 @@ def tree_kernel(learner, repeats: int) -> dict[str, Any]:
     try:
         out = _alternate(run("sdpa"), run("matmul"), repeats)
     finally:
-        attention.TreeLayout.kernel = "matmul"
+        attention.TreeLayout.kernel = default
     out["rows"], out["micro_batch"] = batch.size, mb
     return out
 

@@ -17,10 +17,10 @@ responses). :class:`TreeLayout` lays the packed groups of a micro-batch end to e
 and cuts the attention into blocks: each response's queries against the prompt's keys and its own,
 each prompt chunk's queries against the prompt up to it. The blocks are gathered, attended together
 and scattered back; passed as the ``rlkit_tree`` keyword of the backbone's forward, which
-transformers hands every attention call. The blocks are small (a response's queries against about
-a hundred keys), where two batched matmuls around a softmax, with each key/value head shared by its
-query heads through a view, take 0.6× the forward-and-backward time of SDPA's flash kernel on the
-CPU (SmolLM2's learner shape, 2 threads; docs/benchmarks.md, "Levers").
+transformers hands every attention call. SDPA's kernel attends the blocks by default; ``TreeLayout.kernel
+= "matmul"`` takes two batched matmuls around a softmax instead. On the blocks alone that is 0.6×
+flash's forward-and-backward time (SmolLM2's learner shape, 2 threads), but with the gathers a
+whole learner step is no faster (docs/benchmarks.md, "Levers").
 
 On CUDA transformers' own ``sdpa`` stays: a masked GQA call there can fall back to the math kernel
 (see ``use_gqa_in_sdpa`` in transformers), where the repeated heads keep the fused kernels.
@@ -107,9 +107,9 @@ class TreeLayout:
     lk: int
     calls: int = field(default=0, compare=False)
     """Attention calls that used the layout (one per layer and forward)."""
-    kernel: ClassVar[str] = "matmul"
-    """How the blocks are attended: "matmul" (two batched matmuls around a softmax) or "sdpa"
-    (SDPA's kernel with the boolean mask; always taken for dropout)."""
+    kernel: ClassVar[str] = "sdpa"
+    """How the blocks are attended: "sdpa" (the default: SDPA's kernel with the boolean mask; always
+    taken for dropout) or "matmul" (two batched matmuls around a softmax)."""
     _bias: dict = field(default_factory=dict, compare=False, repr=False)
     """The mask as an additive bias (0 or −inf) per dtype, built on first use."""
 

@@ -224,7 +224,7 @@ def test_tree_attention_kernels_agree_with_gradients(heads):
     n, d = layout.tokens, 16
     q0, k0, v0 = (torch.randn(1, c, n, d, generator=g, dtype=torch.float64) for c in (h, hk, hk))
     grad_out = torch.randn(1, n, h, d, generator=g, dtype=torch.float64)
-    results = {}
+    results, default = {}, TreeLayout.kernel
     try:
         for kernel in ("sdpa", "matmul"):
             TreeLayout.kernel = kernel
@@ -233,7 +233,7 @@ def test_tree_attention_kernels_agree_with_gradients(heads):
             out.backward(grad_out)
             results[kernel] = (out.detach(), q.grad, k.grad, v.grad)
     finally:
-        TreeLayout.kernel = "matmul"
+        TreeLayout.kernel = default
     for want, got in zip(results["sdpa"], results["matmul"]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert results["matmul"][0].abs().sum() > 0 and layout.calls == 2
