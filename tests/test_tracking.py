@@ -8,6 +8,7 @@ import dataclasses
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,23 @@ def test_tensorboard_gets_config_scalars_table_plots_and_summary(tmp_path):
     assert acc.Images("plots/reward")[0].encoded_image_string[:4] == b"\x89PNG"
 
 
-def _wandb_records(run_dir: Path) -> list:
-    """Records of the W&B offline transaction log (``run-*.wandb``): LevelDB-style 32 KiB blocks of
-    (crc32, length, type) framed chunks after a 7-byte header, each record a protobuf Record."""
+def _wandb_records(run_dir: Path, timeout_s: float = 60.0) -> list:
+    """Records of the W&B offline transaction log (``run-*.wandb``), once it holds the run's exit record.
+
+    ``run.finish()`` returns when the service has handled the exit record, but it only *informs* the
+    service that the stream is finished (a publish, not a request): the service flushes and closes the
+    log afterwards, so a loaded machine can read the file before its records are there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = _read_wandb_log(run_dir)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _read_wandb_log(run_dir: Path) -> list:
+    """The LevelDB-style log: 32 KiB blocks of (crc32, length, type) framed chunks after a 7-byte
+    header, each record a protobuf Record."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
@@ -116,6 +131,8 @@ def _wandb_records(run_dir: Path) -> list:
         if kind == 0 and length == 0:
             pos += block - pos % block
             continue
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):  # full or last chunk: a whole record
@@ -128,6 +145,8 @@ def _wandb_records(run_dir: Path) -> list:
 def test_wandb_offline_run_reads_back(tmp_path, offline):
     metrics, summary = _log_a_run(tmp_path, ["wandb"])
     records = _wandb_records(tmp_path)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "run" in kinds and "exit" in kinds, kinds
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.display_name == "tiny-run" and list(run.tags) == ["t1", "t2"] and run.project == "rlkit"
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
