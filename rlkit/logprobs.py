@@ -45,7 +45,9 @@ def response_positions(batch: TrainBatch) -> tuple[Tensor, Tensor]:
 
 def support_logprobs(logits_N_V: Tensor, sampling) -> Tensor:
     """log-softmax over the sampler's support: logits / T, then top-k and top-p truncation."""
-    z = logits_N_V.float() / sampling.temperature
+    z = logits_N_V.float()
+    if sampling.temperature != 1.0:
+        z = z / sampling.temperature
     if sampling.top_k and sampling.top_k < z.shape[-1]:
         kth = torch.topk(z, sampling.top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))

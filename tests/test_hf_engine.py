@@ -249,6 +249,10 @@ def test_two_level_draw_matches_the_distribution_and_never_leaves_its_support():
     freq = torch.stack([(got == t).float().mean() for t in support])
     # 20,000 draws: standard error at most sqrt(0.25 / 20000) ~ 0.0035; 4 sigma.
     assert (freq - probs).abs().max() < 0.014, freq
+    # The decode loop's reused buffer (more rows than this step's, garbage in the padded tail)
+    # draws the same tokens as a fresh one.
+    buffer = torch.full((20003, 1024), float("nan"))
+    assert torch.equal(draw(lp, torch.Generator().manual_seed(0), out=buffer), got)
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
