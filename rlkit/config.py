@@ -59,6 +59,13 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(48, gt=0)
     threads: int = Field(2, ge=1)
     """torch threads inside each rollout worker."""
+    matmul_dtype: Literal["auto", "bfloat16"] = "auto"
+    """What the HF engine's linear layers multiply in on the CPU. "auto": the weights' dtype.
+    "bfloat16": oneDNN bf16 kernels (AMX / AVX512-BF16) on bf16 copies of fp32 weights, for every
+    linear layer but the LM head; norms, attention, the KV cache, logits and sampling stay fp32
+    and the fp32 weights stay what syncs write and checksums read. The sampler's distribution then
+    differs from the learner's by bf16 rounding (the learner logs ``gap/kl`` and ``gap/max_ratio``; see
+    ``rollout.is_correction``), as with a bf16 vLLM beside an fp32 learner (docs/benchmarks.md)."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs per vLLM engine (tensor parallelism). Above 1 the engine must be "vllm" and each
     rollout worker must ask for that many GPUs (``resources.rollout_gpus``) on one node."""
@@ -291,6 +298,9 @@ class RunConfig(Section):
         if self.learner.offload_optimizer and self.learner.zero_stage == 0:
             raise ValueError("learner.offload_optimizer needs learner.zero_stage ≥ 1 (DeepSpeed offloads the "
                              "ZeRO optimizer)")
+        if self.rollout.matmul_dtype != "auto" and self.rollout.engine != "hf":
+            raise ValueError(f"rollout.matmul_dtype: {self.rollout.matmul_dtype} applies to rollout.engine: hf "
+                             "(vLLM computes in model.dtype); remove it or set rollout.engine: hf")
         if self.learner.zero_stage == 3 and self.learner.lora.enabled:
             # A LoRA sync reads adapters and merged weights directly; under ZeRO-3 they are shards.
             raise ValueError("learner.lora.enabled with learner.zero_stage 3 is not supported: LoRA keeps "

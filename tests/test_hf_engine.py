@@ -181,6 +181,40 @@ def _prompts(lengths=(5, 9, 3)) -> list[list[int]]:
     return [torch.randint(10, 5000, (n,), generator=g).tolist() for n in lengths]
 
 
+def test_bf16_matmuls_keep_fp32_weights_and_head_and_sample_a_close_distribution(engine):
+    """``rollout.matmul_dtype: bfloat16``: the decoder's linears (the fused step's concatenations
+    included) multiply bf16 copies, the LM head and the parameters stay fp32, a weight load reaches
+    the bf16 copies, and sampled log-probs stay within bf16 rounding of the fp32 model's."""
+    from rlkit.workers.hf_engine import _packed_ops_work
+
+    if not engine.packed.enabled or not _packed_ops_work(4, torch.bfloat16):
+        pytest.skip("oneDNN bf16 packed linear ops are not available on this CPU / torch build")
+    bf = HFEngine(str(engine.tokenizer.name_or_path), threads=1, batch_size=12, matmul_dtype="bfloat16")
+    bf.load_weights(list(engine.named_weights().items()))  # the fixture's sharpened weights
+    assert bf.fused is not None and all(p.dtype == torch.float32 for p in bf.model.parameters())
+    sampling = SamplingConfig(temperature=8.0, max_new_tokens=12)  # spread out (the fixture sharpens)
+    prompts = _prompts()
+    gens = bf.generate(prompts, 3, sampling, seed=7)
+    layer = bf.model.model.layers[0]
+    assert layer.self_attn.o_proj._rlkit_packed.dtype == torch.bfloat16
+    assert bf.fused.layers[0][1].weight.dtype == torch.bfloat16  # q/k/v concatenation
+    assert bf.model.lm_head._rlkit_packed.dtype == torch.float32
+    gaps = []
+    for g in gens:
+        ids = torch.tensor([g.prompt_ids + g.completion_ids])
+        logits = engine.model(input_ids=ids).logits[0, len(g.prompt_ids) - 1: -1].detach()  # plain fp32
+        ref = support_logprobs(logits, sampling).gather(-1, ids[0, len(g.prompt_ids):, None]).squeeze(-1)
+        gaps.append((torch.tensor(g.logprobs) - ref).abs())
+    gap = torch.cat(gaps)
+    assert 0 < gap.max() < 0.1, gap.max()  # bf16 products were used, and stay close
+    name, ids = "model.layers.0.self_attn.q_proj.weight", torch.tensor([prompts[1]])
+    with torch.no_grad():
+        before = bf.model(input_ids=ids).logits
+        bf.load_weights([(name, engine.named_weights()[name] * 3.0)])
+        after = bf.model(input_ids=ids).logits
+        assert (after - before).abs().max() > 1e-2  # the new weight reached the bf16 copy
+
+
 @pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0.7, max_new_tokens=12),
                                       SamplingConfig(temperature=1.0, top_k=20, max_new_tokens=12),
                                       SamplingConfig(temperature=1.3, top_p=0.8, max_new_tokens=12)],

@@ -273,6 +273,14 @@ def test_offload_needs_the_zero_stage_that_offloads():
     assert _cfg("learner.offload_params=true", "learner.offload_optimizer=true", "learner.zero_stage=3")
 
 
+def test_bf16_matmuls_are_an_hf_engine_option():
+    with pytest.raises(ConfigError, match="rollout.matmul_dtype: bfloat16 applies to rollout.engine: hf"):
+        _cfg("rollout.matmul_dtype=bfloat16", "rollout.engine=vllm")
+    with pytest.raises(ConfigError, match="matmul_dtype"):
+        _cfg("rollout.matmul_dtype=float16")
+    assert _cfg("rollout.matmul_dtype=bfloat16").rollout.matmul_dtype == "bfloat16"
+
+
 def test_gpu_fit_unchecked_without_a_gpu_size_says_so(tmp_path):
     r = plan(_cfg(f"model.path={_qwen_like(tmp_path)}", *DECLARED, "resources.learner_gpus=1"), prompt_len=64)
     assert any("GPU memory fit not checked" in w for w in r.warnings)

@@ -41,21 +41,26 @@ class _Packed:
     """``F.linear`` over the concatenation of some linears' weights (and biases), on a
     oneDNN-packed copy for ``rows`` rows when ``packed``; rebuilt when any part's storage or
     in-place version changes (a weight sync), so the parameters themselves stay the truth.
-    A single linear needs none of this: its own forward (:class:`PackedLinears`) packs it."""
+    A single linear needs none of this: its own forward (:class:`PackedLinears`) packs it.
+    ``matmul_dtype`` (packed only; None: the weights' own): the dtype the copy holds and the product
+    is computed in, the input rounded to it and the output widened back (``rollout.matmul_dtype``)."""
 
     def __init__(self, linears: list[torch.nn.Linear], rows: int, packed: bool):
         self.linears, self.rows, self.packed = linears, rows, packed
+        self.matmul_dtype: Optional[torch.dtype] = None
         self.stamp: Optional[tuple] = None
 
     def _current(self) -> tuple:
-        return tuple((m.weight.data_ptr(), m.weight._version) + (
+        return (self.matmul_dtype,) + tuple((m.weight.data_ptr(), m.weight._version) + (
             (m.bias.data_ptr(), m.bias._version) if m.bias is not None else ()) for m in self.linears)
 
     def _build(self) -> None:
-        w = torch.cat([m.weight.detach() for m in self.linears])
+        dt = self.matmul_dtype or self.linears[0].weight.dtype
+        w = torch.cat([m.weight.detach() for m in self.linears]).to(dt)
         biases = [m.bias for m in self.linears]
         self.bias = None if all(b is None for b in biases) else torch.cat([
-            b.detach() if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(self.linears, biases)])
+            b.detach() if b is not None else m.weight.new_zeros(m.out_features)
+            for m, b in zip(self.linears, biases)]).to(dt)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(w, self.rows) if self.packed else w
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -64,7 +69,8 @@ class _Packed:
             self._build()
             self.stamp = stamp
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, "none", [], "")
+            return y.to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -102,6 +108,14 @@ class FusedDecoder:
                 _Packed([m.gate_proj, m.up_proj], rows, packed), m.down_proj, a.scaling))
         self.head = model.lm_head
         self.intermediate = cfg.intermediate_size
+
+    def set_matmul_dtype(self, dtype: torch.dtype) -> None:
+        """Multiply the q/k/v and gate/up concatenations in ``dtype`` (packed copies only; the single
+        linears follow :meth:`rlkit.workers.hf_engine.PackedLinears.set_matmul_dtype`)."""
+        for layer in self.layers:
+            for part in (layer[1], layer[4]):
+                if part.packed:
+                    part.matmul_dtype = dtype
 
     @classmethod
     def build(cls, model: torch.nn.Module, rows: int, packed: bool) -> Optional["FusedDecoder"]:

@@ -207,7 +207,7 @@ def append_cache(config, room: int):
 
 
 class PackedLinears:
-    """Inference-time linear layers on oneDNN-packed copies of their weights (fp32, CPU).
+    """Inference-time linear layers on oneDNN-packed copies of their weights (fp32 weights, CPU).
 
     At decode shapes (tens of rows) a oneDNN matmul on a weight reordered once for that batch size
     is faster than ``F.linear`` on the plain weight: measured here at 64 rows, 2 threads, SmolLM2's
@@ -216,24 +216,43 @@ class PackedLinears:
     counter differs from the packed one's); the parameters themselves stay as they are (they are
     what syncs write and checksums read). With gradients enabled, or when the ops are missing or
     disagree with ``F.linear`` on a probe, the plain op runs.
+
+    :meth:`set_matmul_dtype` (``rollout.matmul_dtype: bfloat16``) packs bfloat16 copies instead and
+    multiplies in bfloat16 (oneDNN's AMX / AVX512-BF16 kernels): each input is rounded to bf16 and
+    each output widened back to the weights' dtype, so norms, residuals, attention, the KV cache and
+    the LM head (``keep``) stay in fp32 while the fp32 weights remain the synced, checksummed truth.
     """
 
-    def __init__(self, model: torch.nn.Module, rows: int):
+    def __init__(self, model: torch.nn.Module, rows: int, keep: tuple[torch.nn.Module, ...] = ()):
         self.linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
-        self.enabled = bool(self.linears) and _packed_ops_work(rows)
+        self.keep = [m for m in self.linears if any(m is k for k in keep)]
+        self.enabled = bool(self.linears) and _packed_ops_work(rows, torch.float32)
+        self.matmul_dtype = torch.float32
         if self.enabled:
             for m in self.linears:
-                m._rlkit_rows = rows
+                m._rlkit_rows, m._rlkit_dtype = rows, torch.float32
                 m.forward = _packed_forward.__get__(m)
 
+    def set_matmul_dtype(self, dtype: torch.dtype) -> None:
+        """Multiply every packed linear but ``keep`` in ``dtype`` (their packed copies are rebuilt)."""
+        if dtype != torch.float32 and not (self.enabled and _packed_ops_work(self.linears[0]._rlkit_rows, dtype)):
+            raise ValueError(f"rollout.matmul_dtype: {str(dtype).removeprefix('torch.')} needs fp32 weights on a "
+                             "CPU whose oneDNN multiplies in that dtype (the HF engine's packed linears); "
+                             "use rollout.matmul_dtype: auto here")
+        self.matmul_dtype = dtype
+        for m in self.linears:
+            m._rlkit_dtype = torch.float32 if any(m is k for k in self.keep) else dtype
+            m._rlkit_stamp = None
 
-def _packed_ops_work(rows: int) -> bool:
+
+def _packed_ops_work(rows: int, dtype: torch.dtype = torch.float32) -> bool:
     try:
         w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
         x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return bool(torch.allclose(y, torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4))
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), rows)
+        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, None, "none", [], "").float()
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        return bool(torch.allclose(y, torch.nn.functional.linear(x, w), rtol=tol, atol=tol * 8))
     except (AttributeError, RuntimeError):
         return False
 
@@ -241,20 +260,24 @@ def _packed_ops_work(rows: int) -> bool:
 def _packed_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
     if torch.is_grad_enabled():
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    stamp = (self.weight.data_ptr(), self.weight._version)
+    dtype = self._rlkit_dtype
+    stamp = (self.weight.data_ptr(), self.weight._version, dtype)
     if getattr(self, "_rlkit_stamp", None) != stamp:
         with torch.no_grad():
-            self._rlkit_packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self._rlkit_rows)
+            self._rlkit_packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(dtype),
+                                                                         self._rlkit_rows)
+            self._rlkit_bias = None if self.bias is None else self.bias.detach().to(dtype)
         self._rlkit_stamp = stamp
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self._rlkit_packed, self.bias, "none", [], "")
-    return y.view(*x.shape[:-1], y.shape[-1])
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype), self._rlkit_packed,
+                                           self._rlkit_bias, "none", [], "")
+    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
 
 class HFEngine:
     """The decoding engine on ``device`` ("cuda" when a GPU is visible, else "cpu"; default: that choice)."""
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", threads: int = 1, batch_size: int = 64,
-                 device: str | None = None, fused: bool = True):
+                 device: str | None = None, fused: bool = True, matmul_dtype: str = "auto"):
         from transformers import AutoModelForCausalLM
 
         from rlkit.assets import load_tokenizer
@@ -270,10 +293,18 @@ class HFEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.batch_size = batch_size
         # oneDNN-packed weights are a CPU optimization; on CUDA the plain linears run.
-        self.packed = PackedLinears(self.model if self.device.type == "cpu" else torch.nn.Module(), batch_size)
+        self.packed = PackedLinears(self.model if self.device.type == "cpu" else torch.nn.Module(), batch_size,
+                                    keep=(self.model.get_output_embeddings(),))
         # CPU: a Llama-family decode step in fused ops (rlkit.workers.fused_decode), when its probe agrees.
         self.fused = (FusedDecoder.build(self.model, batch_size, packed=self.packed.enabled)
                       if fused and self.device.type == "cpu" else None)
+        if matmul_dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"rollout.matmul_dtype: unknown value {matmul_dtype!r}; valid: ['auto', 'bfloat16']")
+        if matmul_dtype == "bfloat16" and dtype != "bfloat16":
+            # After the fused step's probe, which checks its arithmetic against transformers' at fp32.
+            self.packed.set_matmul_dtype(torch.bfloat16)
+            if self.fused is not None:
+                self.fused.set_matmul_dtype(torch.bfloat16)
         self.gate = WeightGate()
         """Forwards and weight loads exclude each other (a load from another thread lands between steps)."""
         self.policy_version = 0

@@ -35,7 +35,7 @@ from rlkit.workers.engine import SamplingConfig
 
 
 def make_engine(engine: str, model_dir: str, *, dtype: str, threads: int, seed: int, max_model_len: int,
-                tensor_parallel_size: int | None = None):
+                tensor_parallel_size: int | None = None, matmul_dtype: str = "auto"):
     """The worker's engine on this process's device: CUDA when Ray gave it a GPU, else CPU.
 
     ``dtype`` "auto" resolves here (:meth:`rlkit.config.ModelConfig.resolved_dtype`: bf16 on GPU,
@@ -57,8 +57,11 @@ def make_engine(engine: str, model_dir: str, *, dtype: str, threads: int, seed: 
             raise ValueError(f"rollout.tensor_parallel_size: {tp} needs rollout.engine: vllm")
         from rlkit.workers.hf_engine import HFEngine
 
-        return HFEngine(model_dir, dtype=dtype, threads=threads, device="cuda" if on_gpu else "cpu")
+        return HFEngine(model_dir, dtype=dtype, threads=threads, device="cuda" if on_gpu else "cpu",
+                        matmul_dtype=matmul_dtype)
     if engine == "vllm":
+        if matmul_dtype != "auto":
+            raise ValueError(f"rollout.matmul_dtype: {matmul_dtype} applies to rollout.engine: hf")
         if not vllm_installed():
             raise ImportError(f"rollout.engine: vllm is not installed; {VLLM_EXTRA}, or set rollout.engine: hf")
         from rlkit.workers.vllm_engine import VLLMEngine
@@ -75,12 +78,13 @@ SYNC_METHODS = ("ready", "load_buckets", "load_shm", "load_ipc", "collective_joi
 
 class RolloutWorker:
     def __init__(self, model_dir: str, *, engine: str = "hf", dtype: str = "float32", threads: int = 1,
-                 seed: int = 0, worker_index: int = 0, max_model_len: int = 1024, partial_kv: str = "keep"):
+                 seed: int = 0, worker_index: int = 0, max_model_len: int = 1024, partial_kv: str = "keep",
+                 matmul_dtype: str = "auto"):
         from rlkit.workers import claim_cpu
 
         claim_cpu(threads)
         self.engine = make_engine(engine, model_dir, dtype=dtype, threads=threads, seed=seed,
-                                  max_model_len=max_model_len)
+                                  max_model_len=max_model_len, matmul_dtype=matmul_dtype)
         if hasattr(self.engine, "on_swap"):
             self.engine.on_swap = partial_kv
         self.worker_index = worker_index
