@@ -151,6 +151,50 @@ def test_fused_decode_step_equals_transformers_forward(family, extra, packed):
                 torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_shared_prefix_step_equals_the_repeated_cache(family):
+    """Samples that share their prompt's prefill (SharedPrefixKV: one copy of each prompt's keys and
+    values) get the logits of the step over n repeated copies, step after step, over left-padded
+    prompts of different lengths and with rows leaving the batch."""
+    from rlkit.workers.fused_decode import FusedDecoder, SharedPrefixKV
+
+    model = _tiny_causal_lm(family)
+    assert model.config.num_attention_heads != model.config.num_key_value_heads
+    fused = FusedDecoder.build(model, rows=9, packed=False)
+    assert fused is not None
+    n, room = 3, 8
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (3, 9), generator=g)
+    attn = torch.ones(3, 9, dtype=torch.long)
+    attn[1, :4], attn[2, :7] = 0, 0  # prompt lengths 9, 5 and 2
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    repeated, own = append_cache(model.config, room), append_cache(model.config, room)
+    with torch.no_grad():
+        for c in (repeated, own):
+            model.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
+                        past_key_values=c, use_cache=True)
+    kv = SharedPrefixKV(own, attn[:, :-1], n, room)
+    repeated.batch_repeat_interleave(n)
+    ids, attn, pos = (t.repeat_interleave(n, dim=0) for t in (ids, attn, pos))
+    alive = torch.arange(ids.shape[0])
+    step_ids, step_pos = ids[:, -1:], pos[:, -1:]
+    for step in range(6):
+        want = fused.step(step_ids, step_pos, attn, repeated)
+        got = fused.step_shared(step_ids, step_pos, alive, kv)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        nxt = want.argmax(-1)
+        attn = torch.cat([attn, torch.ones(attn.shape[0], 1, dtype=attn.dtype)], dim=1)
+        step_ids, step_pos = nxt[:, None], step_pos + 1
+        if step in (1, 3):  # rows leave: the first, a middle one and the last of those left
+            done = torch.zeros(alive.numel(), dtype=torch.bool)
+            done[[0, alive.numel() // 2, alive.numel() - 1]] = True
+            keep = fill_holes(done)
+            repeated.batch_select_indices(keep)
+            alive = alive[keep]
+            attn, step_ids, step_pos = attn[keep], step_ids[keep], step_pos[keep]
+    assert alive.numel() == 3
+
+
 def test_fused_decode_only_where_its_probe_agrees(engine):
     """Other layer arithmetic (a GELU MLP, a sliding window) keeps transformers' forward; the probe rejects a fused
     step that computes something else; and the engine's samples are the same either way."""
@@ -343,9 +387,9 @@ def test_weights_swapped_mid_generation_record_per_token_versions(engine, on_swa
     g = torch.Generator().manual_seed(5)
     new = {n: t * (1 + 0.2 * torch.randn(t.shape, generator=g)) for n, t in old.items()}
     v = engine.policy_version
+    engine.on_swap = on_swap  # the same decode path for both (recompute: one cache per row)
     plain = engine.generate(prompts, 2, sampling, seed=9)
     assert all(x.versions == [v] * len(x.completion_ids) for x in plain)
-    engine.on_swap = on_swap
     engine.hold_after(4)
     out: dict = {}
     th = threading.Thread(target=lambda: out.update(gens=engine.generate(prompts, 2, sampling, seed=9)))

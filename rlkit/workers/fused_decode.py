@@ -140,11 +140,28 @@ class FusedDecoder:
         """Logits [R, V] of the next token after ``ids_R_1`` at positions ``pos_R_1``; ``cache``
         holds the previous L − 1 keys and values of each layer and gets this step's appended;
         ``attn_R_L`` marks the real (not padding) positions of all L."""
+        mask = attn_R_L.bool()[:, None, None, :]
+        gqa = self.heads != self.kv_heads
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor, scaling: float) -> Tensor:
+            keys, values = cache.layers[i].update(k, v)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+
+        return self._forward(ids_R_1, pos_R_1, attend)
+
+    @torch.no_grad()
+    def step_shared(self, ids_R_1: Tensor, pos_R_1: Tensor, rows_R: Tensor, kv: "SharedPrefixKV") -> Tensor:
+        """:meth:`step` for rows ``rows_R`` of a batch of samples that share their prompt's prefill
+        (:class:`SharedPrefixKV`, which gets this step's keys and values)."""
+        out = self._forward(ids_R_1, pos_R_1, lambda i, q, k, v, scaling: kv.attend(i, q, k, v, rows_R, scaling))
+        kv.length += 1
+        return out
+
+    def _forward(self, ids_R_1: Tensor, pos_R_1: Tensor, attend) -> Tensor:
         R = ids_R_1.shape[0]
         H, Hkv, d = self.heads, self.kv_heads, self.head_dim
         x = self.backbone.embed_tokens(ids_R_1).view(R, -1)
         cos, sin = self.backbone.rotary_emb(x, pos_R_1)  # [R, 1, d]
-        mask = attn_R_L.bool()[:, None, None, :]
         for i, (n1, qkv, o, n2, gate_up, down, scaling) in enumerate(self.layers):
             y = qkv(self.norm(n1, x))  # [R, (H + 2 Hkv) d]
             qk = y[:, : (H + Hkv) * d].view(R, H + Hkv, d)
@@ -152,10 +169,7 @@ class FusedDecoder:
             q = qk[:, :H, None]
             k = qk[:, H:, None]
             v = y[:, (H + Hkv) * d:].view(R, Hkv, 1, d)
-            keys, values = cache.layers[i].update(k, v)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling,
-                                               enable_gqa=H != Hkv)
-            x = x + o(a.reshape(R, H * d))
+            x = x + o(attend(i, q, k, v, scaling).reshape(R, H * d))
             g, u = gate_up(self.norm(n2, x)).split(self.intermediate, dim=-1)
             x = x + down(F.silu(g) * u)
         return self.head(self.norm(self.backbone.norm, x))
@@ -185,3 +199,55 @@ class FusedDecoder:
             if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max()))):
                 return False
         return True
+
+
+class SharedPrefixKV:
+    """Keys and values of ``n`` samples per prompt that share the prompt's prefill: each layer's
+    prefill keys/values once per prompt ([P, Hkv, Lp, d], not repeated ``n`` times) and each
+    sample's own positions (the last prompt token, then its tokens) in [P·n, Hkv, room, d].
+
+    A decode step of sample row r (prompt r // n) attends to both under one softmax over
+    [prefix scores ⊕ own scores], as SDPA over the repeated cache would, but reads each prompt's
+    keys and values once for its n samples instead of n times (at the demo's shape, ~93 prompt
+    positions against ≤ 49 own ones, that is most of the cache). Rows address the buffers by their
+    original index, so a row that finishes leaves them as they are.
+    """
+
+    def __init__(self, cache, prefix_mask_P_L: Tensor, n: int, room: int):
+        self.prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        k0 = self.prefix[0][0]
+        P, Hkv, Lp, d = k0.shape
+        self.P, self.n, self.length = P, n, 0
+        bias = torch.zeros(P, Lp, dtype=k0.dtype, device=k0.device)
+        bias.masked_fill_(~prefix_mask_P_L.bool().to(k0.device), float("-inf"))
+        self.bias = bias.repeat_interleave(n, dim=0)[:, None, None, :]  # [P·n, 1, 1, Lp]
+        # Zero-filled: a finished row's unwritten positions must not turn into NaN in the products.
+        self.k = [k0.new_zeros(P * n, Hkv, room, d) for _ in self.prefix]
+        self.v = [k0.new_zeros(P * n, Hkv, room, d) for _ in self.prefix]
+        self.q: Optional[Tensor] = None
+
+    def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, scaling: float) -> Tensor:
+        """Attention output [R, H, 1, d] of ``rows``' queries ``q`` [R, H, 1, d]; ``k``, ``v``
+        [R, Hkv, 1, d] are written at this step's position first."""
+        R, H, _, d = q.shape
+        Hkv = k.shape[1]
+        g, P, n, t = H // Hkv, self.P, self.n, self.length
+        N = P * n
+        keys, values = self.k[i], self.v[i]
+        keys[:, :, t].index_copy_(0, rows, k[:, :, 0])
+        values[:, :, t].index_copy_(0, rows, v[:, :, 0])
+        if self.q is None:
+            self.q = q.new_zeros(N, H, d)
+        self.q.index_copy_(0, rows, q[:, :, 0] * scaling)
+        kp, vp = self.prefix[i]
+        Lp = kp.shape[2]
+        # [P, Hkv, n·g, d] @ [P, Hkv, d, Lp]: each prompt's keys read once for its n samples.
+        q_pre = self.q.view(P, n, Hkv, g, d).transpose(1, 2).reshape(P, Hkv, n * g, d)
+        pre = torch.matmul(q_pre, kp.transpose(-1, -2)).view(P, Hkv, n, g, Lp).transpose(1, 2)
+        own = torch.matmul(self.q.view(N, Hkv, g, d), keys[:, :, : t + 1].transpose(-1, -2))  # [N, Hkv, g, t+1]
+        p = torch.softmax(torch.cat([pre.reshape(N, Hkv, g, Lp) + self.bias, own], dim=-1), dim=-1)
+        p_pre = p[..., :Lp].reshape(P, n, Hkv, g, Lp).transpose(1, 2).reshape(P, Hkv, n * g, Lp)
+        out = torch.matmul(p_pre, vp).view(P, Hkv, n, g, d).transpose(1, 2).reshape(N, Hkv, g, d)
+        out = out + torch.matmul(p[..., Lp:], values[:, :, : t + 1])
+        return out.view(N, H, d).index_select(0, rows).view(R, H, 1, d)
+

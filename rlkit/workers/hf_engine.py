@@ -32,7 +32,7 @@ from torch import Tensor
 from rlkit import attention
 from rlkit.logprobs import support_logprobs
 from rlkit.workers.engine import Generation, SamplingConfig
-from rlkit.workers.fused_decode import FusedDecoder
+from rlkit.workers.fused_decode import FusedDecoder, SharedPrefixKV
 
 
 BLOCK = 256  # vocabulary block of the two-level inverse-CDF draw
@@ -372,7 +372,8 @@ class HFEngine:
                 hold: Optional[tuple[int, threading.Event]] = None) -> list[SampledGeneration]:
         """``n`` completions per prompt (greedy when ``rng`` is None), prompt-major.
 
-        Each prompt is prefilled once and its KV cache repeated for its ``n`` samples; rows leave
+        Each prompt is prefilled once for its ``n`` samples (the fused step reads that KV once for all
+        of them, :class:`SharedPrefixKV`; otherwise it is repeated per sample); rows leave
         the batch as soon as they emit EOS. Tokens are drawn by inverse-CDF sampling from
         :func:`support_logprobs` (temperature, top-k, top-p): the same support the learner scores.
         Every forward runs inside ``gate.forward()``; a weight load between two of them is seen at
@@ -388,8 +389,14 @@ class HFEngine:
                 backbone = getattr(self.model, self.model.base_model_prefix)
                 backbone(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
                          past_key_values=cache, use_cache=True)
-        if n > 1:
+        # The fused step's samples share their prompt's prefill instead of n repeated copies of it
+        # (not after a swap that recomputes the prefix: that rebuilds one cache per row).
+        shared = None
+        if n > 1 and self.fused is not None and ids.shape[1] > 1 and self.on_swap != "recompute":
+            shared = SharedPrefixKV(cache, attn[:, :-1], n, room=sampling.max_new_tokens + 1)
+        elif n > 1:
             cache.batch_repeat_interleave(n)
+        if n > 1:
             ids, attn, pos = (t.repeat_interleave(n, dim=0) for t in (ids, attn, pos))
         rows = ids.shape[0]
         alive = torch.arange(rows)
@@ -411,7 +418,9 @@ class HFEngine:
                     cache = self._prefix_cache(ids[alive.to(ids.device)], tokens, alive, attn,
                                                room=sampling.max_new_tokens + 1)
                 cache_version = version
-                if self.fused is not None:
+                if shared is not None:
+                    logits = self.fused.step_shared(step_ids, step_pos, alive, shared).float()
+                elif self.fused is not None:
                     logits = self.fused.step(step_ids, step_pos, attn, cache).float()
                 else:
                     logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
@@ -437,7 +446,8 @@ class HFEngine:
             step_ids, step_pos = nxt[:, None], step_pos + 1
             if bool(done.any()):  # finished rows leave the batch; rows from the tail fill their places
                 keep = fill_holes(done)
-                cache.batch_select_indices(keep)
+                if shared is None:
+                    cache.batch_select_indices(keep)
                 alive = alive[keep.cpu()]
                 attn, step_ids, step_pos = attn[keep], step_ids[keep], step_pos[keep]
         return [
