@@ -19,6 +19,10 @@ step per batch at lr 5e-6 constant, grad-norm clip 1, four micro-batches per ste
                  k), with the threads split between the rollout worker and the learner (they run at
                  the same time). The child checks that rollouts of step ≥ 2 are actually one version
                  stale; if they are not, the option is not wired into the trainer, and the row says so.
+  rlkit-bf16mm   ``rlkit`` with ``rollout.matmul_dtype=bfloat16``: the rollout engine's decoder linears
+                 multiply in bf16 (oneDNN) on copies of the fp32 weights; learning is unchanged fp32.
+                 Its generation fractions divide by the fp32 probe, so they are not utilization of a
+                 bf16 unit; the row reports the sampler/learner gap (``gap/kl``) it costs.
 
 Each side runs in a fresh subprocess, one after the other, with ``OMP_NUM_THREADS = --threads``
 (default 2, the whole 2-core machine) and ``torch.set_num_threads(--threads)`` in every process
@@ -54,7 +58,8 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-SIDES = ("trl", "rlkit", "rlkit-overlap")
+SIDES = ("trl", "rlkit", "rlkit-overlap", "rlkit-bf16mm")
+RLKIT_SIDES = SIDES[1:]
 TARGET_STEP_RATIO = 0.3
 TARGET_MIN_FRAC = {"generate": 0.6, "learn": 0.7, "step": 0.6}
 """Fractions of the minimal-FLOP bound (:func:`min_flops`) at the matmul rate that rlkit should reach."""
@@ -302,7 +307,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def rlkit_config(args: argparse.Namespace, run_dir: str, overlap: bool):
+def rlkit_config(args: argparse.Namespace, run_dir: str, overlap: bool, matmul_dtype: str = "auto"):
     """``configs/grpo_demo.yaml`` with the benchmark's workload and thread counts."""
     from rlkit.config import load_config
 
@@ -320,13 +325,13 @@ def rlkit_config(args: argparse.Namespace, run_dir: str, overlap: bool):
         "learner.num_ranks=1", f"learner.micro_batch_size={args.micro_batch or max(1, seqs // 4)}", "learner.lr=5.0e-6",
         "learner.lr_schedule=constant", f"train.steps={args.steps}", f"train.prompts_per_step={args.prompts}",
         f"train.samples_per_prompt={args.samples}", "train.max_minutes=null", "eval.num_problems=0",
-        "checkpoint.every_steps=0", "progress=false", "report_to=[]",
+        "checkpoint.every_steps=0", "progress=false", "report_to=[]", f"rollout.matmul_dtype={matmul_dtype}",
         f"object_store_mb={256 if args.model == 'tiny' else 2048}", *data_overrides(args),
     ]
     return load_config(common.ROOT / "configs" / "grpo_demo.yaml", overrides)
 
 
-def run_rlkit(args: argparse.Namespace, overlap: bool = False) -> dict[str, Any]:
+def run_rlkit(args: argparse.Namespace, overlap: bool = False, matmul_dtype: str = "auto") -> dict[str, Any]:
     import torch
 
     from rlkit.metrics import StageTimer
@@ -335,7 +340,7 @@ def run_rlkit(args: argparse.Namespace, overlap: bool = False) -> dict[str, Any]
 
     torch.set_num_threads(args.threads)
     run_dir = tempfile.mkdtemp(prefix="e2e-rlkit-")
-    cfg = rlkit_config(args, run_dir, overlap)
+    cfg = rlkit_config(args, run_dir, overlap, matmul_dtype)
     trainer = Trainer(cfg, runtime=Runtime(cfg, model_dir(cfg)))
     seen: list = []
     try:
@@ -366,10 +371,12 @@ def run_rlkit(args: argparse.Namespace, overlap: bool = False) -> dict[str, Any]
         trainer.close()
         shutil.rmtree(run_dir, ignore_errors=True)
     shape = model_shape(common.model_dir(args.model))
-    return _rlkit_result(args, overlap, stale_seen, metrics, walls, seen, shape, probes)
+    side = "rlkit-overlap" if overlap else "rlkit-bf16mm" if matmul_dtype == "bfloat16" else "rlkit"
+    return _rlkit_result(args, side, stale_seen, metrics, walls, seen, shape, probes)
 
 
-def _rlkit_result(args, overlap, stale_seen, metrics, walls, seen, shape, probes) -> dict[str, Any]:
+def _rlkit_result(args, side, stale_seen, metrics, walls, seen, shape, probes) -> dict[str, Any]:
+    overlap = side == "rlkit-overlap"
     gflops = common.summary(v for p in probes for v in p["values"])["median"]
     steps = []
     for i, (m, wall, rollouts) in enumerate(zip(metrics, walls, seen, strict=True)):
@@ -388,9 +395,11 @@ def _rlkit_result(args, overlap, stale_seen, metrics, walls, seen, shape, probes
         row["staleness_mean"] = m.get("rollout/staleness_mean")
         row["sync"] = {k: m[k] for k in ("sync/seconds", "sync/bytes") if k in m}
         steps.append(row)
-    side = "rlkit-overlap" if overlap else "rlkit"
     extra: dict[str, Any] = {"prompt_tokens_mean": sum(s["prefill_tokens"] for s in steps) / max(
         1, len(steps) * args.prompts * args.samples)}
+    gaps = [v for m in metrics[1:] for k, v in m.items() if k.endswith("gap/kl")]
+    if gaps:
+        extra["gap_kl"] = common.summary(gaps)
     if overlap:
         extra["overlap_effective"] = stale_seen
         if not stale_seen:
@@ -416,7 +425,7 @@ def compare(rows: list[dict]) -> dict[str, Any]:
     by = {r["side"]: r for r in rows if r.get("ok")}
     out = {}
     if "trl" in by:
-        for side in ("rlkit", "rlkit-overlap"):
+        for side in RLKIT_SIDES:
             if side in by:
                 out[f"{side}/trl"] = {
                     "step_s": common.ratio_summary(by[side]["step_s"], by["trl"]["step_s"]),
@@ -473,7 +482,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
     if side == "trl":
         return run_trl(args)
-    return run_rlkit(args, overlap=side == "rlkit-overlap")
+    return run_rlkit(args, overlap=side == "rlkit-overlap",
+                     matmul_dtype="bfloat16" if side == "rlkit-bf16mm" else "auto")
 
 
 def main(argv=None) -> int:

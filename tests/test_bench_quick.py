@@ -123,7 +123,7 @@ def test_e2e_quick_json(quick_out):
     doc = _strict_json(quick_out / "e2e.json")
     assert doc["bench"] == "e2e" and doc["schema"] == common.SCHEMA and doc["args"]["quick"]
     sides = {r["side"]: r for r in doc["results"]}
-    assert set(sides) == {"trl", "rlkit", "rlkit-overlap"}
+    assert set(sides) == {"trl", "rlkit", "rlkit-overlap", "rlkit-bf16mm"}
     trl, rl = sides["trl"], sides["rlkit"]
     assert trl["ok"] and rl["ok"], (trl.get("error"), rl.get("error"))
     for r in (trl, rl):
@@ -145,6 +145,8 @@ def test_e2e_quick_json(quick_out):
     assert "rlkit/trl" in doc["ratios"] and doc["ratios"]["rlkit/trl"]["step_s"]["median"] > 0
     ov = sides["rlkit-overlap"]
     assert ov["ok"] and isinstance(ov["overlap_effective"], bool)
+    bf = sides["rlkit-bf16mm"]  # bf16 rollout matmuls: a sampler/learner gap, and a small one
+    assert bf["ok"] and 0 < bf["gap_kl"]["median"] < 0.05 and "rlkit-bf16mm/trl" in doc["ratios"]
 
 
 @pytest.mark.bench
