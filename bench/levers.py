@@ -18,6 +18,15 @@ same process, ``--repeats`` times, so both see the same machine state.
 * ``cache_compaction``: the KV-cache work when rows finish, replayed on a cache of the engine's
   shape with the finishing steps of a real generation: the previous gather of every kept row's
   whole buffer against rows kept in place with holes filled from the tail (``fill_holes``).
+* ``sampling_draw``: ``HFEngine.generate`` with the earlier sampling tail (logits divided by a
+  temperature of 1, block masses summed over a float64 copy of the [rows, vocabulary]
+  probabilities, a fresh vocabulary-sized allocation per step) and with the current one (no
+  division at temperature 1, fp32 block sums into a buffer the decode loop keeps).
+* ``shared_prefix``: ``HFEngine.generate`` with the prompt's KV cache repeated for each of its 8
+  samples and with the samples sharing it (``SharedPrefixKV``, rlkit/workers/fused_decode.py).
+* ``bf16_matmul``: ``HFEngine.generate`` with the decoder linears multiplying in fp32 and in bf16
+  (``rollout.matmul_dtype: bfloat16``; LM head, attention and sampling in fp32). Not the same
+  arithmetic: the tokens differ, so the row's tokens generated are given beside it.
 * ``learner_tree``: one optimizer step of the learner (DeepSpeed, 2 threads) on a batch the engine
   generated, its groups packed under a dense mask (``sdpa``) or end to end with tree attention
   (``rlkit_sdpa``).
@@ -94,6 +103,100 @@ def engine_fused(engine, prompts, sampling, repeats: int) -> dict[str, Any]:
         return _alternate(run(None), run(fused), repeats)
     finally:
         engine.fused = fused
+
+
+def _timed_generate(engine, prompts, sampling, setup):
+    def call(i: int) -> float:
+        setup()
+        t = time.perf_counter()
+        engine.generate(prompts, 8, sampling, seed=100 + i)
+        return time.perf_counter() - t
+    return call
+
+
+def _draw_before(lp_R_V, rng, out=None):
+    """The draw before the change: float64 block sums over a fresh [R, V] allocation (``out`` unused)."""
+    import torch
+
+    from rlkit.workers.hf_engine import BLOCK
+
+    R, V = lp_R_V.shape
+    p = lp_R_V.exp()
+    if V % BLOCK:
+        p = torch.nn.functional.pad(p, (0, -V % BLOCK))
+    p_R_K_B = p.view(R, -1, BLOCK)
+    cdf_R_K = p_R_K_B.sum(-1, dtype=torch.float64).cumsum(-1)
+    total = cdf_R_K[:, -1:]
+    u = torch.rand(R, 1, generator=rng, dtype=torch.float64) * total
+    k = torch.minimum(torch.searchsorted(cdf_R_K, u, right=True), (cdf_R_K < total).sum(-1, keepdim=True))
+    below = torch.where(k > 0, cdf_R_K.gather(-1, (k - 1).clamp(min=0)), torch.zeros_like(u))
+    cdf_R_B = p_R_K_B.gather(1, k[:, :, None].expand(R, 1, BLOCK)).squeeze(1).double().cumsum(-1)
+    rest = (u - below).clamp(min=0)
+    j = torch.minimum(torch.searchsorted(cdf_R_B, rest, right=True), (cdf_R_B < cdf_R_B[:, -1:]).sum(-1, keepdim=True))
+    return (k * BLOCK + j).squeeze(-1)
+
+
+def _support_before(logits_N_V, sampling):
+    """support_logprobs before the change at temperature 1 with no truncation: always divided."""
+    import torch
+
+    return torch.log_softmax(logits_N_V.float() / sampling.temperature, dim=-1)
+
+
+def sampling_draw(engine, prompts, sampling, repeats: int) -> dict[str, Any]:
+    from rlkit.workers import hf_engine
+
+    now = (hf_engine.draw, hf_engine.support_logprobs)
+    if sampling.truncates:
+        raise RuntimeError("sampling_draw compares the temperature-only sampler")
+
+    def use(draw, support):
+        def setup():
+            hf_engine.draw, hf_engine.support_logprobs = draw, support
+        return setup
+
+    try:
+        return _alternate(_timed_generate(engine, prompts, sampling, use(_draw_before, _support_before)),
+                          _timed_generate(engine, prompts, sampling, use(*now)), repeats)
+    finally:
+        hf_engine.draw, hf_engine.support_logprobs = now
+
+
+def shared_prefix(engine, prompts, sampling, repeats: int) -> dict[str, Any]:
+    if engine.fused is None:
+        raise RuntimeError("the fused decode step is not available for this model")
+
+    def share(on: bool):
+        return lambda: setattr(engine, "share_prefix", on)
+
+    try:
+        return _alternate(_timed_generate(engine, prompts, sampling, share(False)),
+                          _timed_generate(engine, prompts, sampling, share(True)), repeats)
+    finally:
+        engine.share_prefix = True
+
+
+def bf16_matmul(engine, prompts, sampling, repeats: int) -> dict[str, Any]:
+    import torch
+
+    tokens = {}
+
+    def mm(dtype):
+        def call(i: int) -> float:
+            engine.set_matmul_dtype(dtype)
+            t = time.perf_counter()
+            gens = engine.generate(prompts, 8, sampling, seed=100 + i)
+            seconds = time.perf_counter() - t
+            tokens.setdefault(str(dtype).removeprefix("torch."), []).append(sum(len(g.completion_ids) for g in gens))
+            return seconds
+        return call
+
+    try:
+        out = _alternate(mm(torch.float32), mm(torch.bfloat16), repeats)
+    finally:
+        engine.set_matmul_dtype(torch.float32)
+    out["generated_tokens"] = {k: v[1:] for k, v in tokens.items()}  # without the warm-up call
+    return out
 
 
 def _gather_all(layer, keep) -> None:
@@ -278,7 +381,10 @@ def main(argv=None) -> int:
     levers = {"engine_gqa": engine_gqa(engine, prompts, sampling, args.repeats),
               "engine_fused": engine_fused(engine, prompts, sampling, args.repeats),
               "cache_compaction": cache_compaction(engine, gens, max(len(p) for p in prompts), args.new_tokens,
-                                                   args.repeats)}
+                                                   args.repeats),
+              "sampling_draw": sampling_draw(engine, prompts, sampling, args.repeats),
+              "shared_prefix": shared_prefix(engine, prompts, sampling, args.repeats),
+              "bf16_matmul": bf16_matmul(engine, prompts, sampling, args.repeats)}
     del engine
     learner = _learner(path, gens, args.threads)
     levers["learner_tree"] = learner_tree(learner, args.repeats)

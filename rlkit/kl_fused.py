@@ -167,6 +167,24 @@ def _row_dlogits(z, p, y, lse, ez, kl, r, direction, c_logp, c_ent, c_kl) -> Ten
     return g.scatter_add_(1, y[:, None], c_logp[:, None].to(g.dtype))
 
 
+_SCRATCH: dict[tuple, Tensor] = {}
+
+
+def _logits_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """A [rows, cols] buffer for a chunk's logits, kept from chunk to chunk and sweep to sweep on the
+    CPU (None elsewhere: CUDA's caching allocator already reuses the block). A fresh ~50 MB
+    allocation per chunk is above malloc's mmap threshold, so each one came back from the kernel as
+    new pages and was faulted in again as the matmul wrote it. Nothing outlives its chunk: the
+    sweep keeps only per-row outputs and the dh/dW/db contractions."""
+    if device.type != "cpu":
+        return None
+    key = (dtype, cols)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.shape[0] < rows:
+        buf = _SCRATCH[key] = torch.empty(rows, cols, dtype=dtype, device=device)
+    return buf[:rows]
+
+
 def _chunk_backend(device: torch.device, dtype: torch.dtype):
     """(row_stats, row_dlogits): the Triton kernels for fp32 chunks (fp32, bf16 and fp16 inputs)
     where they run (CUDA; CPU under ``TRITON_INTERPRET=1``, how CI tests them), else torch."""
@@ -207,7 +225,8 @@ def _sweep(h, W, b, y, ref: _Ref | None, temperature, chunk, want_entropy, coef_
     for s in range(0, n, chunk):
         rows = slice(s, min(s + chunk, n))
         hc = h[rows].detach().to(acc)
-        z = hc @ Wa.t() if ba is None else torch.addmm(ba, hc, Wa.t())
+        out = _logits_buffer(hc.shape[0], v, acc, h.device)
+        z = torch.mm(hc, Wa.t(), out=out) if ba is None else torch.addmm(ba, hc, Wa.t(), out=out)
         if temperature != 1.0:
             z.div_(temperature)
         r = ref.log_probs(rows, temperature, acc) if ref is not None else None

@@ -302,9 +302,10 @@ class HFEngine:
             raise ValueError(f"rollout.matmul_dtype: unknown value {matmul_dtype!r}; valid: ['auto', 'bfloat16']")
         if matmul_dtype == "bfloat16" and dtype != "bfloat16":
             # After the fused step's probe, which checks its arithmetic against transformers' at fp32.
-            self.packed.set_matmul_dtype(torch.bfloat16)
-            if self.fused is not None:
-                self.fused.set_matmul_dtype(torch.bfloat16)
+            self.set_matmul_dtype(torch.bfloat16)
+        self.share_prefix = True
+        """Samples of one prompt read its prefill's keys and values once (:class:`SharedPrefixKV`, fused
+        step only); False repeats the cache per sample."""
         self.gate = WeightGate()
         """Forwards and weight loads exclude each other (a load from another thread lands between steps)."""
         self.policy_version = 0
@@ -314,6 +315,13 @@ class HFEngine:
         "recompute" it with the new weights (``rollout.partial_kv``)."""
         self._hold: Optional[list] = None
         self._hold_load: Optional[threading.Event] = None
+
+    def set_matmul_dtype(self, dtype: torch.dtype) -> None:
+        """What the packed linears (and the fused step's concatenations) multiply in:
+        ``torch.float32`` or ``torch.bfloat16`` (``rollout.matmul_dtype``)."""
+        self.packed.set_matmul_dtype(dtype)
+        if self.fused is not None:
+            self.fused.set_matmul_dtype(dtype)
 
     def hold_after(self, steps: int, skip: int = 0) -> None:
         """Tests: a rendezvous of a generation (the next ``generate`` call after ``skip`` others)
@@ -392,7 +400,8 @@ class HFEngine:
         # The fused step's samples share their prompt's prefill instead of n repeated copies of it
         # (not after a swap that recomputes the prefix: that rebuilds one cache per row).
         shared = None
-        if n > 1 and self.fused is not None and ids.shape[1] > 1 and self.on_swap != "recompute":
+        if (n > 1 and self.fused is not None and self.share_prefix and ids.shape[1] > 1
+                and self.on_swap != "recompute"):
             shared = SharedPrefixKV(cache, attn[:, :-1], n, room=sampling.max_new_tokens + 1)
         elif n > 1:
             cache.batch_repeat_interleave(n)
