@@ -32,6 +32,8 @@ same process, ``--repeats`` times, so both see the same machine state.
   (``rlkit_sdpa``).
 * ``tree_kernel``: the same step with the tree-attention blocks attended by SDPA's kernel under the
   boolean mask and by two batched matmuls around a softmax (``TreeLayout.kernel``).
+* ``logits_buffer``: the same step with each LM-head chunk's logits in a fresh allocation and in
+  the buffer kept from chunk to chunk (rlkit/kl_fused.py ``_logits_buffer``).
 * ``one_rank_reduce``: the DeepSpeed step of that update (ZeRO-1 at one rank), with DeepSpeed's
   gradient all-reduce (flatten, divide by 1, one-member all-reduce, copy back) and with it skipped
   (rlkit/workers/ds_engine.py ``one_rank_reduce``).
@@ -317,6 +319,24 @@ def tree_kernel(learner, repeats: int) -> dict[str, Any]:
     return out
 
 
+def logits_buffer(learner, repeats: int) -> dict[str, Any]:
+    from rlkit import kl_fused
+
+    rank, batch, adv, mb = learner
+    kept = kl_fused._logits_buffer
+
+    def run(buffer):
+        def setup():
+            kl_fused._logits_buffer = buffer
+            kl_fused._SCRATCH.clear()
+        return lambda i: _train_seconds(rank, batch, adv, setup)
+
+    try:
+        return _alternate(run(lambda *a: None), run(kept), repeats)
+    finally:
+        kl_fused._logits_buffer = kept
+
+
 def one_rank_reduce(learner, repeats: int) -> dict[str, Any]:
     """Seconds of the DeepSpeed step of an update (where ZeRO-1 reduces the gradients)."""
     rank, batch, adv, mb = learner
@@ -389,6 +409,7 @@ def main(argv=None) -> int:
     learner = _learner(path, gens, args.threads)
     levers["learner_tree"] = learner_tree(learner, args.repeats)
     levers["tree_kernel"] = tree_kernel(learner, args.repeats)
+    levers["logits_buffer"] = logits_buffer(learner, args.repeats)
     levers["one_rank_reduce"] = one_rank_reduce(learner, args.repeats)
     for name, r in levers.items():
         print(f"{name}: before {common.fmt(r['before_s'])} s, after {common.fmt(r['after_s'])} s, "

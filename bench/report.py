@@ -422,6 +422,8 @@ LEVERS = {
                      "one row per group under a dense mask", "groups end to end, tree attention"),
     "tree_kernel": ("Learner: tree-attention kernel", "one optimizer step over 64 rows (4 micro-batches)",
                     "SDPA (flash kernel, boolean mask)", "two batched matmuls around a softmax"),
+    "logits_buffer": ("Learner: LM-head chunk logits buffer", "one optimizer step over 64 rows (4 micro-batches)",
+                      "a fresh [chunk, vocab] allocation per chunk", "one buffer kept across chunks"),
     "one_rank_reduce": ("Learner: one-rank gradient reduce", "DeepSpeed step of one update (ZeRO-1, one rank)",
                         "DeepSpeed's all-reduce (flatten, ÷1, copy back)", "skipped (identity at one rank)"),
 }

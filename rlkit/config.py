@@ -65,7 +65,8 @@ class RolloutConfig(Section):
     linear layer but the LM head; norms, attention, the KV cache, logits and sampling stay fp32
     and the fp32 weights stay what syncs write and checksums read. The sampler's distribution then
     differs from the learner's by bf16 rounding (the learner logs ``gap/kl`` and ``gap/max_ratio``; see
-    ``rollout.is_correction``), as with a bf16 vLLM beside an fp32 learner (docs/benchmarks.md)."""
+    ``learner.tis_cap`` / ``learner.is_correction``), as with a bf16 vLLM beside an fp32 learner
+    (docs/benchmarks.md)."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs per vLLM engine (tensor parallelism). Above 1 the engine must be "vllm" and each
     rollout worker must ask for that many GPUs (``resources.rollout_gpus``) on one node."""

@@ -194,7 +194,7 @@ def test_levers_quick_json_and_report(tmp_path):
     doc = _strict_json(out / "levers.json")
     assert doc["bench"] == "levers" and doc["args"]["quick"]
     assert set(doc["levers"]) == {"engine_gqa", "engine_fused", "cache_compaction", "sampling_draw", "shared_prefix",
-                                  "bf16_matmul", "learner_tree", "tree_kernel", "one_rank_reduce"}
+                                  "bf16_matmul", "learner_tree", "tree_kernel", "logits_buffer", "one_rank_reduce"}
     for name, r in doc["levers"].items():
         assert _is_summary(r["before_s"], 1) and _is_summary(r["after_s"], 1), name
         if name != "cache_compaction" or r["compactions"]:  # no early EOS: nothing to compact
@@ -205,5 +205,5 @@ def test_levers_quick_json_and_report(tmp_path):
     text = md.read_text()
     assert "## 7. Levers" in text and "tree attention" in text and "fused decode step" in text
     assert "tree-attention kernel" in text and "one-rank gradient reduce" in text
-    assert "share the prompt's KV" in text and "bf16 decoder matmuls" in text and "sampling tail" in text
+    assert "chunk logits buffer" in text and "share the prompt's KV" in text and "bf16 decoder matmuls" in text and "sampling tail" in text
     assert "quick mode" in text
