@@ -120,22 +120,14 @@ def _draw_before(lp_R_V, rng, out=None):
     """The draw before the change: float64 block sums over a fresh [R, V] allocation (``out`` unused)."""
     import torch
 
-    from rlkit.workers.hf_engine import BLOCK
+    from rlkit.workers.hf_engine import BLOCK, pick_in_blocks
 
     R, V = lp_R_V.shape
     p = lp_R_V.exp()
     if V % BLOCK:
         p = torch.nn.functional.pad(p, (0, -V % BLOCK))
     p_R_K_B = p.view(R, -1, BLOCK)
-    cdf_R_K = p_R_K_B.sum(-1, dtype=torch.float64).cumsum(-1)
-    total = cdf_R_K[:, -1:]
-    u = torch.rand(R, 1, generator=rng, dtype=torch.float64) * total
-    k = torch.minimum(torch.searchsorted(cdf_R_K, u, right=True), (cdf_R_K < total).sum(-1, keepdim=True))
-    below = torch.where(k > 0, cdf_R_K.gather(-1, (k - 1).clamp(min=0)), torch.zeros_like(u))
-    cdf_R_B = p_R_K_B.gather(1, k[:, :, None].expand(R, 1, BLOCK)).squeeze(1).double().cumsum(-1)
-    rest = (u - below).clamp(min=0)
-    j = torch.minimum(torch.searchsorted(cdf_R_B, rest, right=True), (cdf_R_B < cdf_R_B[:, -1:]).sum(-1, keepdim=True))
-    return (k * BLOCK + j).squeeze(-1)
+    return pick_in_blocks(p_R_K_B, p_R_K_B.sum(-1, dtype=torch.float64).cumsum(-1), rng)
 
 
 def _support_before(logits_N_V, sampling):

@@ -110,11 +110,17 @@ def draw(lp_R_V: Tensor, rng: torch.Generator, out: Optional[Tensor] = None) -> 
     if width > V:
         p[:, V:] = 0
     p_R_K_B = p.view(R, -1, BLOCK)
-    cdf_R_K = p_R_K_B.sum(-1).double().cumsum(-1)
+    return pick_in_blocks(p_R_K_B, p_R_K_B.sum(-1).double().cumsum(-1), rng)
+
+
+def pick_in_blocks(p_R_K_B: Tensor, cdf_R_K: Tensor, rng: torch.Generator) -> Tensor:
+    """The inverse-CDF pick of :func:`draw` from probabilities in blocks [R, K, BLOCK] and the
+    float64 cumulative block masses [R, K]: the block, then the token inside it."""
+    R = p_R_K_B.shape[0]
     total = cdf_R_K[:, -1:]
     # The uniforms come from ``rng`` on the CPU whatever the device: the same seed draws the same
     # tokens on CPU and CUDA when the distributions agree.
-    u = torch.rand(R, 1, generator=rng, dtype=torch.float64).to(p.device) * total
+    u = torch.rand(R, 1, generator=rng, dtype=torch.float64).to(p_R_K_B.device) * total
     # The last block / token with mass bounds each search (rounding may push u past a cumsum's end).
     k = torch.minimum(torch.searchsorted(cdf_R_K, u, right=True), (cdf_R_K < total).sum(-1, keepdim=True))
     below = torch.where(k > 0, cdf_R_K.gather(-1, (k - 1).clamp(min=0)), torch.zeros_like(u))
