@@ -233,7 +233,6 @@ class PackedLinears:
         self.linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
         self.keep = [m for m in self.linears if any(m is k for k in keep)]
         self.enabled = bool(self.linears) and _packed_ops_work(rows, torch.float32)
-        self.matmul_dtype = torch.float32
         if self.enabled:
             for m in self.linears:
                 m._rlkit_rows, m._rlkit_dtype = rows, torch.float32
@@ -245,10 +244,8 @@ class PackedLinears:
             raise ValueError(f"rollout.matmul_dtype: {str(dtype).removeprefix('torch.')} needs fp32 weights on a "
                              "CPU whose oneDNN multiplies in that dtype (the HF engine's packed linears); "
                              "use rollout.matmul_dtype: auto here")
-        self.matmul_dtype = dtype
-        for m in self.linears:
+        for m in self.linears:  # the dtype is part of each copy's stamp: the next forward repacks
             m._rlkit_dtype = torch.float32 if any(m is k for k in self.keep) else dtype
-            m._rlkit_stamp = None
 
 
 def _packed_ops_work(rows: int, dtype: torch.dtype = torch.float32) -> bool:
@@ -267,7 +264,8 @@ def _packed_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
     if torch.is_grad_enabled():
         return torch.nn.functional.linear(x, self.weight, self.bias)
     dtype = self._rlkit_dtype
-    stamp = (self.weight.data_ptr(), self.weight._version, dtype)
+    stamp = (self.weight.data_ptr(), self.weight._version, dtype) + (
+        () if self.bias is None else (self.bias.data_ptr(), self.bias._version))
     if getattr(self, "_rlkit_stamp", None) != stamp:
         with torch.no_grad():
             self._rlkit_packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(dtype),
@@ -396,21 +394,7 @@ class HFEngine:
         """
         ids, attn = self._left_pad(prompts)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = append_cache(self.model.config, sampling.max_new_tokens + 1)
-        with self.gate.forward():
-            cache_version = self.policy_version
-            if ids.shape[1] > 1:  # prefill all but the last prompt token, once per prompt
-                backbone = getattr(self.model, self.model.base_model_prefix)
-                backbone(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
-                         past_key_values=cache, use_cache=True)
-        # The fused step's samples share their prompt's prefill instead of n repeated copies of it
-        # (not after a swap that recomputes the prefix: that rebuilds one cache per row).
-        shared = None
-        if (n > 1 and self.fused is not None and self.share_prefix and ids.shape[1] > 1
-                and self.on_swap != "recompute"):
-            shared = SharedPrefixKV(cache, attn[:, :-1], n, room=sampling.max_new_tokens + 1)
-        elif n > 1:
-            cache.batch_repeat_interleave(n)
+        cache, shared, cache_version = self._prefill(ids, attn, pos, n, room=sampling.max_new_tokens + 1)
         if n > 1:
             ids, attn, pos = (t.repeat_interleave(n, dim=0) for t in (ids, attn, pos))
         rows = ids.shape[0]
@@ -470,6 +454,25 @@ class HFEngine:
                               finish_reason="stop" if stopped[r] else "length", versions=versions[r])
             for r in range(rows)
         ]
+
+    def _prefill(self, ids: Tensor, attn: Tensor, pos: Tensor, n: int, room: int):
+        """The prompts' KV cache (all but each prompt's last token, prefilled once per prompt) for
+        ``n`` samples each: shared by the samples (:class:`SharedPrefixKV`, fused step only, and not
+        with ``on_swap = "recompute"``, which rebuilds one cache per row) or repeated per sample.
+        Returns (cache, shared or None, the policy version that computed it)."""
+        cache = append_cache(self.model.config, room)
+        with self.gate.forward():
+            version = self.policy_version
+            if ids.shape[1] > 1:
+                backbone = getattr(self.model, self.model.base_model_prefix)
+                backbone(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
+                         past_key_values=cache, use_cache=True)
+        if n == 1:
+            return cache, None, version
+        if self.fused is not None and self.share_prefix and ids.shape[1] > 1 and self.on_swap != "recompute":
+            return cache, SharedPrefixKV(cache, attn[:, :-1], n, room), version
+        cache.batch_repeat_interleave(n)
+        return cache, None, version
 
     def _prefix_cache(self, ids: Tensor, tokens: list[list[int]], alive: Tensor, attn: Tensor, room: int):
         """A fresh KV cache of the alive rows' prompt and tokens so far (all but the last, which the
