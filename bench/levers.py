@@ -37,6 +37,11 @@ same process, ``--repeats`` times, so both see the same machine state.
 * ``one_rank_reduce``: the DeepSpeed step of that update (ZeRO-1 at one rank), with DeepSpeed's
   gradient all-reduce (flatten, divide by 1, one-member all-reduce, copy back) and with it skipped
   (rlkit/workers/ds_engine.py ``one_rank_reduce``).
+* ``freed_memory``: one learner update in a fresh process with glibc malloc's defaults (blocks
+  above 32 MiB mapped and unmapped per use, the heap trimmed) and with freed memory held in the
+  heap (``learner.hold_freed_memory``, ``rlkit.workers.hold_freed_memory``); processes alternate,
+  each generates the batch, takes a warm-up update and times two. Minor page faults per update
+  beside it. The other learner rows run with freed memory held, as the learner does.
 
 Writes ``bench/out/levers.json``; ``bench/report.py`` renders it in docs/benchmarks.md.
 """
@@ -44,8 +49,11 @@ Writes ``bench/out/levers.json``; ``bench/report.py`` renders it in docs/benchma
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -243,7 +251,7 @@ def cache_compaction(engine, gens, prompt_len: int, max_new: int, repeats: int) 
     return out
 
 
-def _learner(model_path: Path, gens, threads: int):
+def _learner(model_path: Path, gens, threads: int, hold_freed_memory: bool = True):
     """A one-rank learner (DeepSpeed) of the e2e configuration, the batch of ``gens`` and advantages."""
     import torch
 
@@ -257,7 +265,7 @@ def _learner(model_path: Path, gens, threads: int):
     cfg = load_config(common.ROOT / "configs" / "grpo_demo.yaml", [
         f"model.path={model_path}", f"learner.threads={threads}", "learner.num_ranks=1",
         f"learner.micro_batch_size={max(1, len(rolls) // 4)}", "learner.lr=5.0e-6", "learner.lr_schedule=constant",
-        "rollout.temperature=1.0"])
+        "rollout.temperature=1.0", f"learner.hold_freed_memory={str(hold_freed_memory).lower()}"])
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -367,6 +375,40 @@ def one_rank_reduce(learner, repeats: int) -> dict[str, Any]:
     return out
 
 
+def freed_memory(args, repeats: int) -> dict[str, Any]:
+    """Seconds of one learner update in fresh processes without and with freed memory held."""
+    secs: dict[bool, list[float]] = {False: [], True: []}
+    faults: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for hold in (False, True):
+            cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads),
+                   "--new-tokens", str(args.new_tokens), "--child-hold", str(int(hold))]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"freed_memory child (hold={hold}) failed:\n{out.stderr[-3000:]}")
+            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            secs[hold] += rec["seconds"]
+            faults[hold] += rec["faults"]
+    sb, sa = common.summary(secs[False]), common.summary(secs[True])
+    return {"before_s": sb, "after_s": sa, "after_over_before": common.ratio_summary(sa, sb),
+            "faults_before": common.summary(faults[False]), "faults_after": common.summary(faults[True])}
+
+
+def _freed_memory_child(args, prompts, engine, sampling) -> int:
+    """One process of ``freed_memory``: seconds and minor faults of two updates after a warm-up."""
+    gens = engine.generate(prompts, 8, sampling, seed=0)
+    del engine
+    rank, batch, adv, _ = _learner(common.model_dir(args.model), gens, args.threads, bool(args.child_hold))
+    _train_seconds(rank, batch, adv, lambda: None)
+    secs, faults = [], []
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        secs.append(_train_seconds(rank, batch, adv, lambda: None))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"seconds": secs, "faults": faults}))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="smollm2, tiny, or a HF model folder")
@@ -375,6 +417,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 repeat, 8 tokens")
     ap.add_argument("--out", default=str(common.OUT_DIR))
+    ap.add_argument("--child-hold", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.model, args.repeats, args.new_tokens = "tiny", 1, 8
@@ -389,6 +432,8 @@ def main(argv=None) -> int:
     prompts = prompt_ids(path, 8)
     engine = HFEngine(str(path), threads=args.threads, batch_size=64)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
+    if args.child_hold is not None:
+        return _freed_memory_child(args, prompts, engine, sampling)
     gens = engine.generate(prompts, 8, sampling, seed=0)
     levers = {"engine_gqa": engine_gqa(engine, prompts, sampling, args.repeats),
               "engine_fused": engine_fused(engine, prompts, sampling, args.repeats),
@@ -403,6 +448,8 @@ def main(argv=None) -> int:
     levers["tree_kernel"] = tree_kernel(learner, args.repeats)
     levers["logits_buffer"] = logits_buffer(learner, args.repeats)
     levers["one_rank_reduce"] = one_rank_reduce(learner, args.repeats)
+    del learner
+    levers["freed_memory"] = freed_memory(args, args.repeats)
     for name, r in levers.items():
         print(f"{name}: before {common.fmt(r['before_s'])} s, after {common.fmt(r['after_s'])} s, "
               f"after/before {common.fmt(r['after_over_before'], '.3f')}")

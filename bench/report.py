@@ -426,6 +426,8 @@ LEVERS = {
                       "a fresh [chunk, vocab] allocation per chunk", "one buffer kept across chunks"),
     "one_rank_reduce": ("Learner: one-rank gradient reduce", "DeepSpeed step of one update (ZeRO-1, one rank)",
                         "DeepSpeed's all-reduce (flatten, ÷1, copy back)", "skipped (identity at one rank)"),
+    "freed_memory": ("Learner: freed memory held", "one optimizer step over 64 rows, fresh processes alternating",
+                     "glibc malloc defaults", "freed memory kept in the heap (`learner.hold_freed_memory`)"),
 }
 
 
@@ -443,7 +445,12 @@ def section_levers(doc: Optional[dict]) -> list[str]:
         name, what, before, after = LEVERS.get(key, (key, "", "before", "after"))
         rows.append([name, what, before, fmt(r["before_s"], ".3f"), after, fmt(r["after_s"], ".3f"),
                      fmt(r["after_over_before"], ".3f")])
-    return out + _table(["lever", "timed", "before", "s", "after", "s", "after / before"], rows) + [""]
+    out += _table(["lever", "timed", "before", "s", "after", "s", "after / before"], rows) + [""]
+    fm = doc["levers"].get("freed_memory")
+    if fm and "faults_before" in fm:
+        out += [f"Minor page faults per learner update: {fmt(fm['faults_before'], '.0f')} with malloc's defaults, "
+                f"{fmt(fm['faults_after'], '.0f')} with freed memory held.", ""]
+    return out
 
 
 def _errbar(points: list[dict], key: str) -> tuple[list[float], list[list[float]]]:

@@ -73,10 +73,12 @@ class LearnerRank:
         self.spans = Spans(f"learner {rank}")
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
-        from rlkit.workers import claim_cpu
+        from rlkit.workers import claim_cpu, hold_freed_memory
 
         lc, mc = spec.learner, spec.model
         claim_cpu(lc.threads)
+        # Before DeepSpeed and the model allocate: on the CPU the step's buffers are reused, not refaulted.
+        self.holds_heap = lc.hold_freed_memory and learner_device().type == "cpu" and hold_freed_memory()
         random.seed(spec.seed + rank)
         np.random.seed(spec.seed + rank)
         torch.manual_seed(spec.seed)
@@ -110,7 +112,7 @@ class LearnerRank:
 
     # ---------------------------------------------------------------- passes
     def ready(self) -> dict[str, Any]:
-        return {"rank": self.rank, "pid": os.getpid(), "needs": self.needs.__dict__}
+        return {"rank": self.rank, "pid": os.getpid(), "needs": self.needs.__dict__, "holds_heap": self.holds_heap}
 
     def set_batch(self, batch: TrainBatch) -> int:
         self.batch = batch
