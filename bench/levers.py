@@ -37,11 +37,13 @@ same process, ``--repeats`` times, so both see the same machine state.
 * ``one_rank_reduce``: the DeepSpeed step of that update (ZeRO-1 at one rank), with DeepSpeed's
   gradient all-reduce (flatten, divide by 1, one-member all-reduce, copy back) and with it skipped
   (rlkit/workers/ds_engine.py ``one_rank_reduce``).
-* ``freed_memory``: one learner update in a fresh process with glibc malloc's defaults (blocks
-  above 32 MiB mapped and unmapped per use, the heap trimmed) and with freed memory held in the
-  heap (``learner.hold_freed_memory``, ``rlkit.workers.hold_freed_memory``); processes alternate,
-  each generates the batch, takes a warm-up update and times two. Minor page faults per update
-  beside it. The other learner rows run with freed memory held, as the learner does.
+* ``freed_memory_generate``, ``freed_memory_learn``: ``HFEngine.generate`` and one learner update
+  in fresh processes with glibc malloc's defaults (blocks above the mmap threshold, at most 32
+  MiB, mapped and unmapped per use, the heap trimmed) and with freed memory held in the heap
+  (``rollout.hold_freed_memory``, ``learner.hold_freed_memory``: ``rlkit.workers.hold_freed_memory``,
+  set before the engine loads); processes alternate, each times three generations and two
+  updates after a warm-up one of each, with their minor page faults. Every other row runs in a
+  process that holds freed memory, as the workers do.
 
 Writes ``bench/out/levers.json``; ``bench/report.py`` renders it in docs/benchmarks.md.
 """
@@ -375,10 +377,11 @@ def one_rank_reduce(learner, repeats: int) -> dict[str, Any]:
     return out
 
 
-def freed_memory(args, repeats: int) -> dict[str, Any]:
-    """Seconds of one learner update in fresh processes without and with freed memory held."""
-    secs: dict[bool, list[float]] = {False: [], True: []}
-    faults: dict[bool, list[float]] = {False: [], True: []}
+def freed_memory(args, repeats: int) -> dict[str, dict[str, Any]]:
+    """Generation and learner-update seconds in fresh processes without and with freed memory held,
+    alternating processes: ``{"freed_memory_generate": row, "freed_memory_learn": row}``."""
+    secs = {k: {False: [], True: []} for k in ("generate", "learn")}
+    faults = {k: {False: [], True: []} for k in ("generate", "learn")}
     for _ in range(repeats):
         for hold in (False, True):
             cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads),
@@ -387,25 +390,47 @@ def freed_memory(args, repeats: int) -> dict[str, Any]:
             if out.returncode:
                 raise RuntimeError(f"freed_memory child (hold={hold}) failed:\n{out.stderr[-3000:]}")
             rec = json.loads(out.stdout.strip().splitlines()[-1])
-            secs[hold] += rec["seconds"]
-            faults[hold] += rec["faults"]
-    sb, sa = common.summary(secs[False]), common.summary(secs[True])
-    return {"before_s": sb, "after_s": sa, "after_over_before": common.ratio_summary(sa, sb),
-            "faults_before": common.summary(faults[False]), "faults_after": common.summary(faults[True])}
+            for k in secs:
+                secs[k][hold] += rec[k]["seconds"]
+                faults[k][hold] += rec[k]["faults"]
+    rows = {}
+    for k in secs:
+        sb, sa = common.summary(secs[k][False]), common.summary(secs[k][True])
+        rows[f"freed_memory_{k}"] = {"before_s": sb, "after_s": sa, "after_over_before": common.ratio_summary(sa, sb),
+                                     "faults_before": common.summary(faults[k][False]),
+                                     "faults_after": common.summary(faults[k][True])}
+    return rows
+
+
+def _timed_faults(fn) -> tuple[float, int]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def _freed_memory_child(args, prompts, engine, sampling) -> int:
-    """One process of ``freed_memory``: seconds and minor faults of two updates after a warm-up."""
+    """One process of ``freed_memory`` (its heap policy set before the engine loaded): three
+    generations and two learner updates, each after a warm-up one, with their minor faults."""
+    rec = {"generate": {"seconds": [], "faults": []}, "learn": {"seconds": [], "faults": []}}
+    for seed in range(4):
+        s, f = _timed_faults(lambda: engine.generate(prompts, 8, sampling, seed=seed))
+        if seed:
+            rec["generate"]["seconds"].append(s)
+            rec["generate"]["faults"].append(f)
     gens = engine.generate(prompts, 8, sampling, seed=0)
     del engine
     rank, batch, adv, _ = _learner(common.model_dir(args.model), gens, args.threads, bool(args.child_hold))
-    _train_seconds(rank, batch, adv, lambda: None)
-    secs, faults = [], []
-    for _ in range(2):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        secs.append(_train_seconds(rank, batch, adv, lambda: None))
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"seconds": secs, "faults": faults}))
+    def update():
+        rank.set_batch(batch)
+        rank.train(adv, {})
+
+    for i in range(3):
+        s, f = _timed_faults(update)
+        if i:
+            rec["learn"]["seconds"].append(s)
+            rec["learn"]["faults"].append(f)
+    print(json.dumps(rec))
     return 0
 
 
@@ -424,9 +449,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
+    from rlkit.workers import hold_freed_memory
     from rlkit.workers.engine import SamplingConfig
     from rlkit.workers.hf_engine import HFEngine
 
+    if args.child_hold != 0:  # the workers' heap policy, but on the freed_memory rows' before side
+        hold_freed_memory()
     torch.set_num_threads(args.threads)
     path = common.model_dir(args.model)
     prompts = prompt_ids(path, 8)
@@ -449,7 +477,7 @@ def main(argv=None) -> int:
     levers["logits_buffer"] = logits_buffer(learner, args.repeats)
     levers["one_rank_reduce"] = one_rank_reduce(learner, args.repeats)
     del learner
-    levers["freed_memory"] = freed_memory(args, args.repeats)
+    levers.update(freed_memory(args, args.repeats))
     for name, r in levers.items():
         print(f"{name}: before {common.fmt(r['before_s'])} s, after {common.fmt(r['after_s'])} s, "
               f"after/before {common.fmt(r['after_over_before'], '.3f')}")

@@ -426,8 +426,10 @@ LEVERS = {
                       "a fresh [chunk, vocab] allocation per chunk", "one buffer kept across chunks"),
     "one_rank_reduce": ("Learner: one-rank gradient reduce", "DeepSpeed step of one update (ZeRO-1, one rank)",
                         "DeepSpeed's all-reduce (flatten, ÷1, copy back)", "skipped (identity at one rank)"),
-    "freed_memory": ("Learner: freed memory held", "one optimizer step over 64 rows, fresh processes alternating",
-                     "glibc malloc defaults", "freed memory kept in the heap (`learner.hold_freed_memory`)"),
+    "freed_memory_generate": ("Engine: freed memory held", "`HFEngine.generate`, fresh processes alternating",
+                              "glibc malloc defaults", "freed memory kept in the heap (`rollout.hold_freed_memory`)"),
+    "freed_memory_learn": ("Learner: freed memory held", "one optimizer step over 64 rows, fresh processes alternating",
+                           "glibc malloc defaults", "freed memory kept in the heap (`learner.hold_freed_memory`)"),
 }
 
 
@@ -446,10 +448,11 @@ def section_levers(doc: Optional[dict]) -> list[str]:
         rows.append([name, what, before, fmt(r["before_s"], ".3f"), after, fmt(r["after_s"], ".3f"),
                      fmt(r["after_over_before"], ".3f")])
     out += _table(["lever", "timed", "before", "s", "after", "s", "after / before"], rows) + [""]
-    fm = doc["levers"].get("freed_memory")
-    if fm and "faults_before" in fm:
-        out += [f"Minor page faults per learner update: {fmt(fm['faults_before'], '.0f')} with malloc's defaults, "
-                f"{fmt(fm['faults_after'], '.0f')} with freed memory held.", ""]
+    for key, what in (("freed_memory_generate", "generation"), ("freed_memory_learn", "learner update")):
+        fm = doc["levers"].get(key)
+        if fm and "faults_before" in fm:
+            out += [f"Minor page faults per {what}: {fmt(fm['faults_before'], '.0f')} with malloc's defaults, "
+                    f"{fmt(fm['faults_after'], '.0f')} with freed memory held.", ""]
     return out
 
 

@@ -67,6 +67,10 @@ class RolloutConfig(Section):
     differs from the learner's by bf16 rounding (the learner logs ``gap/kl`` and ``gap/max_ratio``; see
     ``learner.tis_cap`` / ``learner.is_correction``), as with a bf16 vLLM beside an fp32 learner
     (docs/benchmarks.md)."""
+    hold_freed_memory: bool = True
+    """CPU HF engines (glibc): freed memory stays in the worker's heap for the next decode step's
+    buffers instead of going back to the kernel and being faulted in again, as
+    ``learner.hold_freed_memory``."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs per vLLM engine (tensor parallelism). Above 1 the engine must be "vllm" and each
     rollout worker must ask for that many GPUs (``resources.rollout_gpus``) on one node."""

@@ -63,7 +63,8 @@ class Runtime:
         self.rollout = [
             Rollout_.options(**self.placement.options("rollout", i), **restarts).remote(
                 model_dir, engine=r.engine, dtype=cfg.model.dtype, threads=r.threads, seed=cfg.train.seed + i,
-                worker_index=i, partial_kv=r.partial_kv, matmul_dtype=r.matmul_dtype)
+                worker_index=i, partial_kv=r.partial_kv, matmul_dtype=r.matmul_dtype,
+                hold_freed_memory=r.hold_freed_memory)
             for i in range(r.num_workers)
         ]
         self.reward = make_reward_actor(build_reward_config(cfg), **self.placement.options("reward", 0), **restarts)

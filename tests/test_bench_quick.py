@@ -180,6 +180,7 @@ def test_scaling_quick_json_and_report(quick_out, tmp_path):
     _run("report.py", "--results", str(quick_out), "--doc", str(md), timeout=120)
     text = md.read_text()
     assert "freed memory held" in text and "Minor page faults per learner update" in text
+    assert "Minor page faults per generation" in text
     assert "quick mode" in text and "rlkit/trl" in text
     assert "min-bound fraction: learning" in text and "nominal FLOP fraction" in text
     assert "| rlkit learning: fraction of the minimal-FLOP bound | ≥ 0.7 |" in text and "| ≤ 0.3 |" in text
@@ -196,14 +197,15 @@ def test_levers_quick_json_and_report(tmp_path):
     assert doc["bench"] == "levers" and doc["args"]["quick"]
     assert set(doc["levers"]) == {"engine_gqa", "engine_fused", "cache_compaction", "sampling_draw", "shared_prefix",
                                   "bf16_matmul", "learner_tree", "tree_kernel", "logits_buffer", "one_rank_reduce",
-                                  "freed_memory"}
+                                  "freed_memory_generate", "freed_memory_learn"}
     for name, r in doc["levers"].items():
         assert _is_summary(r["before_s"], 1) and _is_summary(r["after_s"], 1), name
         if name != "cache_compaction" or r["compactions"]:  # no early EOS: nothing to compact
             assert r["before_s"]["median"] > 0 and r["after_s"]["median"] > 0, name
     assert doc["levers"]["learner_tree"]["rows"] == 64
-    fm = doc["levers"]["freed_memory"]  # two timed updates per process
-    assert fm["before_s"]["n"] == fm["faults_after"]["n"] == 2
+    # Per process: three timed generations and two timed updates.
+    assert doc["levers"]["freed_memory_generate"]["before_s"]["n"] == 3
+    assert doc["levers"]["freed_memory_learn"]["faults_after"]["n"] == 2
     md = tmp_path / "docs" / "benchmarks.md"
     _run("report.py", "--results", str(out), "--doc", str(md), timeout=120)
     text = md.read_text()
@@ -211,4 +213,5 @@ def test_levers_quick_json_and_report(tmp_path):
     assert "tree-attention kernel" in text and "one-rank gradient reduce" in text
     assert "chunk logits buffer" in text and "share the prompt's KV" in text and "bf16 decoder matmuls" in text and "sampling tail" in text
     assert "freed memory held" in text and "Minor page faults per learner update" in text
+    assert "Minor page faults per generation" in text
     assert "quick mode" in text

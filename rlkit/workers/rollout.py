@@ -79,10 +79,14 @@ SYNC_METHODS = ("ready", "load_buckets", "load_shm", "load_ipc", "collective_joi
 class RolloutWorker:
     def __init__(self, model_dir: str, *, engine: str = "hf", dtype: str = "float32", threads: int = 1,
                  seed: int = 0, worker_index: int = 0, max_model_len: int = 1024, partial_kv: str = "keep",
-                 matmul_dtype: str = "auto"):
-        from rlkit.workers import claim_cpu
+                 matmul_dtype: str = "auto", hold_freed_memory: bool = True):
+        import torch
+
+        from rlkit.workers import claim_cpu, hold_freed_memory as hold
 
         claim_cpu(threads)
+        # Before the engine allocates: a CPU HF engine reuses its decode buffers instead of refaulting them.
+        self.holds_heap = hold_freed_memory and engine == "hf" and not torch.cuda.is_available() and hold()
         self.engine = make_engine(engine, model_dir, dtype=dtype, threads=threads, seed=seed,
                                   max_model_len=max_model_len, matmul_dtype=matmul_dtype)
         if hasattr(self.engine, "on_swap"):
@@ -104,7 +108,7 @@ class RolloutWorker:
             self.version = version
 
     def ready(self) -> dict[str, Any]:
-        return {"worker": self.worker_index, "pid": os.getpid(), "version": self.version}
+        return {"worker": self.worker_index, "pid": os.getpid(), "version": self.version, "holds_heap": self.holds_heap}
 
     def generate(self, prompts: list[tuple[int, int, list[int]]], n: int, sampling: dict, seed: int) -> list[Rollout]:
         """``prompts``: (group_id, dataset row index, prompt token ids). Returns n rollouts each."""
