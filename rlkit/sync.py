@@ -108,16 +108,18 @@ def release_shm_segments() -> list[str]:
 class ShmTransport:
     """Same node: rank 0 writes the weights into a shared-memory slot once; each worker maps it
     (:mod:`rlkit.workers.shm_sync`). The driver keeps the segments' names and unlinks what a
-    killed learner left (:func:`release_shm_segments`)."""
+    killed learner left (:func:`release_shm_segments`); the names carry the driver's pid, so a
+    later driver on the node unlinks what a killed driver left (``shm_sync.sweep_stale``)."""
 
     name = "shm"
     timeout_s: Optional[float] = None
 
     def __init__(self, learners: Sequence[Any], zero_stage: int):
-        from rlkit.workers.shm_sync import segment_names
+        from rlkit.workers.shm_sync import owner_tag, segment_names, sweep_stale
 
         self.learners, self.zero_stage = learners, zero_stage
-        self.tag = uuid.uuid4().hex[:12]
+        sweep_stale()  # what a killed driver of this node left
+        self.tag = owner_tag()
         if not _SHM_SEGMENTS:
             atexit.register(release_shm_segments)
         _SHM_SEGMENTS.extend(segment_names(self.tag))

@@ -13,6 +13,11 @@ already small) leaves the Ray object-store path in charge.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import socket
+import uuid
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
@@ -60,6 +65,49 @@ def views(buf, entries: list[Entry]) -> dict[str, Tensor]:
 def segment_names(tag: str) -> list[str]:
     """The two segments of a writer of ``tag``."""
     return [f"rlkit_{tag}_{slot}" for slot in range(2)]
+
+
+_SEGMENT = re.compile(r"rlkit_([0-9a-f]{8})p(\d+)_[0-9a-f]+_\d")
+
+
+def _node_key() -> str:
+    """This host and pid namespace, hashed: a pid in a tag is only meaningful where both match
+    (another container sharing /dev/shm numbers its processes in its own namespace)."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return hashlib.sha1(f"{socket.gethostname()}:{ns}".encode()).hexdigest()[:8]
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """A fresh tag naming its owner (the driver process, ``pid``) on this node, so that segments a
+    killed owner left can be told from live ones (:func:`sweep_stale`)."""
+    return f"{_node_key()}p{os.getpid() if pid is None else pid}_{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def sweep_stale(root: str = "/dev/shm") -> list[str]:
+    """Unlink the segments whose owner was a process of this host and pid namespace that no
+    longer exists (a driver killed with SIGKILL runs no exit handler, and its learner died with
+    it). Segments of live owners, of other hosts or namespaces, or of an owner whose pid was
+    reused, are left alone. Returns the names removed."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    key = _node_key()
+    stale = [n for n in names if (m := _SEGMENT.fullmatch(n)) and m[1] == key and not _alive(int(m[2]))]
+    return unlink(stale)
 
 
 def unlink(names: list[str]) -> list[str]:
