@@ -35,8 +35,8 @@ def hold_freed_memory() -> bool:
     system time per e2e step, more where the hypervisor takes each fault back too. With mmap off
     (``M_MMAP_MAX`` 0) and the trim threshold at 2 GiB, freed blocks are reused once the heap has
     settled: 1–27 faults per step after the first (docs/benchmarks.md, Levers). The heap stays at
-    the step's peak instead of shrinking between steps. Returns False (and changes nothing) where the C library has no ``mallopt``
-    (not glibc)."""
+    the step's peak instead of shrinking between steps. Returns False (and changes nothing) where
+    the C library has no ``mallopt`` (not glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
