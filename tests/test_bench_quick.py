@@ -132,7 +132,9 @@ def test_e2e_quick_json(quick_out):
             # 4 prompts × 4 samples, at most 8 new tokens each
             assert 16 <= s["generated_tokens"] <= 16 * 8
             assert s["trained_tokens"] == s["prefill_tokens"] + s["generated_tokens"]
-            assert 0 < s["roofline_frac"] < 1
+            # nominal FLOPs: TRL executes them all; rlkit skips repeated prompts and finished rows, so its
+            # fraction may pass 1 (docs/benchmarks.md § 1)
+            assert 0 < s["roofline_frac"] and (r is rl or s["roofline_frac"] < 1)
             m = s["min_flops"]
             assert m["learn"] == pytest.approx(3 * m["generate"]) and m["step"] == pytest.approx(4 * m["generate"])
             # the bound skips repeated prompts: under the nominal count, above the completions' body FLOPs
@@ -179,8 +181,6 @@ def test_scaling_quick_json_and_report(quick_out, tmp_path):
     md = tmp_path / "docs" / "benchmarks.md"
     _run("report.py", "--results", str(quick_out), "--doc", str(md), timeout=120)
     text = md.read_text()
-    assert "freed memory held" in text and "Minor page faults per learner update" in text
-    assert "Minor page faults per generation" in text
     assert "quick mode" in text and "rlkit/trl" in text
     assert "min-bound fraction: learning" in text and "nominal FLOP fraction" in text
     assert "| rlkit learning: fraction of the minimal-FLOP bound | ≥ 0.7 |" in text and "| ≤ 0.3 |" in text
