@@ -421,12 +421,8 @@ def _freed_memory_child(args, prompts, engine, sampling) -> int:
     gens = engine.generate(prompts, 8, sampling, seed=0)
     del engine
     rank, batch, adv, _ = _learner(common.model_dir(args.model), gens, args.threads, bool(args.child_hold))
-    def update():
-        rank.set_batch(batch)
-        rank.train(adv, {})
-
     for i in range(3):
-        s, f = _timed_faults(update)
+        s, f = _timed_faults(lambda: _train_seconds(rank, batch, adv, lambda: None))
         if i:
             rec["learn"]["seconds"].append(s)
             rec["learn"]["faults"].append(f)
