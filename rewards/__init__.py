@@ -34,6 +34,10 @@ _LAZY = {
     "length": "length",
     "overlong": "length",
     "reasoning_gym_score": "gym_adapter",
+    "unevaluated": "math_answer",
+    "literal_value": "strict",
+    "strict_correct": "strict",
+    "monitor_metrics": "hacks",
 }
 
 

@@ -84,6 +84,9 @@ class RewardConfig:
         self.hist_range = tuple(float(x) for x in self.hist_range)  # type: ignore[assignment]
         if len(self.hist_range) != 2 or not self.hist_range[0] < self.hist_range[1]:
             raise ValueError(f"hist_range must be (low, high) with low < high, got {self.hist_range!r}")
+        for spec in self.rewards:
+            if spec.name == "math":
+                _check_math_kwargs(spec.kwargs)
         names = self.component_names()
         if self.outcome is not None and self.outcome not in names:
             raise ValueError(f"outcome {self.outcome!r} is not one of the reward components {names}")
@@ -101,11 +104,26 @@ class RewardConfig:
             names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
         return names
 
+    def answer_fallback(self) -> str:
+        """The final-answer fallback of the built-in ``math`` verifier (``none`` when it is not listed):
+        what the hack monitors and the strict score extract answers with."""
+        spec = next((s for s in self.rewards if s.name == "math"), None)
+        return "none" if spec is None else str(spec.kwargs.get("fallback", "none"))
+
     def outcome_name(self) -> Optional[str]:
         """The outcome component (see ``outcome``), or None for the weighted total."""
         if self.outcome is not None:
             return self.outcome
         return "math" if "math" in self.component_names() else None
+
+
+_MATH_CHOICES = {"fallback": ("none", "last_number"), "answer_form": ("value", "expression")}
+
+
+def _check_math_kwargs(kwargs: dict[str, Any]) -> None:
+    for key, choices in _MATH_CHOICES.items():
+        if key in kwargs and kwargs[key] not in choices:
+            raise ValueError(f"reward 'math': kwargs.{key} must be one of {list(choices)}, got {kwargs[key]!r}")
 
 
 def _as_spec(r: Any) -> RewardSpec:

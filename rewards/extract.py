@@ -67,6 +67,23 @@ def last_boxed(text: str) -> Optional[str]:
     return None if best is None else best[1].strip()
 
 
+def all_boxed(text: str) -> list[str]:
+    """Contents of every complete ``\\boxed{…}`` / ``\\fbox{…}``, in order of appearance.
+
+    >>> all_boxed(r"\\boxed{3} or maybe \\boxed{4}")
+    ['3', '4']
+    """
+    found = []
+    for cmd in _BOX_COMMANDS:
+        start = text.find(cmd)
+        while start != -1:
+            content = _box_content(text, start + len(cmd))
+            if content is not None:
+                found.append((start, content.strip()))
+            start = text.find(cmd, start + len(cmd))
+    return [c for _, c in sorted(found)]
+
+
 def _box_content(text: str, i: int) -> Optional[str]:
     """Argument of a box command whose name ends at ``i``: ``{…}`` or one bare token (``\\boxed 5``)."""
     if i < len(text) and text[i].isalpha():

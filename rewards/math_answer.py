@@ -25,7 +25,8 @@ from typing import Any, Literal, NamedTuple, Optional, Sequence
 
 from math_verify import parse, verify
 
-from .extract import Extracted, extract_final_answer
+from .answer_form import answer_form as form_of
+from .extract import Extracted, all_boxed, extract_final_answer
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -44,11 +45,20 @@ _TRAILING_WORDS_RE = re.compile(r"^(.*?[\d}\)\]%])\s+[A-Za-z][A-Za-z .']*$")
 _DOLLAR_PAIR_RE = re.compile(r"(?<!\\)\$")
 
 
+AnswerFormRule = Literal["value", "expression"]
+ANSWER_FORMS = ("value", "expression")
+
+
 class Verdict(NamedTuple):
-    """The judgment of one completion and what it was based on."""
+    """The judgment of one completion and what it was based on.
+
+    ``reason``: ``correct``, ``wrong``, ``no_answer`` (nothing extracted), ``hedged`` (two boxed
+    answers that differ) or ``unevaluated`` (the reference is a value and the final answer is still
+    a computation: :mod:`.answer_form`)."""
 
     correct: bool
     extracted: Optional[Extracted]
+    reason: str = "wrong"
 
 
 def _plain_number(text: str) -> Optional[Decimal]:
@@ -154,20 +164,45 @@ def judge(
     fallback: Literal["none", "last_number"] = "none",
     rel_tol: float = 1e-6,
     abs_tol: float = 0.0,
+    answer_form: AnswerFormRule = "value",
 ) -> Verdict:
     """Extract the final answer of ``completion`` and compare it with ``reference``.
+
+    With ``answer_form="value"`` (the default), when the reference is a value (a number, fraction,
+    radical, interval, set or tuple) a final answer that is still a computation scores 0 before
+    math-verify sees it: ``\\boxed{77 - 62}`` is not 15 (docs/rewards.md, "Answer form").
+    ``"expression"`` leaves equivalence to math-verify alone, for tasks whose answers are expressions.
 
     >>> judge(r"The total is $\\boxed{\\dfrac{3}{4}}$.", "0.75").correct
     True
     >>> judge("So she has 18 eggs.\\n#### 18", "18").correct
     True
-    >>> judge("no final answer here, maybe 7", "7").correct
-    False
+    >>> judge("no final answer here, maybe 7", "7").reason
+    'no_answer'
+    >>> judge(r"\\boxed{77 - 62}", "15").reason, judge(r"\\boxed{77 - 62}", "15", answer_form="expression").correct
+    ('unevaluated', True)
     """
+    if answer_form not in ANSWER_FORMS:
+        raise ValueError(f"answer_form must be one of {list(ANSWER_FORMS)}, got {answer_form!r}")
     extracted = extract_final_answer(completion, fallback=fallback)
     if extracted is None:
-        return Verdict(False, None)
-    return Verdict(answers_match(str(reference), extracted, rel_tol, abs_tol), extracted)
+        return Verdict(False, None, "no_answer")
+    ref = str(reference)
+    if extracted.kind == "boxed" and len({" ".join(b.split()) for b in all_boxed(completion)}) > 1:
+        return Verdict(False, extracted, "hedged")  # "\\boxed{3} or \\boxed{4}": one of them is right
+    if answer_form == "value" and unevaluated(ref, extracted.text):
+        return Verdict(False, extracted, "unevaluated")
+    correct = answers_match(ref, extracted, rel_tol, abs_tol)
+    return Verdict(correct, extracted, "correct" if correct else "wrong")
+
+
+def unevaluated(reference: str, answer: str) -> bool:
+    """Whether ``answer`` is refused for its form: the reference is a value, the answer a computation.
+
+    >>> unevaluated("38", "4 + 34"), unevaluated("38", "38"), unevaluated("4 + 34", "4 + 34")
+    (True, False, False)
+    """
+    return form_of(answer) == "unevaluated" and form_of(reference) == "value"
 
 
 def math_answer(
@@ -178,16 +213,20 @@ def math_answer(
     fallback: Literal["none", "last_number"] = "none",
     rel_tol: float = 1e-6,
     abs_tol: float = 0.0,
+    answer_form: AnswerFormRule = "value",
     **unused_fields: Any,
 ) -> list[float]:
     """Reward 1.0 if the final answer (boxed, ``####``, "the answer is", optional last number) equals ``answer``.
+
+    ``answer_form="value"`` (default): a final answer that is still a computation of numbers
+    (``\\boxed{4 + 34}``) scores 0 when the reference is a value; see :func:`judge`.
 
     Matches TRL's ``accuracy_reward`` contract (math-verify on the last answer) but extracts the
     answer first, so long reasoning texts are never parsed whole. ``answer`` is the dataset field
     holding the reference (a string or a number); a missing reference raises (never a silent 0).
 
-    >>> math_answer([r"\\boxed{4}", r"\\boxed{5}", "no idea"], answer=["4", "4", "4"])
-    [1.0, 0.0, 0.0]
+    >>> math_answer([r"\\boxed{4}", r"\\boxed{5}", "no idea", r"\\boxed{2 + 2}"], answer=["4", "4", "4", "4"])
+    [1.0, 0.0, 0.0, 0.0]
     """
     if len(answer) != len(completions):
         raise ValueError(f"math_answer: {len(completions)} completions but {len(answer)} answers")
@@ -195,7 +234,7 @@ def math_answer(
     for completion, ref in zip(completions, answer):
         if ref is None or (isinstance(ref, str) and not ref.strip()):
             raise ValueError("math_answer: empty reference answer in field 'answer'")
-        out.append(1.0 if judge(completion, ref, fallback, rel_tol, abs_tol).correct else 0.0)
+        out.append(1.0 if judge(completion, ref, fallback, rel_tol, abs_tol, answer_form).correct else 0.0)
     return out
 
 
@@ -203,6 +242,7 @@ def warmup() -> None:
     """First math-verify call builds the LaTeX grammar and sympy caches (~0.2 s): pay it at start-up."""
     judge(r"\boxed{\frac{1}{2}}", "0.5")
     judge(r"\boxed{(0, 1]}", "(0,1]")
+    judge(r"\boxed{77 - 62}", "15")
 
 
 math_answer.warmup = warmup  # type: ignore[attr-defined]

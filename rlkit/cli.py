@@ -216,7 +216,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from rlkit.config import build_reward_config, load_config
-    from rlkit.evaluate import rich_table
+    from rlkit.evaluate import rich_table, strict_flag_line
     from rlkit.rewards import check_loadable
 
     target = resolve_target(args.target)
@@ -238,14 +238,17 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else target.out
     seed = cfg.train.seed if args.seed is None else args.seed
     # Off a terminal (logs, pipes) rich would wrap the table at 80 columns.
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = Console() if sys.stdout.isatty() else Console(width=220)
     points = []
     for p in prepared:
-        report = _evaluate_model(cfg, p, reward_cfg.outcome_name(), seed)
+        report = _evaluate_model(cfg, p, reward_cfg.outcome_name(), seed, reward_cfg.answer_fallback())
         name = "eval.json" if p.step is None else f"step_{p.step:07d}.json"
         saved = report.save(out / name)
         title = f"{p.model_dir}" + ("" if p.step is None else f" (step {p.step})")
         console.print(rich_table(report.to_json(), title=title))
+        flag = strict_flag_line(report.metrics, cfg.monitors.strict_gap)
+        if flag:
+            console.print(flag)
         console.print(f"report: {saved}")
         points.append((p.step, report.to_json()))
     if target.curve:
@@ -276,14 +279,15 @@ def _prepare(cfg: Any, step: int | None, model: str) -> _Prepared:
     return _Prepared(step, model_dir, tokenizer, rows[: cfg.eval.num_problems])
 
 
-def _evaluate_model(cfg: Any, p: _Prepared, outcome: str | None, seed: int) -> Any:
+def _evaluate_model(cfg: Any, p: _Prepared, outcome: str | None, seed: int, answer_fallback: str = "none") -> Any:
     from rlkit.evaluate import evaluate
     from rlkit.runtime import Runtime
 
     cfg.model.path = p.model_dir
     runtime = Runtime(cfg, p.model_dir, learners=False)
     try:
-        return evaluate(runtime, p.tokenizer, p.rows, cfg.eval, outcome, seed=seed)
+        return evaluate(runtime, p.tokenizer, p.rows, cfg.eval, outcome, seed=seed, answer_fallback=answer_fallback,
+                        strict_gap=cfg.monitors.strict_gap)
     finally:
         runtime.shutdown()
 

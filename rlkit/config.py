@@ -181,6 +181,19 @@ class EvalConfig(Section):
     """Also evaluate at the first step ending past each of these minutes of training time."""
 
 
+class MonitorConfig(Section):
+    """Hack monitors (:mod:`rlkit.rewards.hacks`, docs/rewards.md "Hack monitors")."""
+
+    enabled: bool = True
+    threshold: float = Field(0.2, gt=0.0, le=1.0)
+    """A monitor at or above this fraction (of the step's rewarded samples) is reported in the
+    progress line and ``summary.txt``."""
+    min_rewarded: int = Field(4, ge=1)
+    """The rewarded-sample monitors speak only when at least this many samples were rewarded."""
+    strict_gap: float = Field(0.05, ge=0.0, le=1.0)
+    """An evaluation whose verifier accuracy exceeds the strict score's by more than this is flagged."""
+
+
 class CheckpointConfig(Section):
     every_steps: int = Field(0, ge=0)
     """0: only at the end."""
@@ -261,6 +274,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    monitors: MonitorConfig = MonitorConfig()
     recovery: RecoveryConfig = RecoveryConfig()
     resources: ResourcesConfig = ResourcesConfig()
     object_store_mb: int = Field(2048, ge=128)

@@ -263,13 +263,16 @@ def sample_ks(n: int, k: Sequence[int]) -> list[int]:
 
 
 def evaluate(runtime: Any, tokenizer: Any, rows: Sequence[Any], eval_cfg: Any, outcome: str | None,
-             seed: int = 0) -> EvalReport:
+             seed: int = 0, answer_fallback: str = "none", strict_gap: float = 0.05) -> EvalReport:
     """Evaluate the runtime's current policy on ``rows`` (:class:`rlkit.data.PromptRow`, all of them).
 
     ``runtime``: :class:`rlkit.runtime.Runtime` (``greedy``, ``sample``, ``score``); ``eval_cfg``:
     :class:`rlkit.config.EvalConfig` (``n``, ``k``, ``temperature``, ``max_new_tokens``);
     ``outcome``: the reward component that decides correctness (None: the total score). ``seed``
     fixes the n samples, so evaluations at different steps draw with the same seeds.
+    ``answer_fallback`` is the verifier's final-answer fallback, used by the strict score
+    (:func:`strict_scores`); a verifier accuracy above the strict one by more than ``strict_gap`` is
+    flagged (``eval/strict_flag``).
     """
     rows = list(rows)
     prompt_ids = [tokenizer(r.prompt_text, add_special_tokens=False)["input_ids"] for r in rows]
@@ -286,8 +289,43 @@ def evaluate(runtime: Any, tokenizer: Any, rows: Sequence[Any], eval_cfg: Any, o
         sampled = (_judge(runtime, rows, gens_P_N, texts_P_N, outcome), vote_groups(texts_P_N))
     settings = {"n": eval_cfg.n, "k": ks, "temperature": eval_cfg.temperature,
                 "max_new_tokens": eval_cfg.max_new_tokens, "seed": seed, "outcome": outcome,
-                "problems": len(rows), "max_subsets": MAX_SUBSETS}
+                "problems": len(rows), "max_subsets": MAX_SUBSETS, "answer_fallback": answer_fallback,
+                "strict_gap": strict_gap}
     return build_report(rows, greedy, greedy_texts, correct, sampled, settings)
+
+
+def strict_scores(rows: Sequence[Any], texts: Sequence[str], fallback: str = "none") -> np.ndarray:
+    """The strict score of each problem's greedy answer (:func:`rlkit.rewards.strict.strict_correct`:
+    the final answer as a literal number, no math-verify): 1.0, 0.0, or NaN where the reference is
+    not a literal number."""
+    from rlkit.rewards.strict import strict_correct
+
+    out = [strict_correct(t, r.answer, fallback) if r.answer is not None else None for r, t in zip(rows, texts)]
+    return np.array([math.nan if v is None else float(v) for v in out], dtype=float)
+
+
+def strict_flag_line(metrics: dict[str, float], gap_limit: float) -> str:
+    """One line when the verifier's accuracy exceeds the strict score's by more than ``gap_limit``, else "".
+
+    >>> strict_flag_line({"eval/strict_gap": 0.4, "eval/strict_flag": 1.0}, 0.05)
+    'verifier accuracy exceeds the strict (literal) score by 40.0 points (limit 5.0): its rewarded answers may not be values; read eval/step_*.json'
+    """
+    gap = metrics.get("eval/strict_gap")
+    if gap is None or not gap > gap_limit:
+        return ""
+    return (f"verifier accuracy exceeds the strict (literal) score by {100 * gap:.1f} points (limit "
+            f"{100 * gap_limit:.1f}): its rewarded answers may not be values; read eval/step_*.json")
+
+
+def _strict_metrics(correct_P: np.ndarray, strict_P: np.ndarray, gap_limit: float) -> dict[str, float]:
+    """``eval/strict_gap``: verifier minus strict accuracy on the strictly scorable problems;
+    ``eval/strict_flag``: 1.0 when that gap exceeds ``gap_limit``."""
+    scorable = ~np.isnan(strict_P)
+    if not scorable.any():
+        return {}
+    gap = float(np.asarray(correct_P, dtype=float)[scorable].mean() - strict_P[scorable].mean())
+    return {"eval/strict_gap": gap, "eval/strict_flag": float(gap > gap_limit),
+            "eval/strict_scorable": float(scorable.mean())}
 
 
 def _judge(runtime: Any, rows: Sequence[Any], gens_P_N: list[list[dict]], texts_P_N: list[list[str]],
@@ -316,14 +354,23 @@ def build_report(rows: Sequence[Any], greedy: list[dict], greedy_texts: list[str
     """Per-problem values, then the table and flat metrics per data source and overall."""
     ks, n = settings["k"], settings["n"]
     lengths = [len(g["completion_ids"]) for g in greedy]
+    strict_P = strict_scores(rows, greedy_texts, settings.get("answer_fallback", "none"))
+    from rlkit.rewards.answer_form import answer_form
+    from rlkit.rewards.extract import extract_final_answer
+
+    finals = [extract_final_answer(t, fallback=settings.get("answer_fallback", "none")) for t in greedy_texts]
     per_problem: dict[str, np.ndarray] = {
         "accuracy": np.asarray(correct_P, dtype=float),
+        "strict_accuracy": strict_P,
         "length_mean": np.asarray(lengths, dtype=float),
         "truncated_frac": np.array([g["finish_reason"] == "length" for g in greedy], dtype=float),
     }
     problems = [{"index": r.index, "data_source": r.data_source, "answer": r.answer,
                  "greedy_correct": float(correct_P[i]), "greedy_length": lengths[i],
-                 "greedy_finish": greedy[i]["finish_reason"], "greedy_text": greedy_texts[i]}
+                 "greedy_finish": greedy[i]["finish_reason"], "greedy_text": greedy_texts[i],
+                 "strict_correct": None if math.isnan(strict_P[i]) else float(strict_P[i]),
+                 "final_answer": None if finals[i] is None else finals[i].text,
+                 "answer_form": None if finals[i] is None else answer_form(finals[i].text)}
                 for i, r in enumerate(rows)]
     if sampled is not None:
         correct_P_N, votes_P_N = sampled
@@ -344,6 +391,9 @@ def build_report(rows: Sequence[Any], greedy: list[dict], greedy_texts: list[str
     for row in table:
         prefix = "eval/" if row["source"] == "all" else f"eval/{row['source']}/"
         metrics.update({prefix + name: cell["value"] for name, cell in row["metrics"].items()})
+    metrics.update(_strict_metrics(correct_P, strict_P, settings.get("strict_gap", 0.05)))
+    forms = [p["answer_form"] for p in problems]
+    metrics["eval/unevaluated_frac"] = sum(f == "unevaluated" for f in forms) / max(1, len(forms))
     settings = {**settings, "sources": sources}
     return EvalReport(metrics, table, settings, list(greedy), [float(x) for x in correct_P], problems)
 
@@ -355,6 +405,7 @@ def _table_row(source: str, idx: list[int], per_problem: dict[str, np.ndarray]) 
     cells = {}
     for name, values_P in per_problem.items():
         v = values_P[idx]
+        v = v[~np.isnan(v)]  # the strict score leaves problems without a literal reference unscored
         value = float(v.mean()) if v.size else math.nan
         ci = None if name in _NO_INTERVAL else interval_95(v)
         cells[name] = {"value": value, "ci95": None if ci is None or ci[0] is None else [ci[0], ci[1]]}
@@ -393,13 +444,14 @@ def rich_table(report: dict[str, Any], title: str | None = None) -> Any:
     table.add_column("source")
     table.add_column("problems", justify="right")
     for name in names:
-        table.add_column("greedy accuracy" if name == "accuracy" else name, justify="right")
+        label = {"accuracy": "greedy accuracy", "strict_accuracy": "strict (literal)"}.get(name, name)
+        table.add_column(label, justify="right")
     for row in rows:
         table.add_row(row["source"], str(row["problems"]), *(_cell(row["metrics"][m], m) for m in names))
     return table
 
 
-def table_text(report: dict[str, Any], title: str | None = None, width: int = 160) -> str:
+def table_text(report: dict[str, Any], title: str | None = None, width: int = 220) -> str:
     """The table as plain text (no colour codes), for summary.txt and logs."""
     from rich.console import Console
 

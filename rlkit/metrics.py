@@ -342,6 +342,10 @@ class Progress:
         if metrics.get("progress/train_minutes") is not None:
             self._train_minutes = float(to_scalar("progress/train_minutes", metrics["progress/train_minutes"]))
         fields = self.fields()
+        if metrics.get("hack/alerts"):
+            from rlkit.rewards.hacks import alert_line
+
+            fields += " | " + alert_line({k: to_scalar(k, v) for k, v in metrics.items() if k.startswith("hack/")})
         last, limited = self.projected_last_step(step)
         if self._bar is not None:
             if self._bar.total != last:
@@ -430,7 +434,19 @@ def summarize(run_dir: str | Path) -> str:
     pass1 = _accuracy_line("pass@1", eval_rows, "eval/pass@1")
     if accuracy and not pass1:  # the held-out evaluation decodes greedily: one sample per problem
         pass1 = "pass@1: equal to the held-out (greedy) accuracy"
-    lines += [line for line in (brief, pass1) if line]
+    strict = _accuracy_line("strict (literal) score", eval_rows, "eval/strict_accuracy")
+    lines += [line for line in (brief, pass1, strict) if line]
+    flagged = [r for r in eval_rows if r.get("eval/strict_flag")]
+    if flagged:
+        worst = max(flagged, key=lambda r: r["eval/strict_gap"])
+        lines.append(f"strict-score gap: the verifier's accuracy exceeds the strict score by more than the limit at "
+                     f"{len(flagged)} of {len(eval_rows)} evaluations (largest {100 * worst['eval/strict_gap']:.1f} "
+                     f"points, step {worst['step']}): read eval/step_*.json")
+    from rlkit.rewards.hacks import run_summary
+
+    hack = run_summary(train_rows)
+    if hack:
+        lines.append(hack)
     lines.append(f"steps: {len(train_rows)}")
     step_times = _values(train_rows, "time/step")
     if step_times and len(step_times) == len(train_rows):

@@ -67,7 +67,9 @@ class Trainer:
         setup = cfg.algorithm_setup
         self.algo, self.algo_cfg, self.needs = setup.algo, setup.cfg, setup.needs
         self.filter_policy = setup.filter_policy
-        self.outcome = build_reward_config(cfg).outcome_name()
+        reward_cfg = build_reward_config(cfg)
+        self.outcome = reward_cfg.outcome_name()
+        self.answer_fallback = reward_cfg.answer_fallback()
         self.controller = self.algo.make_controller(self.algo_cfg) if self.algo.make_controller else None
         spec = build_data_spec(cfg)
         # Preference algorithms read pairs from a file (TRL's formats) when the data is a file;
@@ -363,7 +365,20 @@ class Trainer:
         kept = groups.apply_filter(built, self.algo.group_filter, self.algo_cfg)
         if self.needs.pairs:
             kept = groups.untied(kept)
-        return kept, groups.reward_metrics(res.scores, outcome, res.metrics, self.outcome is not None)
+        metrics = groups.reward_metrics(res.scores, outcome, res.metrics, self.outcome is not None)
+        if self.cfg.monitors.enabled:
+            metrics.update(self._monitors(texts, [row.prompt_text for row in row_of], [row.answer for row in row_of],
+                                          res.scores, outcome))
+        return kept, metrics
+
+    def _monitors(self, texts, prompts, references, scores, outcome) -> dict[str, float]:
+        """The hack monitors over one scored batch (:mod:`rlkit.rewards.hacks`), as ``hack/*``."""
+        from rlkit.rewards.hacks import monitor_metrics
+
+        m = self.cfg.monitors
+        found = monitor_metrics(texts, prompts, references, scores, outcome if self.outcome is not None else None,
+                                fallback=self.answer_fallback, threshold=m.threshold, min_rewarded=m.min_rewarded)
+        return {f"hack/{k}": v for k, v in found.items()}
 
     def _advantages(self, batch) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], dict[str, float]]:
         if self.algo.advantages is None:
@@ -405,7 +420,8 @@ class Trainer:
         from rlkit.evaluate import evaluate
 
         rows = self.eval_rows[: self.cfg.eval.num_problems]
-        report = evaluate(self.runtime, self.tokenizer, rows, self.cfg.eval, self.outcome, seed=self.cfg.train.seed)
+        report = evaluate(self.runtime, self.tokenizer, rows, self.cfg.eval, self.outcome, seed=self.cfg.train.seed,
+                          answer_fallback=self.answer_fallback, strict_gap=self.cfg.monitors.strict_gap)
         if base:
             self.state.eval_base = {"brief": [i for i, g in enumerate(report.greedy)
                                               if g["finish_reason"] == "stop" and len(g["completion_ids"]) <= 24]}
