@@ -95,8 +95,22 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+def git_state() -> dict[str, Any]:
+    """The commit this run measured and whether the tree had uncommitted changes to tracked files."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def machine() -> dict[str, Any]:
-    """CPU model, cores, RAM, library versions, load average and the date of this run."""
+    """CPU model, cores, RAM, library versions, load average, the date and the git commit of this run."""
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -111,6 +125,7 @@ def machine() -> dict[str, Any]:
         "trl": _version("trl"), "deepspeed": _version("deepspeed"), "ray": _version("ray"),
         "os": platform.platform(), "loadavg_1_5_15": load,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_state(),
     }
 
 
