@@ -76,6 +76,8 @@ WORKLOAD = [
     "eval.every_steps=0", "eval.max_new_tokens=48", "checkpoint.every_steps=0", "checkpoint.keep=1",
 ]
 KL_PROMPTS = 64
+SAMPLES_PER_ROW = 5
+COMMENTARY = ROOT / "docs" / "commentary" / "algorithm-results.md"
 Z95 = 1.959964
 
 
@@ -120,8 +122,25 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         return [None if r.get(key) is None else float(r[key]) for r in train]
 
     ckpts = sorted((run_dir / "checkpoints").glob("step_*/hf"))
+    import random
+
+    from rlkit.metrics import read_metrics
+    from rlkit.rewards.hacks import MONITORS, run_summary
+
+    rows = [r for r in read_metrics(run_dir) if r.get("eval/strict_accuracy") is not None]
+    last_eval = json.loads((run_dir / "eval" / f"step_{curve[-1][2]:07d}.json").read_text()) if curve else None
+    rewarded = [p for p in (last_eval or {}).get("problems", []) if p["greedy_correct"] == 1.0]
+    samples = random.Random(0).sample(rewarded, min(SAMPLES_PER_ROW, len(rewarded)))
+
     return {
         "steps": len(train), "train_min": round(elapsed / 60, 3),
+        "strict_curve": [(int(r["step"]), float(r["eval/strict_accuracy"])) for r in rows],
+        "monitor_max": {k: max((float(r.get(f"hack/{k}") or 0.0) for r in train), default=None) for k in MONITORS},
+        "monitor_alert_steps": sum(1 for r in train if (r.get("hack/alerts") or 0) > 0),
+        "monitor_summary": run_summary(train),
+        "rewarded_samples": [{"index": p["index"], "answer": p["answer"], "text": p["greedy_text"],
+                              "final_answer": p.get("final_answer"), "answer_form": p.get("answer_form"),
+                              "strict_correct": p.get("strict_correct")} for p in samples],
         "s_per_step": round(elapsed / max(len(train), 1), 2),
         "acc_curve": curve,
         "reward": series("reward/mean"), "entropy": series("entropy/mean"),
@@ -231,13 +250,18 @@ def render(result: dict[str, Any]) -> None:
         "interval over the same problems (evaluation noise: problems turned right b, turned wrong c). A row "
         f"**learns** when its gain exceeds the seed gap ({gap:.1%}) and its interval excludes 0.",
         "",
-        "| algorithm (config) | steps | s/step | accuracy before → mid → after | gain [95 % paired] | learns | "
-        "reward first 3 → last 3 | KL to start (nats/token ± se) | entropy last 3 | length last 3 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Accuracy is the verifier's (math-verify behind the answer-form rule, docs/rewards.md); the strict "
+        "column scores the same final greedy answers as literal numbers, without math-verify. The monitors column "
+        "counts the steps at which a hack monitor crossed its threshold and gives the largest monitored fraction.",
+        "",
+        "| algorithm (config) | steps | s/step | accuracy before → mid → after | strict after | gain [95 % paired] | "
+        "learns | reward first 3 → last 3 | KL to start (nats/token ± se) | entropy last 3 | length last 3 | "
+        "monitors: alert steps (max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r.get("rc") != 0:
-            lines.append(f"| {r['name']} (`{r['config']}`) | failed (rc {r['rc']}), see `{r['log']}` | | | | | | | | |")
+            lines.append(f"| {r['name']} (`{r['config']}`) | failed (rc {r['rc']}), see `{r['log']}` | | | | | | | | | | |")
             continue
         curve = r["acc_curve"]
         accs = " → ".join(f"{a:.1%}" for _, a, _ in ([(0, start, 0)] + curve))
@@ -246,16 +270,40 @@ def render(result: dict[str, Any]) -> None:
         learns = "yes" if pg["gain"] > gap and pg["lo"] > 0 else "no"
         gain = f"{pg['gain']:+.1%} [{pg['lo']:+.1%}, {pg['hi']:+.1%}]"
         rew = f"{fmt(mean(r['reward'][:3]), '.3f')} → {fmt(mean(r['reward'], 3), '.3f')}"
+        strict = f"{r['strict_curve'][-1][1]:.1%}" if r.get("strict_curve") else "—"
+        peak = max((v for v in (r.get("monitor_max") or {}).values() if v is not None), default=None)
+        monitors = f"{r.get('monitor_alert_steps', '—')} ({fmt(peak, '.0%')})"
         lines.append(
             f"| {r['name']} (`{r['config']}`{', seed ' + str(r['seed']) if r['seed'] else ''}) | {r['steps']} | "
-            f"{r['s_per_step']:.1f} | {accs} | {gain} | {learns} | {rew} | "
+            f"{r['s_per_step']:.1f} | {accs} | {strict} | {gain} | {learns} | {rew} | "
             f"{r['kl_start']:.4f} ± {r['kl_start_se']:.4f} | {fmt(mean(r['entropy'], 3), '.3f')} | "
-            f"{fmt(mean(r['length'], 3), '.1f')} |")
+            f"{fmt(mean(r['length'], 3), '.1f')} | {monitors} |")
     lines += ["", f"![accuracy vs training time]({PNG.relative_to(DOC.parent)})", ""]
-    lines += result.get("notes", [])
+    lines += rewarded_section(result["rows"])
+    if COMMENTARY.is_file():
+        lines += ["## Commentary (hand-written, not generated)", "", COMMENTARY.read_text().strip(), ""]
     DOC.write_text("\n".join(lines).rstrip() + "\n")
     plot(result, start)
     print(f"wrote {DOC.relative_to(ROOT)} and {PNG.relative_to(ROOT)}")
+
+
+def rewarded_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Five greedy completions per row that the verifier scored 1 at the row's last evaluation."""
+    lines = ["## Rewarded completions", "",
+             f"{SAMPLES_PER_ROW} greedy completions per row that the verifier scored 1 at the final evaluation "
+             "(seeded draw), with the extracted final answer, its form and the strict score.", ""]
+    for r in rows:
+        if not r.get("rewarded_samples"):
+            continue
+        lines += [f"<details><summary>{r['name']}</summary>", "",
+                  "| problem | reference | completion | final answer | form | strict |", "|---|---|---|---|---|---|"]
+        for x in r["rewarded_samples"]:
+            text = x["text"].replace("`", "'").replace("\n", "⏎").replace("|", "\\|")
+            final = (x["final_answer"] or "").replace("`", "'").replace("|", "\\|")
+            strict = "—" if x["strict_correct"] is None else int(x["strict_correct"])
+            lines.append(f"| {x['index']} | {x['answer']} | `{text}` | `{final}` | {x['answer_form']} | {strict} |")
+        lines += ["", "</details>", ""]
+    return lines
 
 
 def plot(result: dict[str, Any], start: float) -> None:

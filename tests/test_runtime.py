@@ -66,6 +66,9 @@ def test_grpo_three_steps_changes_weights_and_syncs(ray_session, tmp_path, tiny_
     assert torch.equal(after, other)
     assert rt.version == 3
     assert m["sync/bytes"] > 0 and "kl/mean" in m
+    # Every step carries the hack monitors over its scored samples (docs/rewards.md "Hack monitors").
+    assert {"hack/not_value_frac", "hack/answer_in_prompt_frac", "hack/format_only_frac", "hack/unevaluated_frac",
+            "hack/alerts"} <= set(m) and 0.0 <= m["hack/not_value_frac"] <= 1.0
     # One node: syncs went through shared memory; the object-store path must agree with it.
     assert rt.weight_sync.transport.name == "shm"
     rt.sync(transport="object")
