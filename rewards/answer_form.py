@@ -62,7 +62,7 @@ _FUNCTIONS = frozenset({"\\sum", "\\prod", "\\int", "\\lim", "\\binom", "\\dbino
 _OPERATOR_CHARS = frozenset("+-*/^!")
 
 _TOKEN_RE = re.compile(r"""
-    (?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+|\d+\.\d*|\.\d+|\d+)
+    (?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d{1,3}(?:\ \d{3})+(?:\.\d+)?(?![\d\ ])|(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+|\d+\.\d*|\.\d+|\d+)
   | (?P<cmd>\\[A-Za-z]+)
   | (?P<op>[-+*/^!%(),\[\]{}|\x01\x02])
   | (?P<word>[A-Za-z]+)
@@ -123,7 +123,7 @@ class Num:
 
     @property
     def integer(self) -> Optional[int]:
-        t = self.text.replace(",", "")
+        t = self.text.replace(",", "").replace(" ", "")
         return int(t) if t.isdigit() else None  # 1e3 and 2.5 are not integer literals
 
 
