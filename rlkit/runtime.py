@@ -71,7 +71,9 @@ class Runtime:
         self._learner_args = (ray.remote(LearnerRank), LearnerSpec.from_config(cfg, model_dir)) if learners else None
         self.learners: list = []
         self._start_learners()
-        ray.get([w.ready.remote() for w in self.rollout])
+        # Start-up loads the engines: bounded like the learners' start, not by the step timeout.
+        self.supervisor.get([w.ready.remote() for w in self.rollout], "rollout worker start",
+                            timeout_s=max(900.0, self.supervisor.timeout_s()))
         self.version = 0
         self.weight_sync = WeightSync(self.learners, self.rollout, zero_stage=cfg.learner.zero_stage,
                                       lora=cfg.learner.lora.enabled, mode=r.sync_transport, backend=r.sync_backend,
@@ -135,15 +137,13 @@ class Runtime:
                seed: int) -> list[list[dict]]:
         """``n`` samples per prompt at ``temperature`` (no top-k/top-p), as dicts with
         ``completion_ids`` and ``finish_reason``, in prompt order (evaluation)."""
-        import ray
-
         sampling = {"temperature": temperature, "max_new_tokens": max_new_tokens}
         k = len(self.rollout)
         shards = [[(j, j, p) for j, p in enumerate(prompt_ids) if j % k == i] for i in range(k)]
         refs = [w.generate.remote(shard, n, sampling, seed=generation_seed(seed, 0, 0, i))
                 for i, (w, shard) in enumerate(zip(self.rollout, shards)) if shard]
         out: list[list[dict]] = [[] for _ in prompt_ids]
-        for r in (r for part in ray.get(refs) for r in part):
+        for r in (r for part in self.supervisor.get(refs, "evaluation (samples)") for r in part):
             out[r.group_id].append({"completion_ids": r.completion_ids, "finish_reason": r.finish_reason})
         return out
 
@@ -245,10 +245,11 @@ class Runtime:
         return on_learners(self.learners, self.cfg.learner.zero_stage, method, *args)
 
     def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[dict]:
-        import ray
-
+        """One greedy completion per prompt, in prompt order; a worker that does not answer within
+        the step timeout is :class:`rlkit.recovery.StageTimeout` naming the evaluation."""
         n = len(self.rollout)
-        parts = ray.get([w.greedy.remote(prompt_ids[i::n], max_new_tokens) for i, w in enumerate(self.rollout)])
+        parts = self.supervisor.get([w.greedy.remote(prompt_ids[i::n], max_new_tokens)
+                                     for i, w in enumerate(self.rollout)], "evaluation (greedy)")
         out: list[Any] = [None] * len(prompt_ids)
         for i, part in enumerate(parts):
             for j, g in enumerate(part):

@@ -197,6 +197,31 @@ def test_hung_engine_during_weight_sync_becomes_an_error_naming_the_sync(ray_ses
         _kill(rt)
 
 
+def test_hung_engine_during_evaluation_becomes_an_error_naming_the_evaluation(ray_session, tmp_path, tiny_model):
+    """A rollout worker frozen (SIGSTOP) while the held-out set is generated: the greedy and the
+    sampled evaluation both end at the step timeout as StageTimeout, instead of blocking the run."""
+    from rlkit.recovery import StageTimeout
+
+    cfg = tiny_config(tmp_path, tiny_model, "grpo", {"beta": 0.0},
+                      **{"learner.num_ranks": 1, "recovery.min_timeout_s": 4})
+    trainer = _trainer(cfg)
+    rt = trainer.runtime
+    pid = ray.get(rt.rollout[0].ready.remote())["pid"]
+    prompts = [[1, 2, 3], [4, 5]]
+    assert len(rt.greedy(prompts, 4)) == 2  # answers while it runs
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.perf_counter()
+        with pytest.raises(StageTimeout, match=r"evaluation \(greedy\): no answer within 4 s"):
+            rt.greedy(prompts, 4)
+        with pytest.raises(StageTimeout, match=r"evaluation \(samples\): no answer within 4 s"):
+            rt.sample(prompts, 2, 1.0, 4, seed=0)
+        assert time.perf_counter() - t0 < 30
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        _kill(rt)
+
+
 def test_learner_rank_killed_restarts_the_group_from_the_checkpoint(ray_session, tmp_path, tiny_model):
     """SIGKILL of learner rank 0 after the step-2 checkpoint: fit restarts the learner group from
     it, redoes step 3, and ends with weights bitwise equal to a run that was never interrupted."""
