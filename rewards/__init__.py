@@ -2,7 +2,7 @@
 ``fn(prompts=..., completions=..., completion_ids=..., **columns) -> list[float | None]``.
 
 Built-ins (names usable in config): ``math``, ``format_tags``, ``format_boxed``, ``length``,
-``overlong``, ``reasoning_gym``. A user's function is referenced as ``package.module:function`` or
+``overlong``, ``reasoning_gym``, ``code_tests``. A user's function is referenced as ``package.module:function`` or
 ``path/to/file.py:function``; any signature that can bind those keywords runs (TRL's
 ``def f(completions, solution, **kwargs)`` as written; see :mod:`rlkit.rewards.registry` and
 docs/rewards.md). :class:`rlkit.workers.reward.RewardWorker` runs them in child processes with

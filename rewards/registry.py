@@ -41,6 +41,7 @@ BUILTINS: dict[str, str] = {
     "length": "rlkit.rewards.length:length",
     "overlong": "rlkit.rewards.length:overlong",
     "reasoning_gym": "rlkit.rewards.gym_adapter:reasoning_gym_score",
+    "code_tests": "rlkit.rewards.code_tests:code_tests",
 }
 
 STATUSES = ("ok", "invalid", "error", "timeout")
