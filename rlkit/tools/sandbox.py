@@ -126,7 +126,7 @@ def _status(returncode: Optional[int], stderr: str, timed_out: bool) -> str:
         return "timeout"
     if returncode == 0:
         return "ok"
-    if returncode is None:
+    if returncode is None or (returncode == 127 and "sandbox: could not start the program" in stderr):
         return "sandbox_error"
     signum = returncode - 128 if returncode > 128 else (-returncode if returncode < 0 else 0)
     if signum == signal.SIGXCPU:  # the CPU limit's soft signal (its hard SIGKILL comes a second later)
