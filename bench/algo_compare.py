@@ -101,6 +101,7 @@ def run_row(name: str, config: str, seed: int, args: argparse.Namespace, teacher
         proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     row: dict[str, Any] = {"name": name, "config": f"configs/{config}.yaml", "seed": seed, "rc": proc.returncode,
+                           "git": common.git_state(),
                            "wall_s": round(wall, 1), "log": str((OUT / "compare" / f"{name}.log").relative_to(ROOT))}
     if proc.returncode != 0:
         tail = (OUT / "compare" / f"{name}.log").read_text().splitlines()[-15:]
@@ -244,7 +245,9 @@ def render(result: dict[str, Any]) -> None:
         "temperature 0.7, lr 1e-5 constant, one ZeRO-2 learner rank, 2 threads) with the algorithm section of "
         f"its shipped config, seed 0, for **{result['budget_min']:g} minutes of training time** (evaluations "
         "excluded). Accuracy is greedy, on the same "
-        f"{result['problems']} held-out problems; the start model scores **{start:.1%}**.",
+        f"{result['problems']} held-out problems; the start model scores **{start:.1%}**. Commits measured: "
+        + ", ".join(sorted({f"`{(r.get('git') or result['machine'].get('git') or {}).get('commit', 'unknown')[:10]}`"
+                            for r in result["rows"]})) + ".",
         "",
         f"Noise: GRPO with seeds 0 and 1 ends {gap:.1%} apart (training noise), and each gain has a paired 95 % "
         "interval over the same problems (evaluation noise: problems turned right b, turned wrong c). A row "
@@ -278,6 +281,10 @@ def render(result: dict[str, Any]) -> None:
             f"{r['s_per_step']:.1f} | {accs} | {strict} | {gain} | {learns} | {rew} | "
             f"{r['kl_start']:.4f} ± {r['kl_start_se']:.4f} | {fmt(mean(r['entropy'], 3), '.3f')} | "
             f"{fmt(mean(r['length'], 3), '.1f')} | {monitors} |")
+    missing = [n for n, _, _ in ROWS if n not in rows]
+    if missing:
+        lines += ["", f"Not re-run under the answer-form verifier, so not shown: {', '.join(missing)} "
+                  f"(`bench/algo_compare.py --only {','.join(missing)}` adds them)."]
     lines += ["", f"![accuracy vs training time]({PNG.relative_to(DOC.parent)})", ""]
     lines += rewarded_section(result["rows"])
     if COMMENTARY.is_file():
