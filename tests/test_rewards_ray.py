@@ -35,9 +35,9 @@ def test_reward_actor_pins_faults_and_keeps_answering(ray_local):
     ]
     actor = make_reward_actor(RewardConfig(rewards=specs, timeout_s=2.0, num_procs=2), num_cpus=0)
     try:
-        completions = [rf"\boxed{{\frac{{{i}}}{{2}}}}" for i in range(N)]
+        completions = [rf"\boxed{{\frac{{{2 * i + 1}}}{{2}}}}" for i in range(N)]  # never a whole number
         fields = [
-            {"answer": str(i / 2), "crash": i % 25 == 3, "hang": i % 25 == 7, "boom": i % 25 == 11}
+            {"answer": str((2 * i + 1) / 2), "crash": i % 25 == 3, "hang": i % 25 == 7, "boom": i % 25 == 11}
             for i in range(N)
         ]
         sources = ["gsm8k" if i % 2 else "math" for i in range(N)]
@@ -46,7 +46,7 @@ def test_reward_actor_pins_faults_and_keeps_answering(ray_local):
         assert {res.status_by_component["aborts"][i] for i in range(3, N, 25)} == {"error"}
         assert [i for i, s in enumerate(res.status_by_component["hangs"]) if s == "timeout"] == list(range(7, N, 25))
         assert [i for i, s in enumerate(res.status_by_component["raises"]) if s == "error"] == list(range(11, N, 25))
-        assert res.components["math"] == [1.0] * N  # \frac{i}{2} == i/2 for every sample
+        assert res.components["math"] == [1.0] * N  # \frac{2i+1}{2} == (2i+1)/2 for every sample
         bad = {i for i in range(N) if i % 25 in (3, 7, 11)}
         assert res.scores == [0.0 if i in bad else 1.0 for i in range(N)]
         assert res.metrics["aborts/gsm8k/error_rate"] + res.metrics["aborts/math/error_rate"] == pytest.approx(4 / 50)
