@@ -102,10 +102,12 @@ def isolation_mode() -> tuple[str, tuple[str, ...], str]:
         for python in _candidates():
             if _probe(prefix, python):
                 return mode, prefix, python
-    return "rlimits-only", (), sys.executable
+    return "rlimits-only", (), sys.executable  # as root with no interpreter nobody can run: stays root
 
 
+@lru_cache(maxsize=16)
 def _probe(prefix: tuple[str, ...], python: str) -> bool:
+    """Whether a run with this prefix and interpreter works (as ``nobody`` when we are root)."""
     work = Path(tempfile.mkdtemp(prefix="rlkit-sbx-probe-"))
     try:
         (work / "main.py").write_text("print('ok')\n")
@@ -168,7 +170,8 @@ def run_python(code: str, *, files: Optional[dict[str, str]] = None, stdin: str 
                 os.chown(p, NOBODY, NOBODY)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
-        spec = {**asdict(limits), "private_tmp": mode == "namespaces+nobody"}
+        spec = {**asdict(limits), "private_tmp": mode == "namespaces+nobody",
+                "drop_to_nobody": _probe(prefix, python)}  # False only in the last-resort fallback
         cmd = [*prefix, sys.executable, "-I", "-B", _INIT, str(work), json.dumps(spec), "main.py", python]
         (host / "stdin").write_text(stdin, encoding="utf-8")
         with open(host / "stdin", "rb") as fin, open(host / "out", "wb") as fout, open(host / "err", "wb") as ferr:
