@@ -123,15 +123,11 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         return [None if r.get(key) is None else float(r[key]) for r in train]
 
     ckpts = sorted((run_dir / "checkpoints").glob("step_*/hf"))
-    import random
-
     from rlkit.metrics import read_metrics
     from rlkit.rewards.hacks import MONITORS, run_summary
 
     rows = [r for r in read_metrics(run_dir) if r.get("eval/strict_accuracy") is not None]
-    last_eval = json.loads((run_dir / "eval" / f"step_{curve[-1][2]:07d}.json").read_text()) if curve else None
-    rewarded = [p for p in (last_eval or {}).get("problems", []) if p["greedy_correct"] == 1.0]
-    samples = random.Random(0).sample(rewarded, min(SAMPLES_PER_ROW, len(rewarded)))
+    last_eval = json.loads((run_dir / "eval" / f"step_{curve[-1][2]:07d}.json").read_text()) if curve else {}
 
     return {
         "steps": len(train), "train_min": round(elapsed / 60, 3),
@@ -139,9 +135,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "monitor_max": {k: max((float(r.get(f"hack/{k}") or 0.0) for r in train), default=None) for k in MONITORS},
         "monitor_alert_steps": sum(1 for r in train if (r.get("hack/alerts") or 0) > 0),
         "monitor_summary": run_summary(train),
-        "rewarded_samples": [{"index": p["index"], "answer": p["answer"], "text": p["greedy_text"],
-                              "final_answer": p.get("final_answer"), "answer_form": p.get("answer_form"),
-                              "strict_correct": p.get("strict_correct")} for p in samples],
+        "rewarded_samples": common.rewarded_samples(last_eval, SAMPLES_PER_ROW, seed=0),
         "s_per_step": round(elapsed / max(len(train), 1), 2),
         "acc_curve": curve,
         "reward": series("reward/mean"), "entropy": series("entropy/mean"),
@@ -302,14 +296,8 @@ def rewarded_section(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if not r.get("rewarded_samples"):
             continue
-        lines += [f"<details><summary>{r['name']}</summary>", "",
-                  "| problem | reference | completion | final answer | form | strict |", "|---|---|---|---|---|---|"]
-        for x in r["rewarded_samples"]:
-            text = x["text"].replace("`", "'").replace("\n", "⏎").replace("|", "\\|")
-            final = (x["final_answer"] or "").replace("`", "'").replace("|", "\\|")
-            strict = "—" if x["strict_correct"] is None else int(x["strict_correct"])
-            lines.append(f"| {x['index']} | {x['answer']} | `{text}` | `{final}` | {x['answer_form']} | {strict} |")
-        lines += ["", "</details>", ""]
+        lines += [f"<details><summary>{r['name']}</summary>", "", *common.rewarded_table(r["rewarded_samples"]),
+                  "", "</details>", ""]
     return lines
 
 

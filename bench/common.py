@@ -275,3 +275,34 @@ def run_curves(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[tuple[fl
     curve = [(round(minutes_at.get(int(r["step"]), 0.0), 3), float(r["eval/accuracy"]), int(r["step"]))
              for r in rows if r.get("eval/accuracy") is not None]
     return train, curve
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewarded completions (read before publishing an accuracy)
+# ----------------------------------------------------------------------------------------------
+
+
+def rewarded_samples(report: dict[str, Any], k: int, seed: int) -> list[dict[str, Any]]:
+    """``k`` greedy completions of an evaluation report (``eval/step_*.json``) that the verifier
+    scored 1, drawn with ``seed``, with their final answer, its form and the strict score."""
+    import random
+
+    rewarded = [p for p in report.get("problems", []) if p["greedy_correct"] == 1.0]
+    return [{"index": p["index"], "answer": p["answer"], "text": p["greedy_text"],
+             "final_answer": p.get("final_answer"), "answer_form": p.get("answer_form"),
+             "strict_correct": p.get("strict_correct")}
+            for p in random.Random(seed).sample(rewarded, min(k, len(rewarded)))]
+
+
+def _md_code(text: str) -> str:
+    return "`" + text.replace("`", "'").replace("\n", "⏎").replace("|", "\\|") + "`"
+
+
+def rewarded_table(samples: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of :func:`rewarded_samples`."""
+    lines = ["| problem | reference | completion | final answer | form | strict |", "|---|---|---|---|---|---|"]
+    for x in samples:
+        strict = "—" if x["strict_correct"] is None else int(x["strict_correct"])
+        lines.append(f"| {x['index']} | {x['answer']} | {_md_code(x['text'])} | {_md_code(x['final_answer'] or '')} | "
+                     f"{x['answer_form']} | {strict} |")
+    return lines

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,15 +45,11 @@ def collect(run_dir: Path) -> dict[str, Any]:
             continue
         step = int(r["step"])
         report = json.loads((run_dir / "eval" / f"step_{step:07d}.json").read_text(encoding="utf-8"))
-        rewarded = [p for p in report["problems"] if p["greedy_correct"] == 1.0]
-        picked = random.Random(step).sample(rewarded, min(SAMPLES_PER_ROW, len(rewarded)))
         curve.append({
             "step": step, "train_minutes": round(minutes_at.get(step, 0.0), 2),
             **{k: r.get(f"eval/{k}") for k in ("accuracy", "strict_accuracy", "strict_gap", "unevaluated_frac",
                                                "accuracy_brief", "length_mean", "truncated_frac")},
-            "rewarded_samples": [{"index": p["index"], "answer": p["answer"], "text": p["greedy_text"],
-                                  "final_answer": p.get("final_answer"), "answer_form": p.get("answer_form"),
-                                  "strict_correct": p.get("strict_correct")} for p in picked],
+            "rewarded_samples": common.rewarded_samples(report, SAMPLES_PER_ROW, seed=step),
         })
     stages = sorted({k for r in train for k in r if k.startswith("time/")})
     monitors = {k: [float(r.get(f"hack/{k}") or 0.0) for r in train] for k in MONITOR_KEYS}
@@ -80,10 +75,6 @@ def collect(run_dir: Path) -> dict[str, Any]:
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
-
-
-def _quote(text: str) -> str:
-    return "`" + text.replace("`", "'").replace("\n", "⏎").replace("|", "\\|") + "`"
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -128,11 +119,7 @@ def render(doc: dict[str, Any]) -> str:
               "the extracted final answer, its form and the strict score.", ""]
     for p in curve:
         lines += [f"**Step {p['step']} ({p['train_minutes']:.1f} min):**", "",
-                  "| problem | reference | completion | final answer | form | strict |", "|---|---|---|---|---|---|"]
-        for s in p["rewarded_samples"]:
-            lines.append(f"| {s['index']} | {s['answer']} | {_quote(s['text'])} | {_quote(s['final_answer'] or '')} | "
-                         f"{s['answer_form']} | {'—' if s['strict_correct'] is None else int(s['strict_correct'])} |")
-        lines.append("")
+                  *common.rewarded_table(p["rewarded_samples"]), ""]
     if COMMENTARY.is_file():
         lines += ["## Commentary (hand-written, not generated)", "", COMMENTARY.read_text(encoding="utf-8").strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
