@@ -134,7 +134,7 @@ class Const:
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # + - * / ^ neg pos frac sqrt root ! % implicit fn
+    kind: str  # + - * / ^ neg pos frac sqrt ! % implicit
     args: tuple
 
 
